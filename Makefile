@@ -1,0 +1,30 @@
+# `make install` sets up .venv; `make test` runs the suite (setting up first when needed).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+# A machine with an NVIDIA driver gets CUDA torch and onnxruntime-gpu; others the CPU build of
+# torch 2.13.0 and plain onnxruntime. Override either: `make install TORCH='torch==2.13.0+cpu' ORT=cpu`.
+HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
+ORT ?= $(if $(HAS_GPU),gpu,cpu)
+TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
+
+.PHONY: install test bench clean
+
+$(BIN)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[$(ORT),test]"
+	@touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/streamer bench --record BENCHMARKS.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,123 @@
+"""One typed settings tree: defaults here, `configs/*.yaml` over them, CLI flags over that.
+
+Every value is checked at start, so a bad setting fails with one clear line before any work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from streamer.errors import UserError
+
+
+def _opt(default, help: str, choices=None, min=None, max=None):  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = _opt(None, "Wav2Lip .onnx or .pth (a path, or a file name in models/); none: builtin engine")
+    device: str = _opt("auto", "where inference runs", choices=("auto", "cuda", "cpu"))
+    dtype: str = _opt("auto", "fp16 on CUDA and fp32 on CPU when auto", choices=("auto", "fp16", "fp32"))
+
+
+@dataclass
+class AudioConfig:
+    vad_aggressiveness: int = _opt(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)", min=0, max=3)
+    vad_frame_ms: int = _opt(20, "webrtcvad analysis frame", choices=(10, 20, 30))
+    vad_preroll_ms: int = _opt(120, "speech starts this much before the detector says so", min=0, max=1000)
+    vad_hangover_ms: int = _opt(240, "speech lasts this much after the detector stops", min=0, max=3000)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)
+
+
+_KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+
+
+def _check(name: str, f: dataclasses.Field, hint, value):
+    kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
+    optional = type(None) in kinds
+    (kind,) = kinds - {type(None)}
+    if value is None:
+        if not optional:
+            raise UserError(f"setting {name} must not be empty")
+        return None
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UserError(f"setting {name} must be {_KIND_WORDS[kind]}, not {value!r}")
+    meta = f.metadata
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"setting {name} must be one of {', '.join(map(str, meta['choices']))}, not {value!r}")
+    if meta.get("min") is not None and value < meta["min"]:
+        raise UserError(f"setting {name} must be at least {meta['min']}, not {value!r}")
+    if meta.get("max") is not None and value > meta["max"]:
+        raise UserError(f"setting {name} must be at most {meta['max']}, not {value!r}")
+    return value
+
+
+type_holder = {f.name: f.default_factory for f in dataclasses.fields(Config)}
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, object] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then `overrides` ({"model.path": ..., ...}; None = unset)."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must hold sections of settings")
+    flat: dict[str, object] = {}
+    for section, values in data.items():
+        if section not in type_holder:
+            raise UserError(f"unknown config section {section!r} (known: {', '.join(type_holder)})")
+        if not isinstance(values, dict):
+            raise UserError(f"config section {section!r} must hold settings")
+        for key, value in values.items():
+            flat[f"{section}.{key}"] = value
+    flat.update({k: v for k, v in (overrides or {}).items() if v is not None})
+
+    sections = {}
+    for section, factory in type_holder.items():
+        fields = {f.name: f for f in dataclasses.fields(factory)}
+        hints = typing.get_type_hints(factory)
+        kwargs = {}
+        for key, value in list(flat.items()):
+            sec, _, name = key.partition(".")
+            if sec != section:
+                continue
+            if name not in fields:
+                raise UserError(f"unknown setting {key!r} (known in {section}: {', '.join(fields)})")
+            kwargs[name] = _check(key, fields[name], hints[name], value)
+        sections[section] = factory(**kwargs)
+    return Config(**sections)
+
+
+def describe() -> str:
+    """Every setting with its default and help, in YAML: what configs/default.yaml holds."""
+    lines = []
+    for section, factory in type_holder.items():
+        lines.append(f"{section}:")
+        for f in dataclasses.fields(factory):
+            default = f.default
+            text = "null" if default is None else yaml.safe_dump(default, default_flow_style=True).strip()
+            text = text.removesuffix("\n...").removesuffix("...").strip()
+            lines.append(f"  # {f.metadata['help']}")
+            lines.append(f"  {f.name}: {text}")
+    return "\n".join(lines) + "\n"

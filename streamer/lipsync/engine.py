@@ -1,0 +1,223 @@
+"""One inference API for Wav2Lip: `.onnx` (onnxruntime) or `.pth` (torch), fp16 or fp32, CUDA or CPU.
+
+Arrays in, arrays out; no asyncio. `predict` is thread-safe, so a worker thread may call it.
+
+Conventions (those of the original inference):
+  mel   (B, 1, 80, 16) float32, one mel window per video frame
+  faces (B, 6, S, S) float32 in [0, 1], BGR; channels 0-2 the crop with rows S/2.. zeroed,
+        channels 3-5 the unmasked reference crop (see `face_input`)
+  out   (B, 3, S, S) float32 in [0, 1], BGR (see `to_images` for uint8 HxWx3)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from streamer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cuda", "cpu")
+DTYPES = ("auto", "fp16", "fp32")
+
+
+def cuda_available() -> bool:
+    """True when a CUDA GPU can be used, asked quietly (no provider error spam on CPU machines)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return True
+    except Exception:  # noqa: BLE001 - a broken torch install just means "no torch CUDA"
+        pass
+    for name in ("libcuda.so.1", "libcuda.so"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        return lib.cuInit(0) == 0 and lib.cuDeviceGetCount(ctypes.byref(count)) == 0 and count.value > 0
+    return False
+
+
+def face_input(crops: np.ndarray) -> np.ndarray:
+    """(B, S, S, 3) uint8 BGR crops -> (B, 6, S, S) float32 model input: masked crop + reference."""
+    if crops.ndim != 4 or crops.shape[3] != 3 or crops.shape[1] != crops.shape[2]:
+        raise ValueError(f"crops must be (B, S, S, 3), got {crops.shape}")
+    ref = crops.transpose(0, 3, 1, 2).astype(np.float32) * (1 / 255)
+    masked = ref.copy()
+    masked[:, :, crops.shape[1] // 2 :] = 0
+    return np.concatenate([masked, ref], axis=1)
+
+
+def to_images(out: np.ndarray) -> np.ndarray:
+    """(B, 3, S, S) float in [0, 1] -> (B, S, S, 3) uint8 BGR."""
+    return np.clip(out.transpose(0, 2, 3, 1) * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
+class Wav2LipInfer:
+    """A loaded Wav2Lip model, ready to run. Choose the backend by file type.
+
+    device: 'auto' (CUDA when usable, else CPU), 'cuda' or 'cpu'.
+    dtype:  'auto' (fp16 on CUDA, fp32 on CPU), 'fp16' or 'fp32'. An fp16 ONNX file on the CPU
+            with dtype 'auto' is widened to fp32 at load: faster there and supported everywhere.
+    """
+
+    def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", warmup: bool = True,
+                 threads: int | None = None):
+        self.path = Path(path)
+        if device not in DEVICES:
+            raise UserError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
+        if dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        if not self.path.is_file():
+            raise UserError(f"model file {self.path} does not exist")
+        if device == "auto":
+            device = "cuda" if cuda_available() else "cpu"
+        elif device == "cuda" and not cuda_available():
+            raise UserError("device 'cuda' was asked for, but no usable CUDA GPU was found")
+        self.device = device
+        self._lock = threading.Lock()
+        suffix = self.path.suffix.lower()
+        if suffix == ".onnx":
+            self.backend = "onnxruntime"
+            self._init_onnx(dtype, threads)
+        elif suffix in (".pth", ".pt", ".tar", ".ckpt"):
+            from streamer.lipsync.checkpoint import load_model
+
+            self.backend = "torch"
+            self._init_torch(load_model(self.path), dtype)
+        else:
+            raise UserError(f"{self.path.name}: model files must end in .onnx or .pth")
+        if warmup:
+            self.warmup()
+
+    @classmethod
+    def from_module(cls, model, device: str = "cpu", dtype: str = "fp32", warmup: bool = True):
+        """Wrap an in-memory torch Wav2Lip (e.g. reference weights for benchmarks)."""
+        self = cls.__new__(cls)
+        self.path = Path("<module>")
+        self.device = device
+        self._lock = threading.Lock()
+        self.backend = "torch"
+        self._init_torch(model, dtype)
+        if warmup:
+            self.warmup()
+        return self
+
+    # backends
+
+    def _init_onnx(self, dtype: str, threads: int | None) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        from streamer.lipsync.onnx_utils import F16, fp16_to_fp32
+
+        try:
+            model = onnx.load(str(self.path))
+        except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
+            raise UserError(f"{self.path} is not a readable ONNX model ({type(e).__name__})") from None
+        graph_fp16 = any(i.type.tensor_type.elem_type == F16 for i in model.graph.input)
+        if dtype == "auto":
+            dtype = "fp16" if graph_fp16 and self.device == "cuda" else "fp32"
+        if graph_fp16 and dtype == "fp32":
+            log.info("%s: fp16 graph widened to fp32 for the %s", self.path.name, self.device)
+            model = fp16_to_fp32(model)
+        elif not graph_fp16 and dtype == "fp16":
+            raise UserError(f"{self.path.name} is an fp32 model; export it with --dtype fp16 to run fp16")
+        self.dtype = dtype
+        self._np_dtype = np.float16 if dtype == "fp16" else np.float32
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise UserError("onnxruntime has no CUDA provider here; install onnxruntime-gpu "
+                                "(and not onnxruntime) or use --device cpu")
+            if hasattr(ort, "preload_dlls"):
+                try:
+                    ort.preload_dlls()
+                except Exception:  # noqa: BLE001 - missing pip CUDA libs: the system ones may do
+                    pass
+            providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+        try:
+            sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"onnxruntime cannot load {self.path.name}: {str(e).splitlines()[0]}") from None
+        if self.device == "cuda" and "CUDAExecutionProvider" not in sess.get_providers():
+            log.warning("CUDA provider failed to start (CUDA 13 / cuDNN 9 libraries missing?); running on CPU")
+            self.device = "cpu"
+        try:
+            from streamer.lipsync.onnx_utils import io_layout
+
+            mel_name, face_name, self.face_size = io_layout(sess)
+        except ValueError as e:
+            raise UserError(f"{self.path.name}: {e}") from None
+        self._sess = sess
+
+        def run(mel, faces):
+            feeds = {mel_name: mel.astype(self._np_dtype, copy=False),
+                     face_name: faces.astype(self._np_dtype, copy=False)}
+            return sess.run(None, feeds)[0]
+
+        self._run = run
+
+    def _init_torch(self, model, dtype: str) -> None:
+        import torch
+
+        if dtype == "auto":
+            dtype = "fp16" if self.device == "cuda" else "fp32"
+        self.dtype = dtype
+        tdtype = torch.float16 if dtype == "fp16" else torch.float32
+        dev = torch.device(self.device)
+        model = model.to(dev, tdtype).eval()
+        if self.device == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.face_size = int(getattr(model, "face_size", 96))
+        self._module = model
+
+        def run(mel, faces):
+            with torch.inference_mode():
+                m = torch.from_numpy(np.ascontiguousarray(mel)).to(dev, tdtype, non_blocking=True)
+                f = torch.from_numpy(np.ascontiguousarray(faces)).to(dev, tdtype, non_blocking=True)
+                if self.device == "cuda":
+                    f = f.contiguous(memory_format=torch.channels_last)
+                return model(m, f).float().cpu().numpy()
+
+        self._run = run
+
+    # API
+
+    @property
+    def name(self) -> str:
+        return f"wav2lip {self.backend} {self.dtype} {self.device} ({self.path.name}, {self.face_size}px)"
+
+    def predict(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
+        """Mouths for B frames: see the module docstring for shapes and ranges."""
+        s = self.face_size
+        if mel.ndim != 4 or mel.shape[1:] != (1, 80, 16):
+            raise ValueError(f"mel must be (B, 1, 80, 16), got {mel.shape}")
+        if faces.shape != (mel.shape[0], 6, s, s):
+            raise ValueError(f"faces must be ({mel.shape[0]}, 6, {s}, {s}), got {faces.shape}")
+        with self._lock:
+            out = self._run(mel, faces)
+        return np.asarray(out, dtype=np.float32)
+
+    def warmup(self, batch_sizes=(1,)) -> float:
+        """Run once per batch size so the first real call is not slow; returns seconds spent."""
+        t = time.perf_counter()
+        s = self.face_size
+        for b in batch_sizes:
+            self.predict(np.zeros((b, 1, 80, 16), np.float32), np.zeros((b, 6, s, s), np.float32))
+        return time.perf_counter() - t
+

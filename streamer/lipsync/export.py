@@ -1,0 +1,98 @@
+"""Export a Wav2Lip checkpoint to ONNX with a dynamic batch axis, then check it against torch."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streamer.errors import UserError
+from streamer.lipsync.engine import face_input
+
+log = logging.getLogger(__name__)
+
+# What an export may differ from torch fp32 on the check inputs before we refuse to keep it.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+
+
+def sample_inputs(batch: int = 3, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic inputs in the model's ranges: mel in [-4, 4], crops of smooth random faces."""
+    rng = np.random.default_rng(seed)
+    mel = rng.uniform(-4, 4, (batch, 1, 80, 16)).astype(np.float32)
+    small = rng.integers(0, 256, (batch, size // 8, size // 8, 3)).astype(np.float32)
+    crops = np.kron(small, np.ones((1, 8, 8, 1), np.float32)).astype(np.uint8)
+    return mel, face_input(crops)
+
+
+def _quiet_export(model, args, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    sink = io.StringIO()
+    # The exporter narrates each stage on stdout and warns about optional packages; keep the CLI clean.
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        torch.onnx.export(
+            model, args, str(path), input_names=["mel", "face"], output_names=["out"],
+            dynamic_shapes={"mel": {0: batch}, "face": {0: batch}}, opset_version=opset,
+            dynamo=True, external_data=False, verbose=False,
+        )
+
+
+def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp16", opset: int = 18,
+                force: bool = False) -> float:
+    """Write `out` from `checkpoint`; returns the max abs error against torch fp32 on sample inputs.
+
+    The file appears only when complete and checked: it is written beside `out` under a temporary
+    name and renamed at the end. An existing `out` is kept unless `force`.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    from streamer.lipsync.checkpoint import load_model
+    from streamer.lipsync.onnx_utils import io_layout
+
+    out = Path(out)
+    if dtype not in TOLERANCE:
+        raise UserError(f"dtype must be fp16 or fp32, not {dtype!r}")
+    if out.suffix != ".onnx":
+        raise UserError(f"output {out} must end in .onnx")
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UserError(f"folder {out.parent} does not exist")
+    model = load_model(checkpoint)
+    mel, faces = sample_inputs()
+    with torch.inference_mode():
+        expected = model(torch.from_numpy(mel), torch.from_numpy(faces)).numpy()
+
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        tdtype = torch.float16 if dtype == "fp16" else torch.float32
+        m = model.to(tdtype)
+        _quiet_export(m, (torch.from_numpy(mel[:2]).to(tdtype), torch.from_numpy(faces[:2]).to(tdtype)), tmp, opset)
+        proto = onnx.load(str(tmp))
+        for key, value in (("streamer.model", "wav2lip"), ("streamer.dtype", dtype),
+                           ("streamer.source", Path(checkpoint).name)):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, str(tmp))
+
+        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        mel_name, face_name, _ = io_layout(sess)
+        np_dtype = np.float16 if dtype == "fp16" else np.float32
+        got = sess.run(None, {mel_name: mel.astype(np_dtype), face_name: faces.astype(np_dtype)})[0]
+        err = float(np.abs(got.astype(np.float32) - expected).max())
+        if not err <= TOLERANCE[dtype]:
+            raise UserError(f"exported model differs from torch by {err:.2e} (limit {TOLERANCE[dtype]:.0e}); "
+                            "not written")
+        os.replace(tmp, out)
+        return err
+    finally:
+        tmp.unlink(missing_ok=True)
