@@ -87,6 +87,10 @@ def engine_rows(model: str | None, batches: list[int], seconds: float, log=print
             if eng.device != device or eng.dtype != dtype:
                 continue
             for b in batches:
+                if rows and rows[-1]["device"] == device and rows[-1]["dtype"] == dtype \
+                        and rows[-1]["backend"] == eng.backend and rows[-1]["ms_per_frame"] > 500:
+                    log(f"{eng.backend} {device} {dtype}: over 500 ms/frame, larger batches skipped")
+                    break
                 mel, faces = sample_inputs(batch=b, size=eng.face_size)
                 eng.predict(mel, faces)
                 sec = time_call(lambda: eng.predict(mel, faces), seconds)
@@ -114,3 +118,50 @@ def record(path: Path, title: str, body: str) -> None:
     section = f"\n## {title} ({stamp})\nMachine: {machine()}. Command: `{cmd}`.\n\n{body}\n"
     with open(path, "a") as f:
         f.write(section)
+
+
+def audio_rows(seconds_of_audio: float = 60.0) -> list[dict]:
+    """CPU cost of the live audio path per second of audio, in 20 ms packets as WebRTC delivers."""
+    from streamer.audio import MelStream, StreamResampler, VoiceActivity, melspectrogram, to_mono_float
+
+    rng = np.random.default_rng(0)
+    n48 = int(48000 * seconds_of_audio)
+    t = np.arange(n48) / 48000
+    voice = (0.1 * np.sin(2 * np.pi * 180 * t) * (np.sin(2 * np.pi * 3 * t) > 0) + 0.01 * rng.standard_normal(n48))
+    pcm = np.round(np.repeat(voice, 2) * 32767).astype(np.int16)  # interleaved stereo s16
+    packets = [pcm[i : i + 1920] for i in range(0, pcm.size, 1920)]
+    mono16 = StreamResampler(48000)
+    audio16 = np.concatenate([mono16.push(to_mono_float(p, 2)) for p in packets])
+    chunks16 = [audio16[i : i + 320] for i in range(0, audio16.size, 320)]
+
+    def run_resample():
+        r = StreamResampler(48000)
+        for p in packets:
+            r.push(to_mono_float(p, 2))
+
+    def run_mel():
+        s = MelStream()
+        for c in chunks16:
+            s.push(c)
+        s.flush()
+
+    def run_vad():
+        v = VoiceActivity()
+        for c in chunks16:
+            v.push(c)
+        v.flush()
+
+    rows = []
+    for name, fn in (("resample 48 kHz stereo -> 16 kHz mono", run_resample), ("MelStream (20 ms pushes)", run_mel),
+                     ("VoiceActivity (20 ms pushes)", run_vad),
+                     ("melspectrogram, whole clip at once", lambda: melspectrogram(audio16))):
+        sec = time_call(fn, 1.0, min_calls=2)
+        rows.append({"stage": name, "ms_per_audio_s": 1000 * sec / seconds_of_audio,
+                     "realtime_factor": seconds_of_audio / sec})
+    return rows
+
+
+def audio_table(rows: list[dict]) -> str:
+    lines = ["| stage | CPU ms per second of audio | times faster than real time |", "|---|---:|---:|"]
+    lines += [f"| {r['stage']} | {r['ms_per_audio_s']:.2f} | {r['realtime_factor']:.0f}x |" for r in rows]
+    return "\n".join(lines)

@@ -23,12 +23,17 @@ def _export(args) -> int:
 def _bench(args) -> int:
     from streamer import bench
 
-    batches = [int(b) for b in args.batches.split(",")]
-    rows = bench.engine_rows(args.model, batches, args.seconds)
-    table = bench.engine_table(rows)
+    if args.what == "audio":
+        title, table = "Audio front end", bench.audio_table(bench.audio_rows())
+    else:
+        try:
+            batches = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            raise UserError(f"--batches takes numbers separated by commas, not {args.batches!r}") from None
+        title, table = "Wav2Lip engine", bench.engine_table(bench.engine_rows(args.model, batches, args.seconds))
     print(table)
     if args.record:
-        bench.record(Path(args.record), "Wav2Lip engine", table)
+        bench.record(Path(args.record), title, table)
         print(f"recorded in {args.record}")
     return 0
 
@@ -50,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="measure inference speed on this machine",
-                       description="Measure ms/frame and frames/s for every backend x dtype x batch available here.")
+                       description="engine: ms/frame and frames/s for every backend x dtype x batch available "
+                                   "here. audio: CPU cost of resampling, streaming mel and voice activity.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio"), default="engine", help="what to measure")
     b.add_argument("--model", help=".pth or .onnx to measure (default: reference weights, same speed)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")

@@ -1,5 +1,7 @@
+import shutil
 import subprocess
 import sys
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +46,31 @@ def exported(released_checkpoint, tmp_path_factory):
         paths[dtype] = out / f"wav2lip_{dtype}.onnx"
         run_cli("export", "--checkpoint", released_checkpoint, "--out", paths[dtype], "--dtype", dtype, check=True)
     return paths
+
+
+def speak(text: str, voice: str = "en-us", speed: int = 150) -> tuple[np.ndarray, int]:
+    """Speech from espeak-ng as (mono float32, sample rate)."""
+    if not shutil.which("espeak-ng"):
+        pytest.fail("espeak-ng is needed for speech tests: apt-get install espeak-ng (.ci/run does)")
+    out = subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "--stdout", text], capture_output=True,
+                         check=True).stdout
+    import io
+
+    with wave.open(io.BytesIO(out)) as w:
+        rate = w.getframerate()
+        pcm = np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    return pcm.astype(np.float32) / 32768, rate
+
+
+@pytest.fixture(scope="session")
+def speech16k():
+    """Two clips the project has never seen, at 16 kHz, with silence around them."""
+    from streamer.audio import resample
+
+    clips = []
+    for text, voice in (("Hello there, this is a new sentence for the lips to follow.", "en-us"),
+                        ("Bonjour, je parle un peu plus vite maintenant.", "fr")):
+        x, rate = speak(text, voice)
+        x = resample(x, rate)
+        clips.append(np.concatenate([np.zeros(8000, np.float32), x, np.zeros(8000, np.float32)]))
+    return clips

@@ -1,0 +1,105 @@
+"""Resampling to 16 kHz mono, offline and streaming, with no timing shift.
+
+Both use scipy's `resample_poly` filter (Kaiser-windowed FIR, zero phase): output sample m is
+centred on input time m / 16000 s, so lips computed from it line up with the voice. The streaming
+form equals the offline one to float rounding; it holds back only the filter's half length
+(30 input samples, 0.6 ms, at 48 kHz).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import signal
+
+TARGET_RATE = 16000
+
+
+def to_mono_float(samples: np.ndarray, channels: int = 1) -> np.ndarray:
+    """Interleaved int16 (or float) samples -> mono float32 in [-1, 1]."""
+    x = np.asarray(samples)
+    scale = 1 / 32768 if x.dtype == np.int16 else 1.0
+    x = x.reshape(-1, channels).astype(np.float32)
+    mono = x.mean(axis=1) if channels > 1 else x[:, 0]
+    return mono * np.float32(scale)
+
+
+def _ratio(rate: int) -> tuple[int, int]:
+    if rate <= 0:
+        raise ValueError(f"sample rate must be positive, got {rate}")
+    g = math.gcd(TARGET_RATE, rate)
+    return TARGET_RATE // g, rate // g
+
+
+def _filter(up: int, down: int) -> tuple[np.ndarray, int]:
+    # scipy.signal.resample_poly's default design, so both forms are the same filter.
+    half = 10 * max(up, down)
+    h = signal.firwin(2 * half + 1, 1.0 / max(up, down), window=("kaiser", 5.0)) * up
+    return h, half
+
+
+def resample(x: np.ndarray, rate: int) -> np.ndarray:
+    """Whole-signal resampling of mono float audio from `rate` to 16 kHz."""
+    x = np.asarray(x, dtype=np.float32)
+    up, down = _ratio(rate)
+    if up == down:
+        return x.copy()
+    return signal.resample_poly(x, up, down).astype(np.float32)
+
+
+class StreamResampler:
+    """Push mono float audio at `rate` in any chunks; get 16 kHz samples equal to `resample`."""
+
+    def __init__(self, rate: int):
+        self.rate = rate
+        self.up, self.down = _ratio(rate)
+        self._h, self._half = _filter(self.up, self.down)
+        self._x = np.zeros(0, np.float64)  # input from absolute index _x0 on
+        self._x0 = 0
+        self._n = 0
+        self._m = 0  # next output index
+        self.closed = False
+
+    def push(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        if self.up == self.down:
+            return x.copy()
+        self._x = np.concatenate([self._x, x])
+        self._n += x.size
+        # y[m] needs inputs up to (m * down + half) // up
+        last = (self._n - 1) * self.up - self._half  # largest m*down whose inputs have all arrived
+        count = max(0, last // self.down + 1 - self._m) if last >= 0 else 0
+        return self._produce(count)
+
+    def flush(self) -> np.ndarray:
+        """The rest, with silence after the end (as the offline form pads)."""
+        self.closed = True
+        if self.up == self.down:
+            return np.zeros(0, np.float32)
+        total = -(-self._n * self.up // self.down)
+        return self._produce(max(0, total - self._m))
+
+    def _produce(self, count: int) -> np.ndarray:
+        if count <= 0:
+            return np.zeros(0, np.float32)
+        up, down, half, h = self.up, self.down, self._half, self._h
+        m = np.arange(self._m, self._m + count)
+        centre = m * down + half  # position in the upsampled, filtered signal
+        taps = len(h)
+        # inputs j with 0 <= centre - j*up < taps
+        j_hi = centre // up
+        j_lo = -(-(centre - taps + 1) // up)
+        width = int((j_hi - j_lo).max()) + 1
+        j = j_lo[:, None] + np.arange(width)[None, :]
+        k = centre[:, None] - j * up
+        valid = (k >= 0) & (k < taps) & (j >= 0) & (j < self._n)
+        xi = np.clip(j - self._x0, 0, max(0, self._x.size - 1))
+        vals = np.where(valid, self._x[xi] if self._x.size else 0.0, 0.0) * np.where(valid, h[np.clip(k, 0, taps - 1)], 0)
+        y = vals.sum(axis=1)
+        self._m += count
+        keep = max(0, -(-(self._m * down + half - taps + 1) // up))
+        if keep > self._x0:
+            self._x = self._x[keep - self._x0 :]
+            self._x0 = keep
+        return y.astype(np.float32)

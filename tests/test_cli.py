@@ -1,0 +1,32 @@
+from streamer.config import describe, load_config
+from tests.conftest import run_cli
+
+ROOT = __import__("pathlib").Path(__file__).parents[1]
+
+
+def test_help_lists_the_commands():
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("export", "bench"):
+        assert command in proc.stdout
+
+
+def test_default_config_file_lists_every_setting_and_loads():
+    text = (ROOT / "configs" / "default.yaml").read_text()
+    assert text.split("\n", 1)[1] == describe()
+    assert load_config(ROOT / "configs" / "default.yaml") == load_config(None)
+
+
+def test_bad_config_fails_with_one_line(tmp_path):
+    import pytest
+
+    from streamer.errors import UserError
+
+    bad = tmp_path / "bad.yaml"
+    for text, expect in (("model:\n  device: gpu\n", "model.device must be one of"),
+                         ("audio:\n  vad_aggressiveness: 9\n", "at most 3"),
+                         ("modle:\n  path: x\n", "unknown config section"),
+                         ("model: [1, 2\n", "not valid YAML")):
+        bad.write_text(text)
+        with pytest.raises(UserError, match=expect):
+            load_config(bad)
