@@ -38,6 +38,59 @@ def _bench(args) -> int:
     return 0
 
 
+def _config(args, **flags):
+    from streamer.config import load_config
+
+    return load_config(args.config, flags)
+
+
+def _vad(cfg, fps):
+    from streamer.audio import VoiceActivity
+
+    a = cfg.audio
+    return VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms, a.vad_hangover_ms, fps=fps,
+                         min_snr_db=a.vad_min_snr_db)
+
+
+def _avatar(cfg, name):
+    from streamer.avatar.cache import DEMO_NAME, Avatar, avatar_dir, demo_avatar
+
+    if name == DEMO_NAME and not (avatar_dir(cfg.avatar.dir, name) / "meta.json").exists():
+        log.info("preparing the demo avatar (once)")
+        return demo_avatar(cfg.avatar.dir)
+    return Avatar.load(cfg.avatar.dir, name)
+
+
+def _prepare(args) -> int:
+    from streamer.avatar.cache import PrepareSettings, prepare
+
+    cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.max_height": args.max_height})
+    settings = PrepareSettings(face_size=cfg.avatar.face_size, max_height=cfg.avatar.max_height)
+    avatar = prepare(args.video or args.image, args.name, cfg.avatar.dir, settings, force=args.force,
+                     progress=not args.quiet)
+    w, h = avatar.size
+    print(f"avatar {avatar.name}: {avatar.frames} frames {w}x{h} at {avatar.fps:g} fps in {avatar.path}")
+    return 0
+
+
+def _render(args) -> int:
+    from streamer.lipsync.engine import load_engine
+    from streamer.render import check_output, render
+
+    check_output(args.out, args.force)
+    cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
+                           "model.device": args.device, "model.dtype": args.dtype,
+                           "render.batch_size": args.batch_size})
+    avatar = _avatar(cfg, cfg.avatar.name)
+    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    log.info("engine: %s", engine.name)
+    summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
+                     vad=_vad(cfg, avatar.fps), force=args.force, progress=not args.quiet, crf=cfg.render.crf)
+    print(f"wrote {args.out}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['seconds']:.2f} s, "
+          f"mouth animated in {summary['speech_frames']} frames")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamer", description="Real-time talking-head server: live lip-sync of an avatar to a voice.")
@@ -63,6 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")
     b.add_argument("--record", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
     b.set_defaults(func=_bench)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="settings file (default: built-in defaults, as configs/default.yaml)")
+    common.add_argument("--avatars", help="folder of prepared avatars (setting avatar.dir, default avatars/)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    pr = sub.add_parser("prepare", parents=[common], help="turn a video or photo into an avatar (done once)",
+                        description="Detect the face in every frame and cache what the live path needs under "
+                                    "the avatars folder. The same source again is reused; a changed one rebuilt.")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", help="a video of a person facing the camera (any format PyAV reads)")
+    src.add_argument("--image", help="a photo: becomes a still avatar")
+    pr.add_argument("--name", required=True, help="avatar name: letters, digits, '-' and '_'")
+    pr.add_argument("--max-height", type=int, help="scale taller sources down to this (default 1080)")
+    pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    pr.set_defaults(func=_prepare)
+
+    r = sub.add_parser("render", parents=[common], help="turn an audio file into a lip-synced mp4",
+                       description="Lip-sync an avatar to an audio file (any format PyAV reads) and write an "
+                                   "H.264 + AAC mp4 as long as the audio, at the avatar's frame rate.")
+    r.add_argument("--audio", required=True, help="speech to lip-sync: wav, mp3, m4a, ogg, ...")
+    r.add_argument("--out", required=True, help="mp4 to write")
+    r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
+    r.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    r.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
+    r.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
+    r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")
+    r.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    r.set_defaults(func=_render)
     return p
 
 

@@ -38,9 +38,25 @@ class AudioConfig:
 
 
 @dataclass
+class AvatarConfig:
+    dir: str = _opt("avatars", "folder of prepared avatars")
+    name: str = _opt("astronaut", "avatar used when none is named (astronaut: the bundled demo)")
+    face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip)", min=32, max=512)
+    max_height: int = _opt(1080, "taller sources are scaled down when prepared", min=64, max=4320)
+
+
+@dataclass
+class RenderConfig:
+    batch_size: int = _opt(16, "frames per inference call when rendering", min=1, max=1024)
+    crf: int = _opt(18, "H.264 quality of rendered mp4s: 0 lossless .. 51 worst", min=0, max=51)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
+    avatar: AvatarConfig = field(default_factory=AvatarConfig)
+    render: RenderConfig = field(default_factory=RenderConfig)
 
 
 _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}

@@ -221,3 +221,18 @@ class Wav2LipInfer:
             self.predict(np.zeros((b, 1, 80, 16), np.float32), np.zeros((b, 6, s, s), np.float32))
         return time.perf_counter() - t
 
+
+
+def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "auto",
+                models_dir: str | Path = "models"):
+    """The engine for `model`: a path, or a file name in `models_dir`; None gives the builtin engine."""
+    if model is None:
+        from streamer.lipsync.builtin import BuiltinEngine
+
+        return BuiltinEngine()
+    path = Path(model)
+    if not path.exists() and not path.is_absolute() and (Path(models_dir) / path).exists():
+        path = Path(models_dir) / path
+    if not path.exists():
+        raise UserError(f"model {model} not found (looked for the path and in {models_dir}/)")
+    return Wav2LipInfer(path, device=device, dtype=dtype)

@@ -1,0 +1,63 @@
+"""Putting a predicted face back into its frame without seams.
+
+The original pastes the whole resized prediction as a hard rectangle. Here only the lower face
+changes, through a mask that is 1 around the mouth and jaw and falls smoothly to exactly 0 well
+inside the box, so no box edge can show; pixels where the mask is 0 are the source's, bit for bit.
+The prediction's colour is matched to the source on the upper face, which the model only copies.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cv2
+import numpy as np
+
+
+@functools.cache
+def lower_face_mask(size: int) -> np.ndarray:
+    """(size, size) float32 in [0, 1], in crop coordinates: the mouth, chin and cheeks."""
+    mask = np.zeros((size, size), np.float32)
+    # below the nose (~0.55 of the crop) to the chin; wide enough for the mouth corners (0.25-0.7)
+    centre = (round(size * 0.5), round(size * 0.73))
+    axes = (round(size * 0.34), round(size * 0.18))
+    cv2.ellipse(mask, centre, axes, 0, 0, 360, 1.0, thickness=-1)
+    sigma = size * 0.05
+    mask = cv2.GaussianBlur(mask, (0, 0), sigma)
+    margin = max(2, round(size * 0.04))
+    inner = np.zeros_like(mask)
+    inner[margin:-margin, margin:-margin] = 1
+    return mask * inner  # exactly 0 near the crop border
+
+
+def color_match(pred: np.ndarray, crop: np.ndarray) -> np.ndarray:
+    """Shift the prediction's colour so its upper face agrees with the source crop's."""
+    half = crop.shape[0] // 2
+    top = slice(crop.shape[0] // 8, half)
+    offset = crop[top].reshape(-1, 3).astype(np.float32).mean(0) - pred[top].reshape(-1, 3).astype(np.float32).mean(0)
+    return np.clip(pred.astype(np.float32) + offset, 0, 255).astype(np.uint8)
+
+
+def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match_color: bool = True,
+          crop: np.ndarray | None = None) -> np.ndarray:
+    """A copy of `frame` with the predicted face `pred` (S, S, 3 uint8) blended into `box`.
+
+    strength in [0, 1] scales the mask: 0 gives the source frame, used to fade in and out of speech.
+    """
+    out = frame.copy()
+    if strength <= 0:
+        return out
+    x1, y1, x2, y2 = (int(v) for v in box)
+    w, h = x2 - x1, y2 - y1
+    if w < 4 or h < 4:
+        return out
+    if match_color and crop is not None:
+        pred = color_match(pred, crop)
+    region = out[y1:y2, x1:x2]
+    big = cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    m = cv2.resize(lower_face_mask(pred.shape[0]), (w, h), interpolation=cv2.INTER_LINEAR)
+    m = (m * strength)[..., None]
+    src = region.astype(np.float32)
+    mixed = src + m * (big - src)
+    region[...] = np.where(m > 0, np.clip(mixed + 0.5, 0, 255), src).astype(np.uint8)
+    return out

@@ -1,0 +1,425 @@
+"""The prepared avatar on disk, and reading it back.
+
+avatars/<name>/
+  meta.json       fps, size, frame count, source hash, detector, pads, face size, format version
+  frames.mkv      every frame, lossless (H.264 RGB, qp 0): compact on disk, decoded ahead at run time
+  boxes.npy       (N, 4) int32 face boxes x1, y1, x2, y2, padded and smoothed over time
+  landmarks.npy   (N, 5, 2) float32 eyes, nose, mouth corners
+  crops.npy       (N, S, S, 3) uint8 BGR face crops at the model's size
+
+The live path holds boxes, landmarks and crops (41 MB for 60 s at 96 px) and decodes full frames a
+few at a time, so a long 1080p avatar needs no gigabytes of RAM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from streamer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+DEMO_NAME = "astronaut"
+DEMO_IMAGE = Path(__file__).parent / "data" / "astronaut.png"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+GOP = 12  # keyframe interval of frames.mkv: reading backwards decodes one group at a time
+MIN_SIDE, MAX_SIDE = 64, 7680
+MAX_FRAMES = 25 * 60 * 30  # 30 minutes at 25 fps
+
+
+def avatar_dir(root: str | Path, name: str) -> Path:
+    """The avatar's folder; names are plain words, so no name can point outside `root`."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise UserError(f"avatar name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_'")
+    return Path(root) / name
+
+
+def ping_pong(k: int, n: int) -> int:
+    """Source frame shown at loop step k: 0..n-1 then n-2..1, again and again, so it never jumps."""
+    if n <= 1:
+        return 0
+    period = 2 * n - 2
+    k %= period
+    return k if k < n else period - k
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class Avatar:
+    path: Path
+    meta: dict
+    boxes: np.ndarray
+    landmarks: np.ndarray
+    crops: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.meta["name"]
+
+    @property
+    def frames(self) -> int:
+        return self.meta["frames"]
+
+    @property
+    def fps(self) -> float:
+        return self.meta["fps"]
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.meta["width"], self.meta["height"]
+
+    @classmethod
+    def load(cls, root: str | Path, name: str) -> Avatar:
+        path = avatar_dir(root, name)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except FileNotFoundError:
+            raise UserError(f"avatar {name!r} is not prepared in {root}; run: streamer prepare --video FILE "
+                            f"--name {name}") from None
+        except json.JSONDecodeError:
+            raise UserError(f"avatar {name!r} has a damaged meta.json; prepare it again") from None
+        if meta.get("format") != FORMAT:
+            raise UserError(f"avatar {name!r} was prepared by another version; prepare it again")
+        try:
+            return cls(path, meta, np.load(path / "boxes.npy"), np.load(path / "landmarks.npy"),
+                       np.load(path / "crops.npy", mmap_mode="r"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"avatar {name!r} is damaged ({type(e).__name__}); prepare it again") from None
+
+    def read_frames(self, start: int = 0, count: int | None = None, ahead: int = 2 * GOP):
+        """Full BGR frames in loop order from loop step `start`: yields (step, source index, frame).
+
+        A thread decodes up to `ahead` frames in advance; stop by closing the generator.
+        """
+        return FrameReader(self, start, ahead).iterate(count)
+
+
+class FrameReader:
+    """Decodes frames.mkv in ping-pong order: forward groups, then backward group by group."""
+
+    def __init__(self, avatar: Avatar, start: int, ahead: int):
+        self.avatar = avatar
+        self.start = start
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+        self._stop = threading.Event()
+
+    def _groups(self, start: int):
+        """(step, first source index, last source index, forward?) per group, endlessly from `start`."""
+        n = self.avatar.frames
+        step = start
+        while True:
+            src = ping_pong(step, n)
+            forward = n <= 1 or (step % (2 * n - 2)) < n - 1
+            if forward:
+                last = min(n - 1, (src // GOP + 1) * GOP - 1)
+                yield step, src, last, True
+                step += last - src + 1
+            else:
+                first = max(0, (src // GOP) * GOP)
+                first = max(first, 1) if src > 0 else 0
+                yield step, src, first, False
+                step += src - first + 1
+
+    def _decode(self, container, stream, lo: int, hi: int) -> dict[int, np.ndarray]:
+        fps = self.avatar.fps
+        target = int(lo / fps / stream.time_base)
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        out = {}
+        for frame in container.decode(stream):
+            idx = round(float(frame.pts * stream.time_base) * fps)
+            if idx > hi:
+                break
+            if idx >= lo:
+                out[idx] = frame.to_ndarray(format="bgr24")
+            if idx == hi:
+                break
+        return out
+
+    def _run(self, count: int | None) -> None:
+        import av
+
+        try:
+            with av.open(str(self.avatar.path / "frames.mkv")) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                produced = 0
+                for step, a, b, forward in self._groups(self.start):
+                    lo, hi = (a, b) if forward else (b, a)
+                    frames = self._decode(container, stream, lo, hi)
+                    order = range(a, b + 1) if forward else range(a, b - 1, -1)
+                    for i, src in enumerate(order):
+                        if count is not None and produced >= count:
+                            self._put(None)
+                            return
+                        frame = frames.get(src)
+                        if frame is None:  # a damaged file: repeat the last good frame rather than stall
+                            frame = frames[min(frames, key=lambda j: abs(j - src))] if frames else None
+                        if frame is None:
+                            raise RuntimeError(f"frame {src} of {self.avatar.name} cannot be decoded")
+                        if not self._put((step + i, src, frame)):
+                            return
+                        produced += 1
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def iterate(self, count: int | None):
+        thread = threading.Thread(target=self._run, args=(count,), name=f"frames-{self.avatar.name}", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = self._q.get()
+                if item is None:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._stop.set()
+            thread.join(timeout=5)
+
+
+# preparing
+
+
+@dataclass
+class PrepareSettings:
+    face_size: int = 96
+    pads: tuple[int, int, int, int] = (0, 10, 0, 0)  # top, bottom, left, right, as the original
+    smooth: int = 5  # frames in the box smoothing window
+    max_height: int = 1080  # taller sources are scaled down
+
+    def as_meta(self) -> dict:
+        return {"face_size": self.face_size, "pads": list(self.pads), "smooth": self.smooth,
+                "max_height": self.max_height}
+
+
+def _open_video(path: Path):
+    import av
+
+    try:
+        container = av.open(str(path))
+    except (av.FFmpegError, OSError) as e:
+        raise UserError(f"{path} is not a readable video or image ({type(e).__name__})") from None
+    if not container.streams.video:
+        container.close()
+        raise UserError(f"{path} has no video stream")
+    return container
+
+
+def _source_frames(path: Path, max_height: int):
+    """(fps, frame count or None, iterator of BGR frames) of a video or an image."""
+    import cv2
+
+    def fit(img):
+        h, w = img.shape[:2]
+        if not (MIN_SIDE <= w <= MAX_SIDE and MIN_SIDE <= h <= MAX_SIDE):
+            raise UserError(f"{path} is {w}x{h}; sizes from {MIN_SIDE} to {MAX_SIDE} pixels are supported")
+        if h > max_height:
+            img = cv2.resize(img, (round(w * max_height / h), max_height), interpolation=cv2.INTER_AREA)
+        h, w = img.shape[:2]
+        return img[: h - h % 2, : w - w % 2]  # even sizes, as H.264 in yuv420 needs
+
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if img is None:
+            raise UserError(f"{path} is not a readable image")
+        return 25.0, 1, iter([fit(img)])
+
+    container = _open_video(path)
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"
+    fps = float(stream.average_rate or stream.guessed_rate or 25)
+    if not 1 <= fps <= 120:
+        fps = 25.0
+    total = stream.frames or None
+
+    def gen():
+        import av
+
+        n = 0
+        try:
+            for frame in container.decode(stream):
+                n += 1
+                if n > MAX_FRAMES:
+                    raise UserError(f"{path} is longer than {MAX_FRAMES} frames; trim it")
+                yield fit(frame.to_ndarray(format="bgr24"))
+        except av.FFmpegError as e:
+            if n == 0:
+                raise UserError(f"{path} cannot be decoded ({type(e).__name__})") from None
+            log.warning("%s: decoding stopped after %d frames (%s)", path.name, n, e)
+        finally:
+            container.close()
+
+    return fps, total, gen()
+
+
+def _fill_and_smooth(found: list, window: int, pads, size) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes for every frame: gaps take their neighbours' boxes (interpolated), then a centred mean."""
+    n = len(found)
+    have = [i for i, f in enumerate(found) if f is not None]
+    boxes = np.zeros((n, 4), np.float64)
+    marks = np.zeros((n, 5, 2), np.float64)
+    for i in range(n):
+        if found[i] is not None:
+            boxes[i], marks[i] = found[i].box, found[i].landmarks
+    for i in range(n):
+        if found[i] is None:
+            right = next((j for j in have if j > i), None)
+            left = next((j for j in reversed(have) if j < i), None)
+            if left is None or right is None:
+                j = right if left is None else left
+                boxes[i], marks[i] = boxes[j], marks[j]
+            else:
+                t = (i - left) / (right - left)
+                boxes[i] = (1 - t) * boxes[left] + t * boxes[right]
+                marks[i] = (1 - t) * marks[left] + t * marks[right]
+    half = window // 2
+    smooth = np.stack([boxes[max(0, i - half) : i + half + 1].mean(axis=0) for i in range(n)])
+    top, bottom, left_pad, right_pad = pads
+    w, h = size
+    smooth += [-left_pad, -top, right_pad, bottom]
+    smooth = np.round(smooth).astype(np.int32)
+    smooth[:, [0, 2]] = np.clip(smooth[:, [0, 2]], 0, w)
+    smooth[:, [1, 3]] = np.clip(smooth[:, [1, 3]], 0, h)
+    return smooth, marks.astype(np.float32)
+
+
+def crop(frame: np.ndarray, box, size: int) -> np.ndarray:
+    import cv2
+
+    x1, y1, x2, y2 = (int(v) for v in box)
+    return cv2.resize(frame[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSettings | None = None,
+            force: bool = False, progress: bool = True) -> Avatar:
+    """Build (or reuse) the avatar `name` from a video or image. The folder appears complete or not at all."""
+    import av
+    from tqdm import tqdm
+
+    from streamer.avatar.detect import FaceDetector
+
+    settings = settings or PrepareSettings()
+    source = Path(source)
+    root = Path(root)
+    target = avatar_dir(root, name)
+    if not source.is_file():
+        raise UserError(f"source {source} does not exist")
+    if source.stat().st_size == 0:
+        raise UserError(f"source {source} is empty")
+    digest = sha256(source)
+    if target.exists() and not force:
+        try:
+            meta = json.loads((target / "meta.json").read_text())
+            if meta.get("format") == FORMAT and meta.get("source_sha256") == digest \
+                    and meta.get("settings") == settings.as_meta():
+                log.info("avatar %s is up to date, reusing %s", name, target)
+                return Avatar.load(root, name)
+        except (OSError, json.JSONDecodeError):
+            pass
+        log.info("avatar %s: source or settings changed, rebuilding", name)
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        fps, total, frames = _source_frames(source, settings.max_height)
+        detector = FaceDetector()
+        found = []
+        width = height = None
+        out = av.open(str(tmp / "frames.mkv"), "w", format="matroska")
+        started = time.perf_counter()
+        with tqdm(total=total, desc=f"prepare {name}: detect faces", unit="frame", disable=not progress) as bar:
+            for frame in frames:
+                if width is None:
+                    height, width = frame.shape[:2]
+                    rate = Fraction(fps).limit_denominator(1001)
+                    vs = out.add_stream("libx264rgb", rate=rate)
+                    vs.width, vs.height, vs.pix_fmt = width, height, "bgr24"
+                    vs.options = {"qp": "0", "preset": "ultrafast", "g": str(GOP), "bf": "0"}
+                elif frame.shape[:2] != (height, width):
+                    raise UserError(f"{source}: frame size changes mid-video; re-encode it at one size")
+                faces = detector.detect(frame)
+                found.append(faces[0] if faces else None)
+                vf = av.VideoFrame.from_ndarray(frame, format="bgr24")
+                vf.pts = len(found) - 1
+                vf.time_base = 1 / rate
+                for packet in vs.encode(vf):
+                    out.mux(packet)
+                bar.update()
+            if width is None:
+                raise UserError(f"{source} holds no frames")
+            for packet in vs.encode():
+                out.mux(packet)
+        out.close()
+        if all(f is None for f in found):
+            raise UserError(f"no face found in {source}; use a video or photo with one clearly visible face")
+        missing = sum(f is None for f in found)
+        if missing:
+            log.warning("avatar %s: no face in %d of %d frames; they take their neighbours' boxes",
+                        name, missing, len(found))
+        boxes, marks = _fill_and_smooth(found, settings.smooth, settings.pads, (width, height))
+        if np.any(boxes[:, 2] - boxes[:, 0] < 8) or np.any(boxes[:, 3] - boxes[:, 1] < 8):
+            raise UserError(f"the face in {source} is too small to animate")
+
+        meta = {"format": FORMAT, "name": name, "kind": "image" if len(found) == 1 and total == 1 else "video",
+                "source": source.name, "source_sha256": digest, "fps": fps, "width": width, "height": height,
+                "frames": len(found), "detector": "retinaface-mobilenet0.25", "settings": settings.as_meta(),
+                "seconds_to_prepare": round(time.perf_counter() - started, 2)}
+        partial = Avatar(tmp, meta, boxes, marks, np.zeros((0,)))
+        crops = np.zeros((len(found), settings.face_size, settings.face_size, 3), np.uint8)
+        with tqdm(total=len(found), desc=f"prepare {name}: face crops", unit="frame", disable=not progress) as bar:
+            for _, src, frame in partial.read_frames(0, count=len(found)):
+                crops[src] = crop(frame, boxes[src], settings.face_size)
+                bar.update()
+        np.save(tmp / "boxes.npy", boxes)
+        np.save(tmp / "landmarks.npy", marks)
+        np.save(tmp / "crops.npy", crops)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if target.exists():
+            old = root / f".{name}.old-{os.getpid()}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Avatar.load(root, name)
+
+
+def demo_avatar(root: str | Path, progress: bool = False) -> Avatar:
+    """The bundled astronaut portrait, prepared on first use."""
+    return prepare(DEMO_IMAGE, DEMO_NAME, root, progress=progress)

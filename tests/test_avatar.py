@@ -1,0 +1,147 @@
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from streamer.avatar.blend import blend, lower_face_mask
+from streamer.avatar.cache import Avatar, PrepareSettings, ping_pong, prepare
+from streamer.avatar.detect import FaceDetector
+from streamer.errors import UserError
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.lipsync.engine import face_input, to_images
+from tests.conftest import ASTRONAUT, decode_video, run_cli
+
+
+def test_detector_finds_the_astronaut_with_landmarks():
+    faces = FaceDetector().detect(cv2.imread(str(ASTRONAUT)))
+    assert len(faces) == 1 and faces[0].score > 0.99
+    x1, y1, x2, y2 = faces[0].box
+    assert 150 < x1 < 200 and 30 < y1 < 90 and 250 < x2 < 300 and 150 < y2 < 200
+    eyes, nose, mouth = faces[0].landmarks[:2], faces[0].landmarks[2], faces[0].landmarks[3:]
+    assert eyes[:, 1].max() < nose[1] < mouth[:, 1].min()
+    assert FaceDetector().detect(np.random.default_rng(0).integers(0, 255, (300, 300, 3), np.uint8)) == []
+
+
+@pytest.fixture(scope="module")
+def video_avatar(talk_video, tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatars")
+    return prepare(talk_video, "anna", root, progress=False)
+
+
+def test_prepare_video_caches_what_the_live_path_needs(video_avatar, talk_video):
+    a = video_avatar
+    assert a.frames == 75 and a.fps == 25 and a.size == (480, 400)
+    assert a.crops.shape == (75, 96, 96, 3) and a.boxes.shape == (75, 4) and a.landmarks.shape == (75, 5, 2)
+    meta = json.loads((a.path / "meta.json").read_text())
+    assert meta["detector"] == "retinaface-mobilenet0.25" and meta["settings"]["pads"] == [0, 10, 0, 0]
+    # the boxes follow the pan (the face moves left), and the blacked-out frames 30-32 took their neighbours'
+    centres = (a.boxes[:, 0] + a.boxes[:, 2]) / 2
+    assert centres[0] - centres[-1] > 15
+    assert np.all(np.abs(np.diff(centres)) < 4)
+    # the full frames are kept losslessly: equal to the decoded source
+    source = decode_video(talk_video)
+    for step, src, frame in a.read_frames(0, count=5):
+        assert np.array_equal(frame, source[src])
+
+
+def test_frames_loop_forward_then_backward(video_avatar):
+    n = video_avatar.frames
+    got = [src for _, src, _ in video_avatar.read_frames(0, count=3 * n)]
+    expected = [ping_pong(k, n) for k in range(3 * n)]
+    assert got == expected
+    assert expected[:n] == list(range(n)) and expected[n : 2 * n - 2] == list(range(n - 2, 0, -1))
+    assert max(abs(a - b) for a, b in zip(got, got[1:])) == 1  # never jumps
+    # starting mid-loop, backwards, gives the same frames as reading from the start
+    frames = {src: f for _, src, f in video_avatar.read_frames(0, count=n)}
+    for step, src, frame in video_avatar.read_frames(n + 10, count=20):
+        assert np.array_equal(frame, frames[src])
+
+
+def test_same_source_is_reused_and_changed_settings_rebuild(video_avatar, talk_video):
+    root = video_avatar.path.parent
+    stamp = os.stat(video_avatar.path / "crops.npy").st_mtime_ns
+    again = prepare(talk_video, "anna", root, progress=False)
+    assert os.stat(again.path / "crops.npy").st_mtime_ns == stamp
+    other = prepare(talk_video, "anna2", root, PrepareSettings(max_height=200), progress=False)
+    assert other.size[1] == 200 and other.frames == 75
+
+
+def test_image_becomes_a_still_avatar_via_the_cli(tmp_path):
+    photo = cv2.flip(cv2.imread(str(ASTRONAUT)), 1)[20:460, 40:480]  # a photo not in the repo
+    photo = np.clip(photo.astype(np.int16) + [10, -5, 0], 0, 255).astype(np.uint8)
+    path = tmp_path / "me.jpg"
+    cv2.imwrite(str(path), photo)
+    proc = run_cli("prepare", "--image", path, "--name", "me", "--avatars", tmp_path / "avatars", "-q")
+    assert proc.returncode == 0, proc.stderr
+    a = Avatar.load(tmp_path / "avatars", "me")
+    assert a.frames == 1 and a.meta["kind"] == "image"
+    assert [src for _, src, _ in a.read_frames(0, count=4)] == [0, 0, 0, 0]
+
+
+def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
+    root = tmp_path / "avatars"
+    noise = tmp_path / "noise.png"
+    cv2.imwrite(str(noise), np.random.default_rng(0).integers(0, 255, (200, 200, 3), np.uint8))
+    garbage = tmp_path / "clip.mp4"
+    garbage.write_bytes(os.urandom(5000))
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    tiny = tmp_path / "tiny.png"
+    cv2.imwrite(str(tiny), np.zeros((20, 20, 3), np.uint8))
+    cases = [(["--image", noise, "--name", "n"], "no face found"),
+             (["--video", garbage, "--name", "g"], "not a readable video"),
+             (["--video", empty, "--name", "e"], "is empty"),
+             (["--image", tiny, "--name", "t"], "sizes from 64"),
+             (["--image", ASTRONAUT, "--name", "../escape"], "not allowed"),
+             (["--video", tmp_path / "missing.mp4", "--name", "m"], "does not exist")]
+    for args, expect in cases:
+        proc = run_cli("prepare", *args, "--avatars", root, "-q")
+        assert proc.returncode == 2 and expect in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not root.exists() or list(root.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p != root) == ["clip.mp4", "empty.mp4", "noise.png", "tiny.png"]
+
+
+def test_blend_has_no_seam_and_leaves_the_rest_untouched():
+    rng = np.random.default_rng(0)
+    frame = cv2.GaussianBlur(rng.integers(60, 200, (300, 300, 3), np.uint8), (0, 0), 3)
+    box = (100, 80, 196, 210)
+    pred = np.full((96, 96, 3), (20, 40, 230), np.uint8)  # worst case: a face of a very different colour
+    out = blend(frame, box, pred, match_color=False)
+    diff = np.abs(out.astype(np.int16) - frame).sum(axis=2)
+    x1, y1, x2, y2 = box
+    outside = np.ones(diff.shape, bool)
+    outside[y1:y2, x1:x2] = False
+    assert diff[outside].max() == 0  # nothing outside the box changes
+    # nor on or near the box edge: no rectangle can show
+    ring = np.zeros(diff.shape, bool)
+    ring[y1 : y1 + 3, x1:x2] = ring[y2 - 3 : y2, x1:x2] = ring[y1:y2, x1 : x1 + 3] = ring[y1:y2, x2 - 3 : x2] = True
+    assert diff[ring].max() == 0
+    assert diff[y1:y2, x1:x2].max() > 200  # the mouth region did change
+    # seam visibility: the largest step between neighbouring pixels of the change, relative to the
+    # full colour difference (a hard paste steps by 100% at the box edge)
+    change = out.astype(np.float32) - frame
+    step = max(np.abs(np.diff(change, axis=0)).max(), np.abs(np.diff(change, axis=1)).max())
+    full = np.abs(pred[0, 0].astype(np.float32) - frame[y1:y2, x1:x2].mean(axis=(0, 1))).max()
+    assert step / full < 0.2
+    mask = lower_face_mask(96)
+    assert mask[:40].max() < 0.01 and mask[:48].max() < 0.2  # eyes and forehead untouched, the nose barely
+    assert mask[62, 30:66].min() > 0.85  # the mouth, corner to corner, fully replaced
+
+
+def test_builtin_engine_moves_only_in_speech():
+    eng = BuiltinEngine()
+    crops = np.repeat(cv2.resize(cv2.imread(str(ASTRONAUT))[57:187, 178:273], (96, 96))[None], 2, axis=0)
+    faces = face_input(crops)
+    silence = np.full((2, 1, 80, 16), -4.0, np.float32)
+    speech = np.zeros((2, 1, 80, 16), np.float32)
+    speech[1] = 1.0
+    rest = to_images(eng.predict(silence, faces))
+    assert np.array_equal(rest, crops)  # silence: the face at rest, exactly
+    moved = to_images(eng.predict(speech, faces)).astype(np.int16)
+    change = np.abs(moved - crops).sum(axis=3)
+    assert change[:, 40:].mean() > change[:, :30].mean() + 5  # the lower face moves, not the eyes
+    assert change[1, 55:85].mean() > change[0, 55:85].mean()  # louder opens wider
+    assert np.array_equal(to_images(eng.predict(speech, faces)), moved.astype(np.uint8))  # deterministic

@@ -1,0 +1,92 @@
+import av
+import numpy as np
+import pytest
+
+from streamer.avatar.cache import prepare
+from tests.conftest import decode_video, run_cli, write_audio
+
+
+@pytest.fixture(scope="module")
+def avatars(talk_video, tmp_path_factory):
+    root = tmp_path_factory.mktemp("avatars")
+    prepare(talk_video, "anna", root, progress=False)
+    return root
+
+
+def probe(path):
+    with av.open(str(path)) as c:
+        v, a = c.streams.video[0], c.streams.audio[0]
+        frames = sum(1 for _ in c.decode(video=0))
+        return {"fps": float(v.average_rate), "frames": frames, "audio_codec": a.codec_context.name,
+                "video_codec": v.codec_context.name, "audio_s": float(a.duration * a.time_base)}
+
+
+def test_render_builtin_mouth_moves_in_speech_only(avatars, talk_video, speech_m4a, tmp_path):
+    audio, seconds = speech_m4a
+    out = tmp_path / "out.mp4"
+    proc = run_cli("render", "--avatar", "anna", "--avatars", avatars, "--audio", audio, "--out", out, "-q")
+    assert proc.returncode == 0, proc.stderr
+    info = probe(out)
+    assert info["video_codec"] == "h264" and info["audio_codec"] == "aac" and info["fps"] == 25
+    assert abs(info["frames"] / 25 - seconds) <= 1 / 25
+    assert abs(info["audio_s"] - seconds) < 0.05
+
+    from streamer.avatar.cache import Avatar, ping_pong
+
+    a = Avatar.load(avatars, "anna")
+    rendered = decode_video(out)
+    source = decode_video(talk_video)
+    mouth_change, far_change = [], []
+    for i, frame in enumerate(rendered):
+        src = source[ping_pong(i, a.frames)]
+        x1, y1, x2, y2 = a.boxes[ping_pong(i, a.frames)]
+        d = np.abs(frame.astype(np.int16) - src).mean(axis=2)
+        far = d.copy()
+        far[max(0, y1 - 8) : y2 + 8, max(0, x1 - 8) : x2 + 8] = 0
+        far_change.append(far.mean())
+        h = y2 - y1
+        mouth_change.append(d[y1 + int(0.55 * h) : y1 + int(0.85 * h), x1 + (x2 - x1) // 4 : x2 - (x2 - x1) // 4].mean())
+    mouth_change = np.array(mouth_change)
+    # H.264 at crf 18 (4:2:0) alone differs from the source by ~2 levels on this colourful image
+    assert max(far_change) < 3  # outside the face the frames are the source, to codec precision
+    quiet = np.r_[0:20, len(rendered) - 20 : len(rendered)]  # the silent second at each end
+    talking = np.arange(30, len(rendered) - 30)
+    assert mouth_change[quiet].max() < 4  # rests in silence (codec loss only)
+    assert np.mean(mouth_change[talking] > 8) > 0.3  # opens and closes during speech
+    assert mouth_change[:24].max() < 4 and mouth_change[24:30].max() > 8  # starts with the voice at 1.0 s
+
+
+def test_render_with_a_wav2lip_onnx(avatars, exported, speech_m4a, tmp_path):
+    audio, seconds = speech_m4a
+    out = tmp_path / "neural.mp4"
+    proc = run_cli("render", "--avatar", "anna", "--avatars", avatars, "--audio", audio, "--out", out,
+                   "--model", exported["fp16"], "--batch-size", "32", "-q")
+    assert proc.returncode == 0, proc.stderr
+    info = probe(out)
+    assert info["fps"] == 25 and abs(info["frames"] / 25 - seconds) <= 1 / 25
+
+
+def test_render_bad_audio_fails_cleanly(avatars, tmp_path):
+    empty = tmp_path / "empty.wav"
+    write_audio(empty, np.zeros(0, np.float32), 16000)
+    text = tmp_path / "notes.mp3"
+    text.write_text("not audio at all")
+    for audio, expect in ((empty, "no audio"), (text, "not a readable audio"), (tmp_path / "nope.wav", "does not exist")):
+        out = tmp_path / "x.mp4"
+        proc = run_cli("render", "--avatar", "anna", "--avatars", avatars, "--audio", audio, "--out", out, "-q")
+        assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.wav", "notes.mp3"]
+    proc = run_cli("render", "--avatar", "nobody", "--avatars", avatars, "--audio", empty, "--out", tmp_path / "y.mp4")
+    assert proc.returncode == 2 and "not prepared" in proc.stderr
+
+
+def test_silent_audio_renders_the_idle_avatar(avatars, talk_video, tmp_path):
+    quiet = tmp_path / "quiet.wav"
+    write_audio(quiet, np.zeros(32000, np.float32), 16000)
+    out = tmp_path / "quiet.mp4"
+    proc = run_cli("render", "--avatar", "anna", "--avatars", avatars, "--audio", quiet, "--out", out, "-q")
+    assert proc.returncode == 0 and "no speech" in proc.stderr
+    rendered, source = decode_video(out), decode_video(talk_video)
+    assert len(rendered) == 50
+    assert max(np.abs(r.astype(np.int16) - s).mean() for r, s in zip(rendered, source)) < 3  # codec loss only
