@@ -165,3 +165,100 @@ def audio_table(rows: list[dict]) -> str:
     lines = ["| stage | CPU ms per second of audio | times faster than real time |", "|---|---:|---:|"]
     lines += [f"| {r['stage']} | {r['ms_per_audio_s']:.2f} | {r['realtime_factor']:.0f}x |" for r in rows]
     return "\n".join(lines)
+
+
+def _synthetic_video(path: Path, seconds: float, height: int, log=print) -> None:
+    """A talking-head-like source: the demo portrait panning and zooming, encoded as H.264."""
+    import av
+    import cv2
+
+    from streamer.avatar.cache import DEMO_IMAGE
+
+    img = cv2.imread(str(DEMO_IMAGE))
+    width = height * 16 // 9
+    frames = int(seconds * 25)
+    base = cv2.resize(img, (height, height))
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+        s.options = {"crf": "18", "preset": "veryfast"}
+        for i in range(frames):
+            t = i / 25
+            scale = 1 + 0.05 * np.sin(t)
+            m = np.float32([[scale, 0, (width - height) / 2 + 20 * np.sin(0.7 * t)], [0, scale, 10 * np.sin(0.5 * t)]])
+            frame = cv2.warpAffine(base, m, (width, height), borderMode=cv2.BORDER_REFLECT)
+            for p in s.encode(av.VideoFrame.from_ndarray(frame, format="bgr24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    log(f"made a {seconds:g} s {width}x{height} source video ({path.stat().st_size / 1e6:.0f} MB)")
+
+
+_LOAD_PROBE = """
+import json, resource, sys, time
+t = time.perf_counter()
+from streamer.avatar.cache import Avatar
+a = Avatar.load(sys.argv[1], sys.argv[2])
+loaded = time.perf_counter() - t
+reader = a.read_frames(0, count=int(sys.argv[3]))
+t = time.perf_counter(); next(reader); first = time.perf_counter() - t
+t = time.perf_counter(); n = sum(1 for _ in reader)
+fps = n / (time.perf_counter() - t)
+print(json.dumps({"load_s": loaded, "first_frame_s": first, "decode_fps": fps,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def avatar_rows(seconds: float = 60, height: int = 1080, log=print) -> list[tuple[str, str]]:
+    """Preparing and loading a long avatar: time, disk, RAM; and per-frame costs of the live path."""
+    import json
+    import subprocess
+
+    import cv2
+
+    from streamer.avatar.blend import blend
+    from streamer.avatar.cache import prepare
+    from streamer.lipsync.builtin import BuiltinEngine
+    from streamer.lipsync.engine import face_input, to_images
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "source.mp4"
+        _synthetic_video(src, seconds, height, log)
+        t = time.perf_counter()
+        avatar = prepare(src, "long", Path(tmp) / "avatars", progress=True)
+        prep = time.perf_counter() - t
+        w, h = avatar.size
+        disk = sum(p.stat().st_size for p in avatar.path.iterdir()) / 1e6
+        raw = avatar.frames * w * h * 3 / 1e9
+        rows += [("avatar", f"{avatar.frames} frames, {w}x{h}, {seconds:g} s"),
+                 ("prepare (detect, lossless encode, crops)", f"{prep:.0f} s ({avatar.frames / prep:.1f} frames/s)"),
+                 ("cache on disk", f"{disk:.0f} MB (frames.mkv {(avatar.path / 'frames.mkv').stat().st_size / 1e6:.0f} MB, "
+                                   f"crops {(avatar.path / 'crops.npy').stat().st_size / 1e6:.0f} MB)"),
+                 ("all frames decoded as BGR (what a naive cache holds)", f"{raw:.1f} GB")]
+        probe = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(Path(tmp) / "avatars"), "long", "250"],
+                               capture_output=True, text=True, check=True)
+        p = json.loads(probe.stdout)
+        rows += [("load (meta, boxes, crops mapped)", f"{1000 * p['load_s']:.0f} ms"),
+                 ("first full frame", f"{1000 * p['first_frame_s']:.0f} ms"),
+                 ("decode-ahead reading, 250 frames", f"{p['decode_fps']:.0f} frames/s"),
+                 ("peak RSS of a process that loaded it and read 250 frames", f"{p['peak_rss_mb']:.0f} MB")]
+
+        frame = next(iter(avatar.read_frames(0, count=1)))[2]
+        eng = BuiltinEngine()
+        mel = np.zeros((16, 1, 80, 16), np.float32)
+        faces = face_input(np.ascontiguousarray(avatar.crops[:16]))
+        per = time_call(lambda: eng.predict(mel, faces), 1.0) / 16
+        pred = to_images(eng.predict(mel, faces))[0]
+        blend_s = time_call(lambda: blend(frame, avatar.boxes[0], pred, crop=avatar.crops[0]), 1.0)
+        small = cv2.resize(frame, (512 * w // h // 2 * 2, 512))
+        box512 = (avatar.boxes[0] * 512 / h).astype(int)
+        blend512 = time_call(lambda: blend(small, box512, pred, crop=avatar.crops[0]), 1.0)
+        rows += [("builtin engine (mouth from mel, 96 px)", f"{1000 * per:.2f} ms/frame"),
+                 (f"blend into a {w}x{h} frame", f"{1000 * blend_s:.2f} ms/frame"),
+                 (f"blend into a {small.shape[1]}x512 frame", f"{1000 * blend512:.2f} ms/frame")]
+    return rows
+
+
+def kv_table(rows: list[tuple[str, str]]) -> str:
+    return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])

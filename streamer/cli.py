@@ -25,6 +25,8 @@ def _bench(args) -> int:
 
     if args.what == "audio":
         title, table = "Audio front end", bench.audio_table(bench.audio_rows())
+    elif args.what == "avatar":
+        title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
         try:
             batches = [int(b) for b in args.batches.split(",")]
@@ -109,8 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="measure inference speed on this machine",
                        description="engine: ms/frame and frames/s for every backend x dtype x batch available "
-                                   "here. audio: CPU cost of resampling, streaming mel and voice activity.")
-    b.add_argument("what", nargs="?", choices=("engine", "audio"), default="engine", help="what to measure")
+                                   "here. audio: CPU cost of resampling, streaming mel and voice activity. avatar: "
+                                   "preparing and loading a long 1080p avatar (time, disk, RAM), blending.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar"), default="engine",
+                   help="what to measure (default engine)")
+    b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--model", help=".pth or .onnx to measure (default: reference weights, same speed)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")

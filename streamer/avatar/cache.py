@@ -165,9 +165,14 @@ class FrameReader:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 produced = 0
+                still = None
                 for step, a, b, forward in self._groups(self.start):
                     lo, hi = (a, b) if forward else (b, a)
-                    frames = self._decode(container, stream, lo, hi)
+                    if self.avatar.frames == 1:  # a still avatar: decode its one frame once
+                        still = still or self._decode(container, stream, 0, 0)
+                        frames = still
+                    else:
+                        frames = self._decode(container, stream, lo, hi)
                     order = range(a, b + 1) if forward else range(a, b - 1, -1)
                     for i, src in enumerate(order):
                         if count is not None and produced >= count:
