@@ -93,6 +93,29 @@ def _render(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    from aiohttp import web
+
+    from streamer.lipsync.engine import load_engine
+    from streamer.server.app import Server
+
+    cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
+                           "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
+                           "server.port": args.port, "live.delay_ms": args.delay_ms})
+    avatar = _avatar(cfg, cfg.avatar.name)
+    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
+    server = Server(cfg, engine, avatar)
+    host, port = cfg.server.host, cfg.server.port
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops)", flush=True)
+    try:
+        web.run_app(server.app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="streamer", description="Real-time talking-head server: live lip-sync of an avatar to a voice.")
@@ -149,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")
     r.add_argument("--force", action="store_true", help="replace OUT if it exists")
     r.set_defaults(func=_render)
+
+    sv = sub.add_parser("serve", parents=[common], help="serve the live avatar: open the page, talk, watch it lip-sync",
+                        description="Serve web/ and WebRTC sessions: the browser sends your voice, the server "
+                                    "returns the avatar lip-synced to it at 25 fps with your voice delayed to match.")
+    sv.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
+    sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
+    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 320)")
+    sv.set_defaults(func=_serve)
     return p
 
 

@@ -1,0 +1,94 @@
+"""aiortc tracks of a channel: thin, paced from the channel's one clock, never waiting on inference."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from fractions import Fraction
+
+import av
+import numpy as np
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
+
+from streamer.audio import to_mono_float
+from streamer.live.channel import CHUNK, FPS, VOICE_RATE, Channel
+
+log = logging.getLogger(__name__)
+
+VIDEO_CLOCK = 90000
+BEHIND_S = 0.1  # this far behind its slot, a track skips ahead instead of sending stale frames
+
+
+class AvatarVideoTrack(MediaStreamTrack):
+    kind = "video"
+
+    def __init__(self, channel: Channel):
+        super().__init__()
+        self.channel = channel
+        self._n = None
+
+    async def recv(self) -> av.VideoFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        ch = self.channel
+        now = ch.clock()
+        due = int((now - ch.start) * FPS)
+        n = due if self._n is None or now - (ch.start + self._n / FPS) > BEHIND_S else self._n
+        wait = ch.start + n / FPS - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+        frame = av.VideoFrame.from_ndarray(ch.video_frame(n), format="bgr24")
+        frame.pts = n * (VIDEO_CLOCK // FPS)
+        frame.time_base = Fraction(1, VIDEO_CLOCK)
+        self._n = n + 1
+        return frame
+
+
+class VoiceTrack(MediaStreamTrack):
+    """The incoming voice, delayed to match the lips, as 20 ms chunks on the same clock as the video."""
+
+    kind = "audio"
+
+    def __init__(self, channel: Channel):
+        super().__init__()
+        self.channel = channel
+        self._j = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        ch = self.channel
+        now = ch.clock()
+        per = CHUNK / VOICE_RATE
+        due = int((now - ch.start) / per)
+        j = due if self._j is None or now - (ch.start + self._j * per) > BEHIND_S else self._j
+        wait = ch.start + j * per - now
+        if wait > 0:
+            await asyncio.sleep(wait)
+        pcm = np.round(np.clip(ch.voice_chunk(j), -1, 1) * 32767).astype(np.int16)[None]
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
+        frame.sample_rate = VOICE_RATE
+        frame.pts = j * CHUNK
+        frame.time_base = Fraction(1, VOICE_RATE)
+        self._j = j + 1
+        return frame
+
+
+async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
+    """Feed a received audio track into the channel until it ends. Reading also keeps aiortc's
+    receive queue from growing without bound."""
+    warned = False
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        if frame.sample_rate != VOICE_RATE:
+            if not warned:
+                log.warning("[%s] voice at %d Hz ignored: only 48 kHz (Opus) is used", channel.session,
+                            frame.sample_rate)
+                warned = True
+            continue
+        mono = to_mono_float(frame.to_ndarray().reshape(-1), len(frame.layout.channels))
+        channel.push_voice(mono)

@@ -1,0 +1,97 @@
+"""One inference worker per engine: batches the speech frames of every live channel, drops the ones
+whose deadline has passed, blends the results. Runs on its own thread, never on the event loop."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streamer.lipsync.engine import face_input, to_images
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Job:
+    channel: object  # streamer.live.channel.Channel
+    step: int  # output video frame (avatar loop step)
+    window: np.ndarray  # (80, 16)
+    strength: float
+    deadline: float  # clock time the frame is sent
+    queued: float = field(default=0.0)
+
+
+class InferenceWorker:
+    def __init__(self, engine, max_batch: int = 8, queue_size: int = 256, clock=time.monotonic):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.clock = clock
+        self._q: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
+        self.batches = 0
+        self.frames = 0
+        self.dropped = 0
+        self.busy_s = 0.0
+        self.batch_sizes: list[int] = []
+        self._thread.start()
+
+    def submit(self, job: Job) -> bool:
+        job.queued = self.clock()
+        try:
+            self._q.put_nowait(job)
+            return True
+        except queue.Full:
+            self.dropped += 1
+            return False
+
+    def depth(self) -> int:
+        return self._q.qsize()
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while True:
+            job = self._q.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < self.max_batch:
+                try:
+                    more = self._q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._q.put(None)
+                    break
+                jobs.append(more)
+            now = self.clock()
+            live = [j for j in jobs if j.deadline > now and not j.channel.closed]
+            self.dropped += len(jobs) - len(live)
+            if not live:
+                continue
+            try:
+                self._infer(live)
+            except Exception:  # noqa: BLE001 - one bad batch must not kill the worker: those frames go idle
+                log.exception("inference failed for %d frames; they are shown idle", len(live))
+
+    def _infer(self, jobs: list[Job]) -> None:
+        t = time.perf_counter()
+        size = self.engine.face_size
+        crops = np.stack([j.channel.crop(j.step, size) for j in jobs])
+        mel = np.stack([j.window for j in jobs])[:, None]
+        preds = to_images(self.engine.predict(mel, face_input(crops)))
+        for job, pred, crop in zip(jobs, preds, crops):
+            job.channel.deliver(job.step, pred, crop, job.strength)
+        self.busy_s += time.perf_counter() - t
+        self.batches += 1
+        self.frames += len(jobs)
+        self.batch_sizes.append(len(jobs))
+        if len(self.batch_sizes) > 1000:
+            del self.batch_sizes[:500]

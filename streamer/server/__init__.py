@@ -1,0 +1,1 @@
+"""HTTP and WebRTC signalling: aiohttp routes over the live channels."""

@@ -1,0 +1,90 @@
+"""A WebRTC client peer for tests: sends a voice, receives the avatar. Real aiortc, real codecs, real
+network (the machine's host address, as aioice never uses loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from fractions import Fraction
+
+import aiohttp
+import av
+import numpy as np
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError
+
+
+class VoiceSource(MediaStreamTrack):
+    """48 kHz mono float voice as 20 ms s16 packets, paced in real time; silence after the end."""
+
+    kind = "audio"
+
+    def __init__(self, voice: np.ndarray):
+        super().__init__()
+        self.pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
+        self.j = 0
+        self.t0 = None
+
+    async def recv(self):
+        if self.t0 is None:
+            self.t0 = time.monotonic()
+        wait = self.t0 + self.j * 0.02 - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        chunk = self.pcm[self.j * 960 : (self.j + 1) * 960]
+        chunk = np.pad(chunk, (0, 960 - chunk.size))
+        frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = 48000, self.j * 960, Fraction(1, 48000)
+        self.j += 1
+        return frame
+
+
+class Received:
+    def __init__(self):
+        self.video: list[tuple[float, np.ndarray]] = []  # (arrival, BGR frame)
+        self.audio: list[tuple[float, np.ndarray]] = []  # (arrival, mono float 48 kHz)
+
+
+async def _collect(track, sink, kind):
+    while True:
+        try:
+            frame = await track.recv()
+        except MediaStreamError:
+            return
+        now = time.monotonic()
+        if kind == "video":
+            sink.video.append((now, frame.to_ndarray(format="bgr24")))
+        else:
+            pcm = frame.to_ndarray().reshape(-1).astype(np.float32) / 32768
+            channels = len(frame.layout.channels)
+            sink.audio.append((now, pcm.reshape(-1, channels).mean(axis=1)))
+
+
+async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None) -> tuple[Received, dict]:
+    """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    got = Received()
+    tasks = []
+
+    @pc.on("track")
+    def on_track(track):
+        tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
+
+    pc.addTransceiver(VoiceSource(voice), direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
+                                                    **(offer_extra or {})}) as res:
+            body = await res.json()
+            assert res.status == 200, body
+        await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
+        await asyncio.sleep(seconds)
+        async with http.get(f"{url}/session/{body['session']}") as res:
+            stats = await res.json()
+        stats["session"] = body["session"]
+    await pc.close()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return got, stats

@@ -1,0 +1,162 @@
+import asyncio
+import contextlib
+import threading
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCPeerConnection
+from scipy import signal
+
+from streamer.avatar.cache import demo_avatar
+from streamer.config import load_config
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.server.app import Server
+from tests.conftest import speak
+from tests.live_client import talk
+
+AIORTC_AUDIO_HOLD_S = 0.06  # aiortc's receiver releases audio after 4 packets are buffered: 3 x 20 ms
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory):
+    return demo_avatar(tmp_path_factory.mktemp("avatars"))
+
+
+@pytest.fixture(scope="module")
+def voice():
+    """1 s silence, ~3.5 s speech, 2.5 s silence, at 48 kHz."""
+    x, rate = speak("Hello, I am a talking avatar and my lips move when I speak.")
+    x48 = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    return np.concatenate([np.zeros(48000, np.float32), x48, np.zeros(120000, np.float32)]), x48.size / 48000
+
+
+@contextlib.asynccontextmanager
+async def serving(avatar, **settings):
+    cfg = load_config(None, settings)
+    server = Server(cfg, BuiltinEngine(), avatar)
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def mouth(frame, box):
+    x1, y1, x2, y2 = box
+    h, w = y2 - y1, x2 - x1
+    return frame[y1 + int(0.55 * h) : y1 + int(0.85 * h), x1 + w // 4 : x2 - w // 4].astype(np.float32)
+
+
+async def _until(cond, seconds):
+    for _ in range(int(seconds * 20)):
+        if cond():
+            return True
+        await asyncio.sleep(0.05)
+    return cond()
+
+
+def test_talk_session_end_to_end(avatar, voice):
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            got, stats = await talk(url, wav, 1.0 + speech_s + 2.5)
+            cleaned = await _until(lambda: not server.sessions, 5)
+            leftover = [t.name for t in threading.enumerate() if t.name.startswith(("decode-", "frames-"))]
+            tasks = [t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            return got, stats, cleaned, leftover, tasks
+
+    got, stats, cleaned, leftover, tasks = asyncio.run(main())
+    times = np.array([t for t, _ in got.video])
+    steady = times[(times > times[0] + 1) & (times < times[-1] - 0.5)]
+    fps = (len(steady) - 1) / (steady[-1] - steady[0])
+    assert 24 <= fps <= 26, fps
+
+    source = next(iter(avatar.read_frames(0, count=1)))[2]
+    box = avatar.boxes[0]
+    change = np.array([np.abs(mouth(f, box) - mouth(source, box)).mean() for _, f in got.video])
+    audio_t = np.array([t for t, _ in got.audio]) - AIORTC_AUDIO_HOLD_S
+    audio_rms = np.array([np.sqrt(np.mean(a**2)) for _, a in got.audio])
+    # in silence (the last second) the mouth is the idle avatar's, to codec precision
+    quiet = change[times > times[-1] - 1.0]
+    assert quiet.max() < 5, quiet.max()
+    # in speech it moves
+    talking = (times > times[0] + 1.8) & (times < times[0] + 1.8 + speech_s - 0.6)
+    assert np.mean(change[talking] > 8) > 0.3, change[talking]
+    # voice and lips within one frame: align the received voice's loudness with the mouth's movement
+    loud = np.array([audio_rms[(audio_t >= t) & (audio_t < t + 0.04)].mean() if np.any((audio_t >= t) & (audio_t < t + 0.04))
+                     else 0.0 for t in times])
+    lags = range(-5, 6)
+    score = [np.corrcoef(np.roll(loud, k)[10:-10], change[10:-10])[0, 1] for k in lags]
+    best = list(lags)[int(np.argmax(score))]
+    print(f"fps {fps:.2f}, lag {best} frames, correlation {max(score):.2f}, stats {stats}")
+    assert abs(best) <= 1, (best, np.round(score, 2))
+    assert max(score) > 0.5
+    # the server measured its voice-in to lips-out delay
+    assert stats["lipsync_frames"] > 40 and stats["late_frames"] == 0
+    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    # and everything is gone once the peer left
+    assert cleaned and not leftover
+    assert all(name == "stats-report" or "aiohttp" in name or name.startswith("Task-") for name in tasks), tasks
+
+
+def test_peer_vanishing_mid_speech_leaves_the_server_serving(avatar, voice):
+    wav, _ = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            await talk(url, wav, 2.0)  # leaves while still talking
+            gone = await _until(lambda: not server.sessions, 5)
+            got, stats = await talk(url, wav, 1.5)  # the next user is served
+            return gone, len(got.video), stats
+
+    gone, frames, stats = asyncio.run(main())
+    assert gone and frames > 20 and stats["frames_sent"] > 20
+
+
+async def _offer_sdp(audio=True):
+    pc = RTCPeerConnection()
+    if audio:
+        pc.addTransceiver("audio", direction="sendrecv")
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def test_bad_offers_get_clear_errors_and_the_server_keeps_serving(avatar, voice):
+    async def main():
+        results = []
+        async with serving(avatar, **{"server.max_sessions": 1}) as (server, url):
+            async with aiohttp.ClientSession() as http:
+                async def post(**kw):
+                    async with http.post(f"{url}/offer", **kw) as r:
+                        return r.status, (await r.json()).get("error", "") if r.content_type == "application/json" else ""
+
+                results.append(await post(data=b"not json", headers={"Content-Type": "application/json"}))
+                results.append(await post(json={"type": "offer"}))
+                results.append(await post(json={"sdp": await _offer_sdp(), "type": "answer"}))
+                results.append(await post(json={"sdp": "v=0\r\nm=audio garbage\r\n", "type": "offer"}))
+                results.append(await post(json={"sdp": await _offer_sdp(audio=False), "type": "offer"}))
+                results.append(await post(data=b"x" * (1 << 20), headers={"Content-Type": "application/json"}))
+                # one session is the limit here: a second talker gets 503 while the first talks
+                first = asyncio.ensure_future(talk(url, voice[0], 2.5))
+                await _until(lambda: len(server.sessions) == 1, 5)
+                results.append(await post(json={"sdp": await _offer_sdp(), "type": "offer"}))
+                got, _ = await first
+                async with http.get(f"{url}/healthz") as r:
+                    health = r.status, await r.json()
+        return results, len(got.video), health
+
+    results, frames, health = asyncio.run(main())
+    statuses = [s for s, _ in results]
+    assert statuses == [400, 400, 400, 400, 400, 413, 503], results
+    assert "JSON" in results[0][1] and "no audio" in results[4][1] and "full" in results[6][1]
+    assert frames > 30 and health[0] == 200
