@@ -1,0 +1,105 @@
+"""web/index.html in a real browser: Debian's chromium, headless, with a fake microphone playing
+generated speech, against `streamer serve` started as a user starts it."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import speak
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
+PROBE = """async () => { const v = document.querySelector('video'); let fd = 0;
+  (await window.pc.getStats()).forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') fd = r.framesDecoded; });
+  return {t: v.currentTime, w: v.videoWidth, paused: v.paused, rvfc: window.rvfcCount, fd}; }"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = free_port()
+    root = tmp_path_factory.mktemp("serve")
+    log = open(root / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars",
+                             str(root / "avatars")], stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(150):
+        try:
+            urllib.request.urlopen(url + "healthz", timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        pytest.fail(f"streamer serve did not start:\n{(root / 'serve.log').read_text()}")
+    yield url, root / "serve.log"
+    proc.terminate()
+    try:
+        assert proc.wait(timeout=15) == 0 or proc.returncode == -15
+    finally:
+        proc.kill()
+        log.close()
+
+
+def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("chromium is needed for the browser test: apt-get install chromium (.ci/run does)")
+    from playwright.sync_api import sync_playwright
+
+    url, log = server
+    x, rate = speak("Hello avatar, please move your lips while I am talking to you right now.")
+    # the fake microphone starts at getUserMedia, before the call is connected: lead with silence
+    pcm = np.concatenate([np.zeros(int(1.5 * rate)), x, np.zeros(rate)])
+    wav = tmp_path / "speech.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        try:
+            page = browser.new_page(viewport={"width": 800, "height": 900})
+            page.goto(url)
+            page.click("#start")
+            page.wait_for_function("window.pcState === 'connected'", timeout=20000)
+            page.wait_for_function("document.querySelector('video').videoWidth > 0", timeout=20000)
+            a = page.evaluate(PROBE)
+            page.wait_for_timeout(2000)
+            b = page.evaluate(PROBE)
+            assert b["t"] > a["t"] and b["fd"] > a["fd"] + 40, (a, b)  # ~25 fps for 2 s
+            assert b["w"] == 512
+            page.wait_for_function("document.getElementById('s-frames').textContent.match(/^[1-9]\\d* of/)",
+                                   timeout=15000)
+            page.wait_for_timeout(1500)
+            stats = {k: page.inner_text(f"#s-{k}") for k in ("state", "fps", "server", "e2e", "frames", "engine")}
+            page.screenshot(path=str(ARTIFACTS / "browser.png"))
+            print(stats)
+            assert stats["state"] == "connected" and "builtin" in stats["engine"]
+            assert "ms median" in stats["server"] and "ms" in stats["e2e"]
+            page.click("#stop")
+            page.wait_for_function("document.getElementById('s-state').textContent === 'stopped'")
+        finally:
+            browser.close()
+    time.sleep(1)
+    text = log.read_text()
+    assert "session started" in text and "session ended" in text, text
