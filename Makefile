@@ -1,4 +1,4 @@
-# `make install` sets up .venv; `make test` runs the suite (setting up first when needed).
+# `make serve` and `make test` are all a newcomer needs; both set up .venv first when needed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,12 +9,14 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ORT ?= $(if $(HAS_GPU),gpu,cpu)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
-.PHONY: install test bench clean
+.PHONY: install test serve bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
+	@# the two onnxruntime packages overwrite each other's files: keep only the one asked for
+	$(BIN)/pip uninstall -q -y $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu) 2>/dev/null || true
 	$(BIN)/pip install -q -e ".[$(ORT),test]"
 	@touch $@
 
@@ -23,8 +25,11 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q
 
+serve: install
+	$(BIN)/streamer serve
+
 bench: install
-	$(BIN)/streamer bench --record BENCHMARKS.md
+	for what in engine audio avatar live; do $(BIN)/streamer bench $$what --record BENCHMARKS.md || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

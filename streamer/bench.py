@@ -262,3 +262,77 @@ def avatar_rows(seconds: float = 60, height: int = 1080, log=print) -> list[tupl
 
 def kv_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def live_rows(model: str | None, seconds: float, delay_ms: int | None, log=print) -> list[tuple[str, str]]:
+    """One real talk session on this machine: an aiortc client sends espeak-ng speech to an in-process
+    server over the host address; what the server measured (voice in -> lips out) and what arrived."""
+    import asyncio
+    import resource
+    import shutil
+    import subprocess
+
+    from aiohttp import web
+    from scipy import signal
+
+    from streamer.avatar.cache import demo_avatar
+    from streamer.config import load_config
+    from streamer.errors import UserError
+    from streamer.lipsync.engine import load_engine
+    from streamer.live.client import talk
+    from streamer.server.app import Server
+
+    if not shutil.which("espeak-ng"):
+        raise UserError("bench live speaks with espeak-ng: apt-get install espeak-ng")
+    text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+            "How vexingly quick daft zebras jump. ") * 8
+    wav = subprocess.run(["espeak-ng", "-s", "160", "--stdout", text], capture_output=True, check=True).stdout
+    import io
+    import wave
+
+    with wave.open(io.BytesIO(wav)) as w:
+        rate = w.getframerate()
+        x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
+    voice = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(48000, np.float32), voice])[: int(48000 * seconds)]
+
+    cfg = load_config(None, {"live.delay_ms": delay_ms})
+    with tempfile.TemporaryDirectory() as tmp:
+        avatar = demo_avatar(tmp)
+        engine = load_engine(model, "auto", "auto")
+        log(f"engine: {engine.name}; {seconds:g} s session, target delay {cfg.live.delay_ms} ms")
+
+        async def run():
+            server = Server(cfg, engine, avatar)
+            runner = web.AppRunner(server.app())
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            got, stats = await talk(f"http://127.0.0.1:{port}", voice, seconds)
+            wall = time.perf_counter() - t0
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            worker = server.worker
+            batches = list(worker.batch_sizes)
+            infer_ms = 1000 * worker.busy_s / max(1, worker.frames)
+            await runner.cleanup()
+            cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
+            return got, stats, cpu, batches, infer_ms, worker.dropped
+
+        got, stats, cpu, batches, infer_ms, dropped = asyncio.run(run())
+    times = np.array([t for t, _ in got.video])
+    fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    speech = stats["lipsync_frames"] + stats["late_frames"]
+    return [("engine", engine.name), ("session", f"{seconds:g} s, espeak-ng speech after 1 s of silence"),
+            ("video received by the client", f"{len(times)} frames, {fps:.2f} fps"),
+            ("voice in -> lips out at the server", f"p50 {stats['delay_ms_p50']} ms, p95 {stats['delay_ms_p95']} ms "
+                                                    f"(target {stats['target_delay_ms']} ms)"),
+            ("speech frames lip-synced in time", f"{stats['lipsync_frames']} of {speech}"
+                                                  f" ({100 * stats['lipsync_frames'] / max(1, speech):.0f}%); late ones "
+                                                  "showed the idle mouth"),
+            ("inference + blend per frame (worker)", f"{infer_ms:.1f} ms; batch sizes mean "
+                                                     f"{np.mean(batches) if batches else 0:.2f}, max {max(batches, default=0)}"),
+            ("stale jobs dropped by the worker", str(dropped)),
+            ("CPU used by server and client together", f"{100 * cpu:.0f}% of one core")]

@@ -25,6 +25,8 @@ def _bench(args) -> int:
 
     if args.what == "audio":
         title, table = "Audio front end", bench.audio_table(bench.audio_rows())
+    elif args.what == "live":
+        title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -135,11 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure inference speed on this machine",
                        description="engine: ms/frame and frames/s for every backend x dtype x batch available "
                                    "here. audio: CPU cost of resampling, streaming mel and voice activity. avatar: "
-                                   "preparing and loading a long 1080p avatar (time, disk, RAM), blending.")
-    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar"), default="engine",
+                                   "preparing and loading a long 1080p avatar (time, disk, RAM), blending. live: a real talk "
+                                   "session on this machine: fps, voice-in to lips-out delay, late frames.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live"), default="engine",
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
-    b.add_argument("--model", help=".pth or .onnx to measure (default: reference weights, same speed)")
+    b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
+    b.add_argument("--delay-ms", type=int, help="live target delay (default from the config, 320)")
+    b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
+                                   "live default: builtin engine)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")
     b.add_argument("--record", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")

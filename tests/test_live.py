@@ -14,7 +14,7 @@ from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.server.app import Server
 from tests.conftest import speak
-from tests.live_client import talk
+from streamer.live.client import talk
 
 AIORTC_AUDIO_HOLD_S = 0.06  # aiortc's receiver releases audio after 4 packets are buffered: 3 x 20 ms
 

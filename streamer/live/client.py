@@ -1,5 +1,5 @@
-"""A WebRTC client peer for tests: sends a voice, receives the avatar. Real aiortc, real codecs, real
-network (the machine's host address, as aioice never uses loopback)."""
+"""A WebRTC client peer: sends a voice to a streamer server, receives the avatar. Used by the tests and
+`streamer bench live`; real aiortc, real codecs, the machine's host address (aioice never uses loopback)."""
 
 from __future__ import annotations
 
