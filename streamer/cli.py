@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
-    b.add_argument("--delay-ms", type=int, help="live target delay (default from the config, 320)")
+    b.add_argument("--delay-ms", type=int, help="live target delay (default from the config, 300)")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
                                    "live default: builtin engine)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 320)")
+    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 300)")
     sv.set_defaults(func=_serve)
     return p
 

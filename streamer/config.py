@@ -55,14 +55,16 @@ class RenderConfig:
 class ServerConfig:
     host: str = _opt("127.0.0.1", "address to listen on; 0.0.0.0 serves other machines too")
     port: int = _opt(8080, "HTTP port", min=1, max=65535)
-    max_sessions: int = _opt(4, "live talk sessions at once; more get HTTP 503", min=1, max=1000)
+    max_sessions: int = _opt(4, "voices at once (talk pages and WHIP publishers); more get HTTP 503", min=1, max=1000)
+    max_viewers: int = _opt(50, "WHEP viewers at once; more get HTTP 503", min=0, max=10000)
+    token: str | None = _opt(None, "when set, signalling and /metrics need 'Authorization: Bearer <token>'")
     stun: str | None = _opt(None, "STUN server for clients behind NAT, e.g. stun:stun.example.org:3478 (none: host "
                                   "addresses only, nothing contacted)")
 
 
 @dataclass
 class LiveConfig:
-    delay_ms: int = _opt(320, "voice-in to lips-out delay; at least the model's 233 ms lookahead, the rest is "
+    delay_ms: int = _opt(300, "voice-in to lips-out delay; at least the model's 233 ms lookahead, the rest is "
                               "the budget for inference, blending and encoding", min=233, max=3000)
     max_batch: int = _opt(8, "most frames in one inference call, across all sessions", min=1, max=256)
     fade_frames: int = _opt(2, "frames over which the mouth fades into and out of speech", min=0, max=12)

@@ -137,6 +137,9 @@ class Wav2LipInfer:
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # Idle threads must not spin: live serving shares the cores with encoding and networking.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if threads:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]

@@ -1,4 +1,4 @@
-"""A live channel: one voice in, one avatar stream out, on one session clock.
+"""A live channel: one voice in, one avatar stream out to any number of viewers, on one clock.
 
 Video frame n leaves at `start + n / 25`, audio chunk j (20 ms) at `start + j / 50`. When the first
 voice packet arrives (time a0), the voice is pinned to the output: input video frame i (audio from
@@ -57,82 +57,119 @@ class Ramp:
         return self._last
 
 
+class VoiceIn:
+    """What one voice source (a talk page or a WHIP publisher) brings to a channel: its packets, the
+    features cut from them, and where they are pinned on the channel's clock."""
+
+    def __init__(self, vad: VoiceActivity, fade: int):
+        self.resampler = StreamResampler(VOICE_RATE)
+        self.mel = MelStream(FPS)
+        self.vad = vad
+        self.ramp = Ramp(fade)
+        self.windows: dict[int, np.ndarray] = {}
+        self.speech: dict[int, bool] = {}
+        self.next_i = 0
+        self.n0: int | None = None  # output frame of input frame 0
+        self.buffer = np.zeros(0, np.float32)  # received voice from absolute sample buffer0 on
+        self.buffer0 = 0
+        self.received = 0
+        self.arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (first sample, arrival time)
+
+
 class Channel:
+    """One avatar stream: at most one voice drives it, any number of viewers watch it. Its outputs
+    are computed once per frame and shared by every viewer."""
+
     def __init__(self, name: str, avatar: Avatar, worker: InferenceWorker, delay_s: float = 0.3,
-                 vad: VoiceActivity | None = None, fade: int = 2, clock=time.monotonic, session: str = ""):
+                 vad_factory=None, fade: int = 2, clock=time.monotonic):
         if delay_s < MIN_DELAY_S:
             raise ValueError(f"delay must be at least {MIN_DELAY_S * 1000:.0f} ms (the model's lookahead)")
         self.name = name
-        self.session = session or name
         self.avatar = avatar
         self.worker = worker
         self.delay_s = delay_s
         self.clock = clock
+        self.fade = fade
+        self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
         self.start = clock()
         self.closed = False
         self.frames = FrameStore(avatar)
-        self._resampler = StreamResampler(VOICE_RATE)
-        self._mel = MelStream(FPS)
-        self._vad = vad or VoiceActivity(fps=FPS)
-        self._ramp = Ramp(fade)
-        self._windows: dict[int, np.ndarray] = {}
-        self._speech: dict[int, bool] = {}
-        self._next_i = 0
-        self.n0: int | None = None
-        self._voice = np.zeros(0, np.float32)  # received voice from absolute sample _voice0 on
-        self._voice0 = 0
-        self._received = 0
-        self._arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (first sample, arrival time)
+        self.voice: VoiceIn | None = None
+        self.publisher: str | None = None  # session id of the voice source
+        self.viewers = 0
         self._ready: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         self._held: np.ndarray | None = None
+        self._video_memo: dict[int, np.ndarray] = {}
+        self._voice_memo: dict[int, np.ndarray] = {}
+        self._expected: set[int] = set()
         # what users see: counters and recent delays
         self.sent = 0
         self.lipsync_frames = 0
-        self.late = 0  # speech frames whose mouth was not ready in time
+        self.late = 0  # speech frames whose mouth was not ready in time (the idle mouth was shown)
         self.speaking = False
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
-        self._expected: set[int] = set()
+        self.delay_log: deque[float] = deque(maxlen=10000)  # for the metrics histogram, drained on scrape
+
+    @property
+    def session(self) -> str:
+        return self.publisher or self.name
 
     # voice in (event loop; light work only)
 
+    def attach_voice(self, session: str) -> None:
+        """A new voice source takes the channel: its timeline starts afresh at its first packet."""
+        with self._lock:
+            self.publisher = session
+            self.voice = VoiceIn(self._vad_factory(), self.fade)
+            self.speaking = False
+
+    def detach_voice(self, session: str) -> None:
+        with self._lock:
+            if self.publisher == session:
+                self.publisher = None
+                self.voice = None
+                self.speaking = False
+
+    @property
+    def n0(self) -> int | None:
+        v = self.voice
+        return v.n0 if v else None
+
     def push_voice(self, mono48: np.ndarray, arrival: float | None = None) -> None:
         """One received packet of 48 kHz mono float voice, in order."""
-        if self.closed or mono48.size == 0:
+        v = self.voice
+        if self.closed or v is None or mono48.size == 0:
             return
         arrival = self.clock() if arrival is None else arrival
-        if self.n0 is None:
+        if v.n0 is None:
             first = arrival - mono48.size / VOICE_RATE  # when its first sample was spoken, as we see it
-            self.n0 = max(0, math.ceil((first + self.delay_s - self.start) * FPS))
+            v.n0 = max(0, math.ceil((first + self.delay_s - self.start) * FPS))
             # Re-phase the clock once, by under a frame, so the delay is exactly delay_s, not up to a
             # frame more; the tracks just send their next frame a little sooner.
-            self.start = max(self.start - 1 / FPS, first + self.delay_s - self.n0 / FPS)
-            log.info("[%s] voice started: output frame %d, delay %.0f ms", self.session, self.n0,
-                     1000 * (self.start + self.n0 / FPS - first))
-        self._arrivals.append((self._received, arrival))
-        self._received += mono48.size
+            self.start = max(self.start - 1 / FPS, first + self.delay_s - v.n0 / FPS)
+            log.info("[%s] voice started on channel %s: output frame %d, delay %.0f ms", self.session, self.name,
+                     v.n0, 1000 * (self.start + v.n0 / FPS - first))
+        v.arrivals.append((v.received, arrival))
+        v.received += mono48.size
         with self._lock:
-            self._voice = np.concatenate([self._voice, mono48.astype(np.float32)])
-        audio16 = self._resampler.push(mono48)
-        for i, w in self._mel.push(audio16):
-            self._windows[i] = w
-        for i, speech in self._vad.push(audio16):
-            self._speech[i] = speech
-        self._dispatch()
-
-    def _dispatch(self) -> None:
-        while self._next_i in self._windows and self._next_i in self._speech:
-            i = self._next_i
-            window, speech = self._windows.pop(i), self._speech.pop(i)
-            self._next_i += 1
+            v.buffer = np.concatenate([v.buffer, mono48.astype(np.float32)])
+        audio16 = v.resampler.push(mono48)
+        for i, w in v.mel.push(audio16):
+            v.windows[i] = w
+        for i, speech in v.vad.push(audio16):
+            v.speech[i] = speech
+        while v.next_i in v.windows and v.next_i in v.speech:
+            i = v.next_i
+            window, speech = v.windows.pop(i), v.speech.pop(i)
+            v.next_i += 1
             self.speaking = speech
-            strength = self._ramp.next(speech)
-            if strength <= 0:
+            strength = v.ramp.next(speech)
+            if strength <= 0 or self.viewers == 0:  # nobody watching: no inference
                 continue
-            step = i + self.n0
-            deadline = self.start + step / FPS
+            step = i + v.n0
             self._expected.add(step)
-            self.worker.submit(Job(self, step, window, strength, deadline))
+            self.worker.submit(Job(self, step, window, strength, self.start + step / FPS))
 
     # worker thread
 
@@ -156,64 +193,78 @@ class Channel:
     # tracks (event loop)
 
     def video_frame(self, step: int) -> np.ndarray:
-        """The frame to send as output frame `step`, now: the lip-synced one if ready, else idle."""
+        """Output frame `step`: the lip-synced one if ready in time, else the idle one. Computed once;
+        every viewer asking for the same step gets the same frame."""
+        memo = self._video_memo.get(step)
+        if memo is not None:
+            return memo
         with self._lock:
             out = self._ready.pop(step, None)
             for k in [k for k in self._ready if k < step]:
                 del self._ready[k]
-        if step in self._expected:
-            self._expected.discard(step)
-            if out is None:
-                self.late += 1
-        for k in [k for k in self._expected if k < step]:
+        for k in [k for k in self._expected if k <= step]:
             self._expected.discard(k)
-            self.late += 1
+            if k < step or out is None:
+                self.late += 1
         if out is not None:
             self.lipsync_frames += 1
         else:
             out = self.frames.get(step)
             if out is None:
                 out = self._held if self._held is not None else self.frames.get(step, timeout=1.0)
-        self.frames.release(step)
+        self.frames.release(step - 2)  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1
         self._measure(step)
+        self._video_memo[step] = out
+        for k in [k for k in self._video_memo if k < step - 4]:
+            del self._video_memo[k]
         return out
 
     def _measure(self, step: int) -> None:
         """Voice in -> lips out: when the voice for this frame arrived, and now, when its frame leaves."""
-        if self.n0 is None or step < self.n0:
+        v = self.voice
+        if v is None or v.n0 is None or step < v.n0:
             return
-        sample = (step - self.n0) * SAMPLES_PER_FRAME
-        starts = [s for s, _ in self._arrivals]
+        sample = (step - v.n0) * SAMPLES_PER_FRAME
+        starts = [s for s, _ in v.arrivals]
         k = bisect.bisect_right(starts, sample) - 1
-        if k < 0 or sample >= self._received:
+        if k < 0 or sample >= v.received:
             return
-        first, arrival = self._arrivals[k]
+        _, arrival = v.arrivals[k]
         # the packet arrived when its last sample was in; this sample was spoken a little earlier
-        packet_end = self._arrivals[k + 1][0] if k + 1 < len(self._arrivals) else self._received
-        spoken = arrival - (packet_end - sample) / VOICE_RATE
-        self.delays.append(self.clock() - spoken)
+        packet_end = v.arrivals[k + 1][0] if k + 1 < len(v.arrivals) else v.received
+        delay = self.clock() - (arrival - (packet_end - sample) / VOICE_RATE)
+        self.delays.append(delay)
+        self.delay_log.append(delay)
 
     def voice_chunk(self, j: int) -> np.ndarray:
-        """Output voice samples [j*960, (j+1)*960): the input delayed by n0 frames; silence if none."""
+        """Output voice samples [j*960, (j+1)*960): the input delayed to match the lips; silence if
+        none. Computed once per chunk, shared by every viewer."""
+        memo = self._voice_memo.get(j)
+        if memo is not None:
+            return memo
         out = np.zeros(CHUNK, np.float32)
-        if self.n0 is None:
-            return out
-        s = j * CHUNK - self.n0 * SAMPLES_PER_FRAME
-        with self._lock:
-            lo, hi = max(s, self._voice0), min(s + CHUNK, self._voice0 + self._voice.size)
-            if hi > lo:
-                out[lo - s : hi - s] = self._voice[lo - self._voice0 : hi - self._voice0]
-            keep = max(self._voice0, s + CHUNK)  # what is sent is done with
-            if keep > self._voice0:
-                self._voice = self._voice[keep - self._voice0 :]
-                self._voice0 = keep
+        v = self.voice
+        if v is not None and v.n0 is not None:
+            s = j * CHUNK - v.n0 * SAMPLES_PER_FRAME
+            with self._lock:
+                lo, hi = max(s, v.buffer0), min(s + CHUNK, v.buffer0 + v.buffer.size)
+                if hi > lo:
+                    out[lo - s : hi - s] = v.buffer[lo - v.buffer0 : hi - v.buffer0]
+                keep = max(v.buffer0, s + CHUNK)  # what is sent is done with
+                if keep > v.buffer0:
+                    v.buffer = v.buffer[keep - v.buffer0 :]
+                    v.buffer0 = keep
+        self._voice_memo[j] = out
+        for k in [k for k in self._voice_memo if k < j - 8]:
+            del self._voice_memo[k]
         return out
 
     def stats(self) -> dict:
         d = np.array(self.delays) * 1000 if self.delays else np.zeros(0)
-        return {"channel": self.name, "frames_sent": self.sent, "fps": round(self.sent / max(1e-9, self.clock() - self.start), 2),
+        return {"channel": self.name, "frames_sent": self.sent, "viewers": self.viewers,
+                "fps": round(self.sent / max(1e-9, self.clock() - self.start), 2),
                 "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "speaking": self.speaking,
                 "delay_ms_p50": round(float(np.percentile(d, 50)), 1) if d.size else None,
                 "delay_ms_p95": round(float(np.percentile(d, 95)), 1) if d.size else None,

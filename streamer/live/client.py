@@ -60,7 +60,8 @@ async def _collect(track, sink, kind):
             sink.audio.append((now, pcm.reshape(-1, channels).mean(axis=1)))
 
 
-async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None) -> tuple[Received, dict]:
+async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
+               token: str | None = None) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got = Received()
@@ -73,7 +74,8 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
     pc.addTransceiver(VoiceSource(voice), direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with aiohttp.ClientSession(headers=headers) as http:
         async with http.post(f"{url}/offer", json={"sdp": pc.localDescription.sdp, "type": "offer",
                                                     **(offer_extra or {})}) as res:
             body = await res.json()
@@ -88,3 +90,56 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return got, stats
+
+
+async def _post_sdp(http: aiohttp.ClientSession, url: str, sdp: str, token: str | None) -> tuple[int, str, str | None]:
+    headers = {"Content-Type": "application/sdp"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    async with http.post(url, data=sdp, headers=headers) as res:
+        return res.status, await res.text(), res.headers.get("Location")
+
+
+async def watch(base: str, channel: str, seconds: float, token: str | None = None) -> tuple[Received, str]:
+    """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    got = Received()
+    tasks = []
+
+    @pc.on("track")
+    def on_track(track):
+        tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
+
+    pc.addTransceiver("video", direction="recvonly")
+    pc.addTransceiver("audio", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        status, answer, location = await _post_sdp(http, f"{base}/whep/{channel}", pc.localDescription.sdp, token)
+        assert status == 201 and location, (status, answer)
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.sleep(seconds)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with http.delete(f"{base}{location}", headers=headers) as res:
+            assert res.status == 200, res.status
+    await pc.close()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return got, answer
+
+
+async def publish(base: str, channel: str, voice: np.ndarray, seconds: float, token: str | None = None) -> str:
+    """A WHIP publisher: send `voice` to `channel` for `seconds`, then DELETE. Returns the answer SDP."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTransceiver(VoiceSource(voice), direction="sendonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession() as http:
+        status, answer, location = await _post_sdp(http, f"{base}/whip/{channel}", pc.localDescription.sdp, token)
+        assert status == 201 and location, (status, answer)
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.sleep(seconds)
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with http.delete(f"{base}{location}", headers=headers) as res:
+            assert res.status == 200, res.status
+    await pc.close()
+    return answer

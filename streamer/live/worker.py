@@ -1,5 +1,6 @@
-"""One inference worker per engine: batches the speech frames of every live channel, drops the ones
-whose deadline has passed, blends the results. Runs on its own thread, never on the event loop."""
+"""One inference worker per engine: batches the speech frames of every live channel (one model, no
+per-session copies), earliest deadline first, drops the ones whose deadline has passed, blends the
+results. Runs on its own thread, never on the event loop."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class InferenceWorker:
         self.dropped = 0
         self.busy_s = 0.0
         self.batch_sizes: list[int] = []
+        self.frame_cost = 0.0  # seconds per frame, running estimate (inference + blend)
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
@@ -57,29 +59,39 @@ class InferenceWorker:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
+        pending: list[Job] = []
         while True:
-            job = self._q.get()
-            if job is None:
-                return
-            jobs = [job]
-            while len(jobs) < self.max_batch:
+            if not pending:
+                job = self._q.get()
+                if job is None:
+                    return
+                pending.append(job)
+            while True:  # everything queued now competes for the next batch
                 try:
-                    more = self._q.get_nowait()
+                    job = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if more is None:
-                    self._q.put(None)
-                    break
-                jobs.append(more)
+                if job is None:
+                    return
+                pending.append(job)
             now = self.clock()
-            live = [j for j in jobs if j.deadline > now and not j.channel.closed]
-            self.dropped += len(jobs) - len(live)
-            if not live:
+            # A frame that cannot be done before it is sent is skipped (it will show the idle mouth):
+            # computing it anyway would make the next frames late too, and so on.
+            live = [j for j in pending if j.deadline > now + self.frame_cost and not j.channel.closed]
+            self.dropped += len(pending) - len(live)
+            # earliest deadline first: fair across channels, and the frame due soonest is never
+            # stuck behind another channel's backlog
+            live.sort(key=lambda j: j.deadline)
+            n = self.max_batch
+            if self.frame_cost > 0 and live:  # no bigger than the first frame's deadline allows
+                n = max(1, min(n, int((live[0].deadline - now) / self.frame_cost)))
+            batch, pending = live[:n], live[n:]
+            if not batch:
                 continue
             try:
-                self._infer(live)
+                self._infer(batch)
             except Exception:  # noqa: BLE001 - one bad batch must not kill the worker: those frames go idle
-                log.exception("inference failed for %d frames; they are shown idle", len(live))
+                log.exception("inference failed for %d frames; they are shown idle", len(batch))
 
     def _infer(self, jobs: list[Job]) -> None:
         t = time.perf_counter()
@@ -89,7 +101,10 @@ class InferenceWorker:
         preds = to_images(self.engine.predict(mel, face_input(crops)))
         for job, pred, crop in zip(jobs, preds, crops):
             job.channel.deliver(job.step, pred, crop, job.strength)
-        self.busy_s += time.perf_counter() - t
+        spent = time.perf_counter() - t
+        per = spent / len(jobs)
+        self.frame_cost = per if self.frame_cost == 0 else 0.8 * self.frame_cost + 0.2 * per
+        self.busy_s += spent
         self.batches += 1
         self.frames += len(jobs)
         self.batch_sizes.append(len(jobs))

@@ -1,8 +1,18 @@
-"""`streamer serve`: web/ pages, POST /offer (WebRTC talk sessions), session stats, /healthz."""
+"""`streamer serve`: the pages in web/, WebRTC signalling and observability.
+
+Endpoints
+  POST /offer                 talk session from web/index.html: JSON {sdp, type, channel?} -> {sdp, type, session}
+  POST /whip/<channel>        WHIP ingest (RFC 9725): a publisher's voice drives the channel
+  POST /whep/<channel>        WHEP viewer: receives the channel's avatar video and delayed voice
+  DELETE <Location>           ends a WHIP/WHEP session; PATCH (trickle ICE) answers 405
+  GET|DELETE /session/<id>    a talk session's live stats / end it
+  GET /metrics, /healthz      Prometheus text; liveness
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -15,29 +25,42 @@ from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSession
 from aiortc.rtcrtpsender import RTCRtpSender
 
 from streamer.audio import VoiceActivity
+from streamer.avatar.cache import NAME_RE
 from streamer.config import Config
 from streamer.live.channel import FPS, Channel
 from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
 from streamer.live.worker import InferenceWorker
+from streamer.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 MAX_BODY = 256 * 1024  # an SDP offer is a few kB
 CONNECT_TIMEOUT_S = 30
+CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+        "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Expose-Headers": "Location"}
 
 
 @dataclass
 class Session:
     id: str
+    kind: str  # "talk" (web page: voice in, avatar back), "whip" (voice in), "whep" (avatar out)
     pc: RTCPeerConnection
     channel: Channel
     tasks: set[asyncio.Task] = field(default_factory=set)
     created: float = field(default_factory=time.monotonic)
 
+    @property
+    def publishes(self) -> bool:
+        return self.kind in ("talk", "whip")
 
-def error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    @property
+    def views(self) -> bool:
+        return self.kind in ("talk", "whep")
+
+
+def error(status: int, message: str, headers: dict | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers={**CORS, **(headers or {})})
 
 
 class Server:
@@ -47,20 +70,46 @@ class Server:
         self.avatar = avatar
         self.web_dir = web_dir
         self.worker = InferenceWorker(engine, max_batch=cfg.live.max_batch)
+        self.channels: dict[str, Channel] = {}
         self.sessions: dict[str, Session] = {}
+        self.metrics = Metrics(self)
         self._tasks: set[asyncio.Task] = set()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
-        app.router.add_post("/offer", self.offer)
-        app.router.add_get("/session/{id}", self.session_stats)
-        app.router.add_delete("/session/{id}", self.session_delete)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/", self.index)
-        app.router.add_static("/", self.web_dir, follow_symlinks=False)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
+        r = app.router
+        r.add_post("/offer", self.offer)
+        r.add_get("/session/{id}", self.session_stats)
+        r.add_delete("/session/{id}", self.session_delete)
+        for kind in ("whip", "whep"):
+            r.add_post(f"/{kind}/{{channel}}", self.whip if kind == "whip" else self.whep)
+            r.add_delete(f"/{kind}/{{channel}}/{{id}}", self.resource_delete)
+            r.add_route("PATCH", f"/{kind}/{{channel}}", self.patch)
+            r.add_route("PATCH", f"/{kind}/{{channel}}/{{id}}", self.patch)
+            r.add_route("OPTIONS", f"/{kind}/{{channel}}", self.options)
+            r.add_route("OPTIONS", f"/{kind}/{{channel}}/{{id}}", self.options)
+        r.add_get("/metrics", self.metrics.handle)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/", self.index)
+        r.add_static("/", self.web_dir, follow_symlinks=False)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
+
+    # plumbing
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """With server.token set, every signalling endpoint and /metrics need `Authorization: Bearer`."""
+        token = self.cfg.server.token
+        open_paths = request.path == "/healthz" or request.method == "OPTIONS" or (
+            request.method == "GET" and not request.path.startswith(("/session/", "/metrics")))
+        if token and not open_paths:
+            given = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                return error(401, "a valid 'Authorization: Bearer <token>' header is required",
+                             {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
 
     async def _on_startup(self, app) -> None:
         self._spawn(self._report(), "stats-report")
@@ -76,73 +125,154 @@ class Server:
         if not task.cancelled() and task.exception():
             log.error("task %s failed: %r", task.get_name(), task.exception())
 
-    async def index(self, request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(self.web_dir / "index.html")
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "sessions": len(self.sessions), "engine": self.engine.name,
-                                  "avatar": self.avatar.name})
-
     def _ice(self) -> RTCConfiguration:
         stun = self.cfg.server.stun
         return RTCConfiguration(iceServers=[RTCIceServer(urls=[stun])] if stun else [])
 
-    async def offer(self, request: web.Request) -> web.Response:
-        if len(self.sessions) >= self.cfg.server.max_sessions:
-            return error(503, f"server is full ({self.cfg.server.max_sessions} sessions); try again later")
-        try:
-            body = await request.json()
-        except web.HTTPRequestEntityTooLarge:
-            return error(413, f"offer larger than {MAX_BODY} bytes")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}")
-        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
-            return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\"}")
-        sdp = body["sdp"]
-        if "m=audio" not in sdp:
-            return error(400, "the offer has no audio: the avatar needs a voice to lip-sync to")
-        sid = secrets.token_urlsafe(6)
+    def channel(self, name: str) -> Channel:
+        ch = self.channels.get(name)
+        if ch is None:
+            a = self.cfg.audio
+            vad = lambda: VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms,  # noqa: E731
+                                        a.vad_hangover_ms, fps=FPS, min_snr_db=a.vad_min_snr_db)
+            ch = Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000, vad_factory=vad,
+                         fade=self.cfg.live.fade_frames)
+            self.channels[name] = ch
+            log.info("channel %s opened", name)
+        return ch
+
+    def _release(self, ch: Channel) -> None:
+        if ch.publisher is None and ch.viewers == 0 and self.channels.get(ch.name) is ch:
+            del self.channels[ch.name]
+            ch.close()
+            log.info("channel %s closed", ch.name)
+
+    def count(self, kind_test) -> int:
+        return sum(1 for s in self.sessions.values() if kind_test(s))
+
+    # sessions
+
+    async def _start(self, kind: str, channel_name: str, sdp: str) -> tuple[Session | None, web.Response | None]:
+        """Answer an offer for a session of `kind` on `channel_name`: (session, None) or (None, error)."""
+        if not isinstance(channel_name, str) or not NAME_RE.match(channel_name):
+            return None, error(400, "channel names are 1-64 letters, digits, '-' or '_'")
+        if kind in ("talk", "whip") and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions:
+            return None, error(503, f"server is full ({self.cfg.server.max_sessions} live sessions); try again later")
+        if kind == "whep" and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers:
+            return None, error(503, f"server is full ({self.cfg.server.max_viewers} viewers); try again later")
+        if kind != "whep" and "m=audio" not in sdp:
+            return None, error(400, "the offer has no audio: the avatar needs a voice to lip-sync to")
+        existing = self.channels.get(channel_name)
+        if kind != "whep" and existing is not None and existing.publisher is not None:
+            return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+
+        sid = secrets.token_urlsafe(8)
+        ch = self.channel(channel_name)
         pc = RTCPeerConnection(self._ice())
-        a = self.cfg.audio
-        vad = VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms, a.vad_hangover_ms, fps=FPS,
-                            min_snr_db=a.vad_min_snr_db)
-        channel = Channel(sid, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000, vad=vad,
-                          fade=self.cfg.live.fade_frames, session=sid)
-        session = Session(sid, pc, channel)
+        session = Session(sid, kind, pc, ch)
         self.sessions[sid] = session
+        if session.publishes:
+            ch.attach_voice(sid)
+        if session.views:
+            ch.viewers += 1
 
         @pc.on("track")
         def on_track(track):
-            if track.kind == "audio":
-                task = self._spawn(read_voice(track, channel), f"voice-{sid}")
-                session.tasks.add(task)
+            if track.kind == "audio" and session.publishes:
+                session.tasks.add(self._spawn(read_voice(track, ch), f"voice-{sid}"))
 
         @pc.on("connectionstatechange")
         async def on_state():
-            log.info("[%s] connection %s", sid, pc.connectionState)
+            log.info("[%s] %s on %s: connection %s", sid, kind, channel_name, pc.connectionState)
             if pc.connectionState in ("failed", "closed"):
                 await self.close_session(sid)
 
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
-            pc.addTrack(VoiceTrack(channel))
-            video = AvatarVideoTrack(channel)
-            pc.addTrack(video)
+            opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.name == "opus"]
             for t in pc.getTransceivers():
                 if t.kind == "audio":
-                    opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.name == "opus"]
                     t.setCodecPreferences(opus)
-            if not any(t.kind == "video" and t.sender.track is video for t in pc.getTransceivers()):
-                raise ValueError("the offer does not receive video")
+            if session.views:
+                pc.addTrack(VoiceTrack(ch))
+                video = AvatarVideoTrack(ch)
+                pc.addTrack(video)
+                if not any(t.kind == "video" and t.sender.track is video for t in pc.getTransceivers()):
+                    raise ValueError("the offer does not receive video")
+            else:
+                for t in pc.getTransceivers():
+                    if t.kind == "video":  # a WHIP publisher's camera is not used: don't receive it
+                        t.direction = "inactive"
             answer = await pc.createAnswer()
+            if kind == "whip":
+                # Be the DTLS server: webrtcbin's RSA certificate and aiortc's ECDSA-only client
+                # suites do not meet otherwise (the WHIP spec's own example answers passive too).
+                answer = RTCSessionDescription(sdp=answer.sdp.replace("a=setup:active", "a=setup:passive"),
+                                               type="answer")
             await pc.setLocalDescription(answer)
         except Exception as e:  # noqa: BLE001 - a bad offer fails this session only
             await self.close_session(sid)
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return error(400, f"cannot use this offer: {first}")
+            return None, error(400, f"cannot use this offer: {first}")
         session.tasks.add(self._spawn(self._watch(sid), f"watch-{sid}"))
-        log.info("[%s] session started (%d live)", sid, len(self.sessions))
-        return web.json_response({"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": sid})
+        log.info("[%s] %s session started on channel %s (%d sessions)", sid, kind, channel_name, len(self.sessions))
+        return session, None
+
+    async def offer(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"offer larger than {MAX_BODY} bytes")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
+            return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"channel\": optional}")
+        session, err = await self._start("talk", body.get("channel", "default"), body["sdp"])
+        if err:
+            return err
+        desc = session.pc.localDescription
+        return web.json_response({"sdp": desc.sdp, "type": desc.type, "session": session.id,
+                                  "channel": session.channel.name})
+
+    async def _sdp_body(self, request: web.Request) -> tuple[str | None, web.Response | None]:
+        if request.content_type != "application/sdp":
+            return None, error(415, "send the offer as Content-Type: application/sdp")
+        try:
+            return await request.text(), None
+        except web.HTTPRequestEntityTooLarge:
+            return None, error(413, f"offer larger than {MAX_BODY} bytes")
+
+    async def _whxp(self, request: web.Request, kind: str) -> web.Response:
+        sdp, err = await self._sdp_body(request)
+        if err:
+            return err
+        name = request.match_info["channel"]
+        session, err = await self._start(kind, name, sdp)
+        if err:
+            return err
+        return web.Response(status=201, text=session.pc.localDescription.sdp, content_type="application/sdp",
+                            headers={**CORS, "Location": f"/{kind}/{name}/{session.id}"})
+
+    async def whip(self, request: web.Request) -> web.Response:
+        return await self._whxp(request, "whip")
+
+    async def whep(self, request: web.Request) -> web.Response:
+        return await self._whxp(request, "whep")
+
+    async def resource_delete(self, request: web.Request) -> web.Response:
+        s = self.sessions.get(request.match_info["id"])
+        kind = request.path.split("/")[1]
+        if s is None or s.kind != kind or s.channel.name != request.match_info["channel"]:
+            return error(404, "no such session")
+        await self.close_session(s.id)
+        return web.Response(status=200, headers=CORS)
+
+    async def patch(self, request: web.Request) -> web.Response:
+        # Trickle ICE is not supported: our answers carry every candidate.
+        return web.Response(status=405, headers={**CORS, "Allow": "POST, DELETE"})
+
+    async def options(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
 
     async def _watch(self, sid: str) -> None:
         """Close a session whose peer never connects."""
@@ -151,6 +281,34 @@ class Server:
         if s and s.pc.connectionState != "connected":
             log.info("[%s] never connected; closing", sid)
             await self.close_session(sid)
+
+    async def close_session(self, sid: str) -> None:
+        s = self.sessions.pop(sid, None)
+        if s is None:
+            return
+        current = asyncio.current_task()
+        for task in s.tasks:
+            if task is not current:
+                task.cancel()
+        ch = s.channel
+        if s.publishes:
+            ch.detach_voice(sid)
+        if s.views:
+            ch.viewers -= 1
+        await s.pc.close()
+        st = ch.stats()
+        log.info("[%s] %s session ended on channel %s: %d frames sent, %d lip-synced, %d late, delay p95 %s ms",
+                 sid, s.kind, ch.name, st["frames_sent"], st["lipsync_frames"], st["late_frames"], st["delay_ms_p95"])
+        self._release(ch)
+
+    # pages and stats
+
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self.web_dir / "index.html")
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"ok": True, "sessions": len(self.sessions), "channels": len(self.channels),
+                                  "engine": self.engine.name, "avatar": self.avatar.name})
 
     async def session_stats(self, request: web.Request) -> web.Response:
         s = self.sessions.get(request.match_info["id"])
@@ -164,28 +322,14 @@ class Server:
         await self.close_session(request.match_info["id"])
         return web.Response(status=204)
 
-    async def close_session(self, sid: str) -> None:
-        s = self.sessions.pop(sid, None)
-        if s is None:
-            return
-        current = asyncio.current_task()
-        for task in s.tasks:
-            if task is not current:
-                task.cancel()
-        s.channel.close()
-        await s.pc.close()
-        st = s.channel.stats()
-        log.info("[%s] session ended: %d frames, %d lip-synced, %d late, delay p95 %s ms", sid, st["frames_sent"],
-                 st["lipsync_frames"], st["late_frames"], st["delay_ms_p95"])
-
     async def _report(self) -> None:
         while True:
             await asyncio.sleep(10)
-            for sid, s in list(self.sessions.items()):
-                st = s.channel.stats()
-                log.info("[%s] %.1f fps, %d lip-synced, %d late, delay p50 %s p95 %s ms, %s", sid, st["fps"],
-                         st["lipsync_frames"], st["late_frames"], st["delay_ms_p50"], st["delay_ms_p95"],
-                         "speaking" if st["speaking"] else "idle")
+            for name, ch in list(self.channels.items()):
+                st = ch.stats()
+                log.info("channel %s: %d viewers, %.1f fps, %d lip-synced, %d late, delay p50 %s p95 %s ms, %s", name,
+                         st["viewers"], st["fps"], st["lipsync_frames"], st["late_frames"], st["delay_ms_p50"],
+                         st["delay_ms_p95"], "speaking" if st["speaking"] else "idle")
 
     async def _on_shutdown(self, app) -> None:
         for sid in list(self.sessions):

@@ -1,0 +1,101 @@
+"""/metrics in the Prometheus text format, written by hand (a few gauges, counters, histograms)."""
+
+from __future__ import annotations
+
+import threading
+
+from aiohttp import web
+
+DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.75, 1.0, 2.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    def __init__(self, buckets):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0
+        self.sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.total += 1
+            self.sum += value
+            for i, b in enumerate(self.buckets):
+                if value <= b:
+                    self.counts[i] += 1
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        sep = "," if labels else ""
+        out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        out.append(f'{name}_bucket{{{labels}{sep}le="+Inf"}} {self.total}')
+        lab = f"{{{labels}}}" if labels else ""
+        out += [f"{name}_sum{lab} {self.sum:.6f}", f"{name}_count{lab} {self.total}"]
+        return out
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    def __init__(self, server):
+        self.server = server
+        self.delay = Histogram(DELAY_BUCKETS)
+        self.batch = Histogram(BATCH_BUCKETS)
+        self._seen_batches = 0
+
+    def _collect(self) -> None:
+        s = self.server
+        for ch in list(s.channels.values()):
+            while ch.delay_log:
+                self.delay.observe(ch.delay_log.popleft())
+        sizes = list(s.worker.batch_sizes)
+        fresh = s.worker.batches - self._seen_batches
+        for size in sizes[-fresh:] if 0 < fresh <= len(sizes) else []:
+            self.batch.observe(size)
+        self._seen_batches = s.worker.batches
+
+    def text(self) -> str:
+        self._collect()
+        s = self.server
+        w = s.worker
+        out = []
+
+        def metric(name, kind, help_text, samples):
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(samples)
+
+        kinds = ("talk", "whip", "whep")
+        metric("streamer_sessions", "gauge", "live WebRTC sessions by kind",
+               [f'streamer_sessions{{kind="{k}"}} {s.count(lambda x, k=k: x.kind == k)}' for k in kinds])
+        metric("streamer_channels", "gauge", "open channels", [f"streamer_channels {len(s.channels)}"])
+        chans = list(s.channels.values())
+        label = [f'channel="{_escape(c.name)}"' for c in chans]
+        metric("streamer_viewers", "gauge", "viewers per channel",
+               [f"streamer_viewers{{{lab}}} {c.viewers}" for lab, c in zip(label, chans)])
+        metric("streamer_fps_out", "gauge", "video frames sent per second since the channel opened",
+               [f"streamer_fps_out{{{lab}}} {c.stats()['fps']}" for lab, c in zip(label, chans)])
+        metric("streamer_frames_sent_total", "counter", "video frames sent",
+               [f"streamer_frames_sent_total{{{lab}}} {c.sent}" for lab, c in zip(label, chans)])
+        metric("streamer_frames_lipsync_total", "counter", "frames sent with a lip-synced mouth",
+               [f"streamer_frames_lipsync_total{{{lab}}} {c.lipsync_frames}" for lab, c in zip(label, chans)])
+        metric("streamer_frames_late_total", "counter", "speech frames not ready in time (the idle mouth was held)",
+               [f"streamer_frames_late_total{{{lab}}} {c.late}" for lab, c in zip(label, chans)])
+        metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
+               [f"streamer_inference_queue_depth {w.depth()}"])
+        metric("streamer_inference_frames_total", "counter", "frames inferred", [f"streamer_inference_frames_total {w.frames}"])
+        metric("streamer_inference_dropped_total", "counter", "frames dropped by the worker (deadline passed or queue full)",
+               [f"streamer_inference_dropped_total {w.dropped}"])
+        metric("streamer_inference_seconds_total", "counter", "time spent in inference and blending",
+               [f"streamer_inference_seconds_total {w.busy_s:.6f}"])
+        metric("streamer_inference_batch_size", "histogram", "frames per inference call", self.batch.lines("streamer_inference_batch_size"))
+        metric("streamer_delay_seconds", "histogram", "voice in -> its lip-synced frame out, at the server",
+               self.delay.lines("streamer_delay_seconds"))
+        return "\n".join(out) + "\n"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        return web.Response(text=self.text(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})

@@ -1,0 +1,138 @@
+"""Channels: many viewers (WHEP), voices from WHIP publishers, limits, auth, metrics."""
+
+import asyncio
+
+import aiohttp
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from streamer.live.client import publish, talk, watch
+from tests.test_live import _offer_sdp, _until, avatar, mouth, serving, voice  # noqa: F401 - fixtures
+
+
+def mouth_activity(frames, av):
+    source = next(iter(av.read_frames(0, count=1)))[2]
+    return np.array([np.abs(mouth(f, av.boxes[0]) - mouth(source, av.boxes[0])).mean() for _, f in frames])
+
+
+def test_whep_viewers_see_the_talk_channel(avatar, voice):  # noqa: F811
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            talker = asyncio.ensure_future(talk(url, wav, 1.0 + speech_s + 1.0, offer_extra={"channel": "studio"}))
+            await _until(lambda: "studio" in server.channels, 5)
+            (seen1, answer), (seen2, _) = await asyncio.gather(watch(url, "studio", 1.0 + speech_s),
+                                                               watch(url, "studio", 1.0 + speech_s))
+            viewers_after = server.channels["studio"].viewers if "studio" in server.channels else None
+            got, stats = await talker
+            closed = await _until(lambda: not server.channels, 5)
+            return seen1, seen2, answer, viewers_after, got, stats, closed
+
+    seen1, seen2, answer, viewers_after, got, stats, closed = asyncio.run(main())
+    assert "m=video" in answer and "m=audio" in answer
+    for seen in (seen1, seen2):
+        times = np.array([t for t, _ in seen.video])
+        assert len(times) > 60 and 23 <= (len(times) - 1) / (times[-1] - times[0]) <= 27
+        act = mouth_activity(seen.video, avatar)
+        assert np.mean(act > 8) > 0.2  # the viewer sees the lips move
+        assert len(seen.audio) > 100 and max(np.abs(a).max() for _, a in seen.audio) > 0.05  # and hears the voice
+    assert viewers_after == 1  # both viewers left (DELETE); the talker still watches its own channel
+    assert stats["viewers"] == 1 and stats["lipsync_frames"] > 40
+    assert closed  # the channel closes with its last session
+
+
+def test_whip_publisher_drives_a_channel_a_whep_viewer_watches(avatar, voice):  # noqa: F811
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            viewer = asyncio.ensure_future(watch(url, "radio", 1.5 + speech_s + 1.0))
+            await _until(lambda: "radio" in server.channels, 5)
+            answer = await publish(url, "radio", wav, 1.0 + speech_s + 1.0)
+            seen, _ = await viewer
+            return answer, seen
+
+    answer, seen = asyncio.run(main())
+    assert "a=setup:passive" in answer and "a=setup:active" not in answer  # we are the DTLS server
+    act = mouth_activity(seen.video, avatar)
+    assert np.mean(act > 8) > 0.2
+    assert max(np.abs(a).max() for _, a in seen.audio) > 0.05
+
+
+def test_whip_whep_protocol_details(avatar):  # noqa: F811
+    async def main():
+        out = {}
+        async with serving(avatar) as (server, url):
+            async with aiohttp.ClientSession() as http:
+                async with http.options(f"{url}/whep/x") as r:
+                    out["options"] = r.status, dict(r.headers)
+                async with http.patch(f"{url}/whip/x/abc", data="a=candidate") as r:
+                    out["patch"] = r.status, r.headers.get("Allow")
+                async with http.post(f"{url}/whip/x", data="v=0", headers={"Content-Type": "text/plain"}) as r:
+                    out["type"] = r.status
+                async with http.post(f"{url}/whip/..%2Fetc", data=await _offer_sdp(),
+                                     headers={"Content-Type": "application/sdp"}) as r:
+                    out["name"] = r.status
+                async with http.delete(f"{url}/whep/x/nosuch") as r:
+                    out["delete"] = r.status
+                # a second voice on a busy channel is refused
+                sdp = await _offer_sdp()
+                async with http.post(f"{url}/whip/busy", data=sdp, headers={"Content-Type": "application/sdp"}) as r:
+                    first = r.status, r.headers.get("Location")
+                async with http.post(f"{url}/whip/busy", data=await _offer_sdp(),
+                                     headers={"Content-Type": "application/sdp"}) as r:
+                    out["busy"] = first[0], r.status
+                async with http.delete(f"{url}{first[1]}") as r:
+                    out["end"] = r.status
+                out["channels"] = dict(server.channels)
+        return out
+
+    out = asyncio.run(main())
+    status, headers = out["options"]
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Location" in headers[
+        "Access-Control-Expose-Headers"]
+    assert out["patch"] == (405, "POST, DELETE")
+    assert out["type"] == 415 and out["name"] in (400, 404) and out["delete"] == 404
+    assert out["busy"] == (201, 409) and out["end"] == 200 and out["channels"] == {}
+
+
+def test_token_and_metrics(avatar, voice):  # noqa: F811
+    wav, _ = voice
+
+    async def main():
+        out = {}
+        async with serving(avatar, **{"server.token": "s3cret"}) as (server, url):
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/offer", json={"sdp": await _offer_sdp(), "type": "offer"}) as r:
+                    out["offer"] = r.status
+                async with http.post(f"{url}/whep/x", data="v=0", headers={"Content-Type": "application/sdp",
+                                                                             "Authorization": "Bearer wrong"}) as r:
+                    out["whep"] = r.status
+                async with http.get(f"{url}/metrics") as r:
+                    out["metrics_open"] = r.status
+                async with http.get(f"{url}/healthz") as r:
+                    out["healthz"] = r.status
+                async with http.get(f"{url}/") as r:
+                    out["page"] = r.status
+            got, _ = await talk(url, wav, 3.0, token="s3cret")
+            async with aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as http:
+                async with http.get(f"{url}/metrics") as r:
+                    out["metrics"] = r.status, r.headers["Content-Type"], await r.text()
+            out["frames"] = len(got.video)
+        return out
+
+    out = asyncio.run(main())
+    assert out["offer"] == 401 and out["whep"] == 401 and out["metrics_open"] == 401
+    assert out["healthz"] == 200 and out["page"] == 200 and out["frames"] > 40
+    status, ctype, text = out["metrics"]
+    assert status == 200 and ctype.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("streamer_sessions", "streamer_channels", "streamer_viewers", "streamer_frames_sent",
+                 "streamer_frames_late", "streamer_inference_queue_depth", "streamer_inference_batch_size",
+                 "streamer_delay_seconds"):
+        assert name in families, (name, sorted(families))
+    delay = {s.name: s.value for s in families["streamer_delay_seconds"].samples}
+    assert delay["streamer_delay_seconds_count"] > 20
+    assert 0.25 < delay["streamer_delay_seconds_sum"] / delay["streamer_delay_seconds_count"] < 0.4
