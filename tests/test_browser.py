@@ -103,3 +103,56 @@ def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
     time.sleep(1)
     text = log.read_text()
     assert "session started" in text and "session ended" in text, text
+
+
+def test_obs_viewer_page_watches_a_channel(server, tmp_path):
+    import asyncio
+    import threading
+
+    import cv2
+    from playwright.sync_api import sync_playwright
+    from scipy import signal
+
+    from streamer.live.client import talk
+
+    url, _ = server
+    x, rate = speak("This channel is watched by the viewer page, as OBS would show it.")
+    x48 = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(48000, np.float32), x48, np.zeros(48000, np.float32)])
+    result = {}
+    talker = threading.Thread(target=lambda: result.update(
+        stats=asyncio.run(talk(url.rstrip("/"), voice, 9.0, offer_extra={"channel": "tv"}))[1]))
+    talker.start()
+    time.sleep(1.0)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                              "--no-first-run", "--autoplay-policy=no-user-gesture-required"])
+            try:
+                page = browser.new_page(viewport={"width": 640, "height": 480})
+                page.goto(url + "viewer.html?channel=tv&key=%2300ff00")
+                page.wait_for_function("window.pcState === 'connected'", timeout=20000)
+                page.wait_for_function("document.querySelector('video').videoWidth > 0", timeout=20000)
+                a = page.evaluate(PROBE)
+                page.wait_for_timeout(2000)
+                b = page.evaluate(PROBE)
+                assert b["fd"] > a["fd"] + 40 and not b["paused"], (a, b)
+                assert page.evaluate("document.querySelector('video').muted") is False  # audio for OBS's mixer
+                shot = tmp_path / "viewer.png"
+                page.screenshot(path=str(shot))
+                page.screenshot(path=str(ARTIFACTS / "viewer.png"))
+                img = cv2.imread(str(shot))
+                assert tuple(img[5, 5]) == (0, 255, 0)  # the key colour around the avatar
+                plain = browser.new_page(viewport={"width": 640, "height": 480})
+                plain.goto(url + "viewer.html?channel=tv")
+                plain.wait_for_function("document.querySelector('video').videoWidth > 0", timeout=20000)
+                plain.screenshot(path=str(shot), omit_background=True)
+                rgba = cv2.imread(str(shot), cv2.IMREAD_UNCHANGED)
+                assert rgba.shape[2] == 4 and rgba[5, 5, 3] == 0  # transparent page around the avatar
+                assert rgba[240, 320, 3] == 255  # and an opaque avatar
+            finally:
+                browser.close()
+    finally:
+        talker.join(timeout=20)
+    assert result["stats"]["viewers"] >= 1
