@@ -4,6 +4,8 @@ BENCHMARKS.md. Benchmarks, not tests: they never fail on a number."""
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import sys
 import tempfile
@@ -264,75 +266,102 @@ def kv_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
-def live_rows(model: str | None, seconds: float, delay_ms: int | None, log=print) -> list[tuple[str, str]]:
-    """One real talk session on this machine: an aiortc client sends espeak-ng speech to an in-process
-    server over the host address; what the server measured (voice in -> lips out) and what arrived."""
-    import asyncio
-    import resource
+def _espeak_voice(seconds: float) -> np.ndarray:
+    """espeak-ng speech at 48 kHz after 1 s of silence, `seconds` long."""
+    import io
     import shutil
     import subprocess
+    import wave
 
-    from aiohttp import web
     from scipy import signal
 
-    from streamer.avatar.cache import demo_avatar
-    from streamer.config import load_config
     from streamer.errors import UserError
-    from streamer.lipsync.engine import load_engine
-    from streamer.live.client import talk
-    from streamer.server.app import Server
 
     if not shutil.which("espeak-ng"):
         raise UserError("bench live speaks with espeak-ng: apt-get install espeak-ng")
     text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
             "How vexingly quick daft zebras jump. ") * 8
     wav = subprocess.run(["espeak-ng", "-s", "160", "--stdout", text], capture_output=True, check=True).stdout
-    import io
-    import wave
-
     with wave.open(io.BytesIO(wav)) as w:
         rate = w.getframerate()
         x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
     voice = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
-    voice = np.concatenate([np.zeros(48000, np.float32), voice])[: int(48000 * seconds)]
+    return np.concatenate([np.zeros(48000, np.float32), voice])[: int(48000 * seconds)]
 
-    cfg = load_config(None, {"live.delay_ms": delay_ms})
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions: int = 1, viewers: int = 0,
+              log=print) -> list[tuple[str, str]]:
+    """Real sessions on this machine: `streamer serve` in its own process; in this one, aiortc clients
+    (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel) over the
+    host address. The server's CPU is measured apart from the clients' (which decode every frame)."""
+    import asyncio
+    import socket
+    import subprocess
+    import urllib.request
+
+    from streamer.live.client import talk, watch
+
+    voice = _espeak_voice(seconds)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        avatar = demo_avatar(tmp)
-        engine = load_engine(model, "auto", "auto")
-        log(f"engine: {engine.name}; {seconds:g} s session, target delay {cfg.live.delay_ms} ms")
+        cmd = [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars", tmp, "-q"]
+        cmd += ["--model", model] if model else []
+        cmd += ["--delay-ms", str(delay_ms)] if delay_ms else []
+        server = subprocess.Popen(cmd + ["--max-sessions", str(max(sessions, 4))], stdout=subprocess.DEVNULL,
+                                  stderr=open(Path(tmp) / "serve.log", "w"))
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(300):
+                try:
+                    health = json.loads(urllib.request.urlopen(url + "/healthz", timeout=1).read())
+                    break
+                except OSError:
+                    if server.poll() is not None:
+                        raise RuntimeError((Path(tmp) / "serve.log").read_text()) from None
+                    time.sleep(0.2)
 
-        async def run():
-            server = Server(cfg, engine, avatar)
-            runner = web.AppRunner(server.app())
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            port = site._server.sockets[0].getsockname()[1]
-            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
-            got, stats = await talk(f"http://127.0.0.1:{port}", voice, seconds)
-            wall = time.perf_counter() - t0
-            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
-            worker = server.worker
-            batches = list(worker.batch_sizes)
-            infer_ms = 1000 * worker.busy_s / max(1, worker.frames)
-            await runner.cleanup()
-            cpu = (cpu1.ru_utime - cpu0.ru_utime + cpu1.ru_stime - cpu0.ru_stime) / wall
-            return got, stats, cpu, batches, infer_ms, worker.dropped
+            async def run():
+                jobs = [talk(url, voice, seconds, offer_extra={"channel": f"bench{k}"}) for k in range(sessions)]
+                jobs += [watch(url, "bench0", seconds - 1.5) for _ in range(viewers)]
+                return await asyncio.gather(*jobs)
 
-        got, stats, cpu, batches, infer_ms, dropped = asyncio.run(run())
-    times = np.array([t for t, _ in got.video])
-    fps = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    speech = stats["lipsync_frames"] + stats["late_frames"]
-    return [("engine", engine.name), ("session", f"{seconds:g} s, espeak-ng speech after 1 s of silence"),
-            ("video received by the client", f"{len(times)} frames, {fps:.2f} fps"),
-            ("voice in -> lips out at the server", f"p50 {stats['delay_ms_p50']} ms, p95 {stats['delay_ms_p95']} ms "
-                                                    f"(target {stats['target_delay_ms']} ms)"),
-            ("speech frames lip-synced in time", f"{stats['lipsync_frames']} of {speech}"
-                                                  f" ({100 * stats['lipsync_frames'] / max(1, speech):.0f}%); late ones "
-                                                  "showed the idle mouth"),
-            ("inference + blend per frame (worker)", f"{infer_ms:.1f} ms; batch sizes mean "
-                                                     f"{np.mean(batches) if batches else 0:.2f}, max {max(batches, default=0)}"),
-            ("stale jobs dropped by the worker", str(dropped)),
-            ("CPU used by server and client together", f"{100 * cpu:.0f}% of one core")]
+            cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
+            results = asyncio.run(run())
+            cpu = (_cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - t0)
+            metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
+    talks = [r for r in results[:sessions]]
+    fps = []
+    for got, _ in talks:
+        t = np.array([a for a, _ in got.video])
+        fps.append((len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0)
+    stats = [st for _, st in talks]
+    p50 = [st["delay_ms_p50"] for st in stats if st["delay_ms_p50"] is not None]
+    p95 = [st["delay_ms_p95"] for st in stats if st["delay_ms_p95"] is not None]
+    synced = sum(st["lipsync_frames"] for st in stats)
+    speech = synced + sum(st["late_frames"] for st in stats)
+    batches = [float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith(("streamer_inference_batch_size_sum", "streamer_inference_batch_size_count"))]
+    mean_batch = batches[0] / batches[1] if len(batches) == 2 and batches[1] else 0.0
+    rows = [("engine", health["engine"]),
+            ("sessions", f"{sessions} talkers for {seconds:g} s" + (f", {viewers} WHEP viewers of one" if viewers else "")),
+            ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps"),
+            ("voice in -> lips out at the server", f"p50 {np.median(p50):.1f} ms, worst p95 {max(p95):.1f} ms "
+                                                    f"(target {stats[0]['target_delay_ms']} ms)"),
+            ("speech frames lip-synced in time", f"{synced} of {speech} ({100 * synced / max(1, speech):.1f}%)"),
+            ("mean inference batch", f"{mean_batch:.2f} frames"),
+            ("server CPU", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions + viewers):.0f}% per "
+                           f"connection)")]
+    if viewers:
+        frames = [len(got.video) for got, _ in results[sessions:]]
+        rows.append(("frames received per viewer", f"min {min(frames)}"))
+    return rows

@@ -26,7 +26,8 @@ def _bench(args) -> int:
     if args.what == "audio":
         title, table = "Audio front end", bench.audio_table(bench.audio_rows())
     elif args.what == "live":
-        title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms))
+        title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms,
+                                                                    args.sessions, args.viewers))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -103,7 +104,8 @@ def _serve(args) -> int:
 
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
-                           "server.port": args.port, "live.delay_ms": args.delay_ms})
+                           "server.port": args.port, "live.delay_ms": args.delay_ms,
+                           "server.max_sessions": args.max_sessions})
     avatar = _avatar(cfg, cfg.avatar.name)
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
@@ -144,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
     b.add_argument("--delay-ms", type=int, help="live target delay (default from the config, 300)")
+    b.add_argument("--sessions", type=int, default=1, help="live: concurrent talkers (default 1)")
+    b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
                                    "live default: builtin engine)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
@@ -189,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
     sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 300)")
+    sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
     sv.set_defaults(func=_serve)
     return p
 

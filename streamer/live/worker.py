@@ -40,19 +40,39 @@ class InferenceWorker:
         self.busy_s = 0.0
         self.batch_sizes: list[int] = []
         self.frame_cost = 0.0  # seconds per frame, running estimate (inference + blend)
+        self._open = 0  # jobs submitted and not yet done or dropped
+        self._idle = threading.Condition()
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
         job.queued = self.clock()
+        with self._idle:
+            self._open += 1
         try:
             self._q.put_nowait(job)
             return True
         except queue.Full:
             self.dropped += 1
+            self._finished(1)
             return False
+
+    def _finished(self, n: int) -> None:
+        with self._idle:
+            self._open -= n
+            self._idle.notify_all()
 
     def depth(self) -> int:
         return self._q.qsize()
+
+    def drain(self, timeout: float = 5.0) -> bool:
+        """Wait until every job submitted so far is done (or dropped)."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            with self._idle:
+                if self._open == 0:
+                    return True
+                self._idle.wait(0.05)
+        return False
 
     def close(self) -> None:
         self._q.put(None)
@@ -79,6 +99,7 @@ class InferenceWorker:
             # computing it anyway would make the next frames late too, and so on.
             live = [j for j in pending if j.deadline > now + self.frame_cost and not j.channel.closed]
             self.dropped += len(pending) - len(live)
+            self._finished(len(pending) - len(live))
             # earliest deadline first: fair across channels, and the frame due soonest is never
             # stuck behind another channel's backlog
             live.sort(key=lambda j: j.deadline)
@@ -92,6 +113,8 @@ class InferenceWorker:
                 self._infer(batch)
             except Exception:  # noqa: BLE001 - one bad batch must not kill the worker: those frames go idle
                 log.exception("inference failed for %d frames; they are shown idle", len(batch))
+            finally:
+                self._finished(len(batch))
 
     def _infer(self, jobs: list[Job]) -> None:
         t = time.perf_counter()

@@ -1,0 +1,72 @@
+"""The channel's pipeline on a driven clock: no network, no codec, exact answers."""
+
+import numpy as np
+import pytest
+from scipy import signal
+
+from streamer.avatar.cache import demo_avatar
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.live.channel import CHUNK, FPS, SAMPLES_PER_FRAME, Channel
+from streamer.live.worker import InferenceWorker
+from tests.conftest import speak
+
+
+@pytest.fixture(scope="module")
+def avatar(tmp_path_factory):
+    return demo_avatar(tmp_path_factory.mktemp("avatars"))
+
+
+def test_channel_timeline_is_exact(avatar):
+    x, rate = speak("One two three, lips and voice together.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    lead = 48000  # 1 s of silence first
+    voice = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(2 * 48000, np.float32)])
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch.viewers = 1
+    ch.attach_voice("s")
+    idle = next(iter(avatar.read_frames(0, count=1)))[2]
+    frames, chunks = {}, {}
+    n = j = 0
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000  # each packet arrives as its last sample is spoken
+        ch.push_voice(voice[k : k + CHUNK])
+        assert worker.drain()
+        while ch.start + n / FPS <= now[0]:  # the video track's schedule
+            frames[n] = ch.video_frame(n)
+            n += 1
+        while ch.start + j * CHUNK / 48000 <= now[0]:  # the voice track's schedule
+            chunks[j] = ch.voice_chunk(j)
+            j += 1
+    worker.close()
+    ch.close()
+
+    # the delay is exactly the target, measured for every frame once voice flowed
+    d = np.array(ch.delays)
+    assert len(d) > 100 and np.abs(d - 0.3).max() < 0.021  # within one 20 ms packet
+    assert ch.late == 0 and ch.lipsync_frames > 30
+
+    # the voice comes out delayed by exactly n0 frames
+    out = np.concatenate([chunks[i] for i in range(j)])
+    shift = ch.n0 * SAMPLES_PER_FRAME
+    m = min(out.size - shift, voice.size)
+    assert np.abs(out[shift : shift + m] - voice[:m]).max() < 1e-6
+
+    # silent frames are the idle avatar, bit for bit; speech frames change only the lower face
+    changed = {k for k, f in frames.items() if not np.array_equal(f, idle)}
+    assert changed
+    x1, y1, x2, y2 = avatar.boxes[0]
+    for k in changed:
+        diff = np.abs(frames[k].astype(int) - idle).sum(axis=2)
+        ys, xs = np.nonzero(diff)
+        assert ys.min() >= y1 + (y2 - y1) * 0.4 and xs.min() >= x1 and xs.max() < x2 and ys.max() < y2
+
+    # lips start with the voice: the first moving frame is within the pre-roll (3 frames) before
+    # the first voiced output frame, and never after it
+    first_voice_frame = ch.n0 + (lead + int(np.argmax(np.abs(speech) > 0.02))) // SAMPLES_PER_FRAME
+    first_moving = min(changed)
+    assert first_voice_frame - 4 <= first_moving <= first_voice_frame
+    # and they rest again after the voice ends (hangover 240 ms + 2 fade frames)
+    last_voice_frame = ch.n0 + (lead + speech.size - int(np.argmax(np.abs(speech[::-1]) > 0.02))) // SAMPLES_PER_FRAME
+    assert max(changed) <= last_voice_frame + 6 + 2 + 1
