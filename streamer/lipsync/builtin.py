@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 
 from streamer.audio.mel import FMAX, FMIN, N_MELS, _hz_to_mel
+from streamer.lipsync.engine import check_inputs
 
 MOUTH = (0.5, 0.64)  # mouth centre in crop coordinates (x, y), for boxes padded as the original
 
@@ -55,10 +56,7 @@ class BuiltinEngine:
 
     def predict(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
         s = self.face_size
-        if mel.ndim != 4 or mel.shape[1:] != (1, 80, 16):
-            raise ValueError(f"mel must be (B, 1, 80, 16), got {mel.shape}")
-        if faces.shape != (mel.shape[0], 6, s, s):
-            raise ValueError(f"faces must be ({mel.shape[0]}, 6, {s}, {s}), got {faces.shape}")
+        check_inputs(mel, faces, s)
         out = np.empty((mel.shape[0], 3, s, s), np.float32)
         for b, opening in enumerate(mouth_opening(mel)):
             ref = np.ascontiguousarray(faces[b, 3:].transpose(1, 2, 0))

@@ -56,6 +56,14 @@ def face_input(crops: np.ndarray) -> np.ndarray:
     return np.concatenate([masked, ref], axis=1)
 
 
+def check_inputs(mel: np.ndarray, faces: np.ndarray, size: int) -> None:
+    """Raise ValueError unless mel is (B, 1, 80, 16) and faces (B, 6, size, size)."""
+    if mel.ndim != 4 or mel.shape[1:] != (1, 80, 16):
+        raise ValueError(f"mel must be (B, 1, 80, 16), got {mel.shape}")
+    if faces.shape != (mel.shape[0], 6, size, size):
+        raise ValueError(f"faces must be ({mel.shape[0]}, 6, {size}, {size}), got {faces.shape}")
+
+
 def to_images(out: np.ndarray) -> np.ndarray:
     """(B, 3, S, S) float in [0, 1] -> (B, S, S, 3) uint8 BGR."""
     return np.clip(out.transpose(0, 2, 3, 1) * 255 + 0.5, 0, 255).astype(np.uint8)
@@ -207,11 +215,7 @@ class Wav2LipInfer:
 
     def predict(self, mel: np.ndarray, faces: np.ndarray) -> np.ndarray:
         """Mouths for B frames: see the module docstring for shapes and ranges."""
-        s = self.face_size
-        if mel.ndim != 4 or mel.shape[1:] != (1, 80, 16):
-            raise ValueError(f"mel must be (B, 1, 80, 16), got {mel.shape}")
-        if faces.shape != (mel.shape[0], 6, s, s):
-            raise ValueError(f"faces must be ({mel.shape[0]}, 6, {s}, {s}), got {faces.shape}")
+        check_inputs(mel, faces, self.face_size)
         with self._lock:
             out = self._run(mel, faces)
         return np.asarray(out, dtype=np.float32)
@@ -219,9 +223,9 @@ class Wav2LipInfer:
     def warmup(self, batch_sizes=(1,)) -> float:
         """Run once per batch size so the first real call is not slow; returns seconds spent."""
         t = time.perf_counter()
-        s = self.face_size
         for b in batch_sizes:
-            self.predict(np.zeros((b, 1, 80, 16), np.float32), np.zeros((b, 6, s, s), np.float32))
+            size = self.face_size
+            self.predict(np.zeros((b, 1, 80, 16), np.float32), np.zeros((b, 6, size, size), np.float32))
         return time.perf_counter() - t
 
 

@@ -39,22 +39,12 @@ class Ramp:
     """Mouth strength per frame from speech decisions, fading over `fade` frames in and out."""
 
     def __init__(self, fade: int = 2):
-        self.fade = fade
-        self._run = 0  # speech frames in a row
-        self._since = fade + 1  # frames since speech ended
-        self._last = 0.0
+        self.step = 1 / (fade + 1)
+        self.level = 0.0
 
     def next(self, speech: bool) -> float:
-        step = 1 / (self.fade + 1)
-        if speech:
-            self._run += 1
-            self._since = 0
-            self._last = min(1.0, max(self._last, 0.0) + step) if self.fade else 1.0
-        else:
-            self._run = 0
-            self._since += 1
-            self._last = max(0.0, self._last - step) if self.fade else 0.0
-        return self._last
+        self.level = min(1.0, self.level + self.step) if speech else max(0.0, self.level - self.step)
+        return self.level
 
 
 class VoiceIn:

@@ -92,12 +92,20 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
     return got, stats
 
 
-async def _post_sdp(http: aiohttp.ClientSession, url: str, sdp: str, token: str | None) -> tuple[int, str, str | None]:
-    headers = {"Content-Type": "application/sdp"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    async with http.post(url, data=sdp, headers=headers) as res:
-        return res.status, await res.text(), res.headers.get("Location")
+async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float, token: str | None) -> str:
+    """Offer `pc`'s description to a WHIP/WHEP endpoint, stay `seconds`, DELETE; returns the answer."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    await pc.setLocalDescription(await pc.createOffer())
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.post(base + path, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as res:
+            answer, location = await res.text(), res.headers.get("Location")
+            assert res.status == 201 and location, (res.status, answer)
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        await asyncio.sleep(seconds)
+        async with http.delete(base + location) as res:
+            assert res.status == 200, res.status
+    await pc.close()
+    return answer
 
 
 async def watch(base: str, channel: str, seconds: float, token: str | None = None) -> tuple[Received, str]:
@@ -112,16 +120,7 @@ async def watch(base: str, channel: str, seconds: float, token: str | None = Non
 
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        status, answer, location = await _post_sdp(http, f"{base}/whep/{channel}", pc.localDescription.sdp, token)
-        assert status == 201 and location, (status, answer)
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await asyncio.sleep(seconds)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with http.delete(f"{base}{location}", headers=headers) as res:
-            assert res.status == 200, res.status
-    await pc.close()
+    answer = await _whip_whep(pc, base, f"/whep/{channel}", seconds, token)
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -132,14 +131,4 @@ async def publish(base: str, channel: str, voice: np.ndarray, seconds: float, to
     """A WHIP publisher: send `voice` to `channel` for `seconds`, then DELETE. Returns the answer SDP."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     pc.addTransceiver(VoiceSource(voice), direction="sendonly")
-    await pc.setLocalDescription(await pc.createOffer())
-    async with aiohttp.ClientSession() as http:
-        status, answer, location = await _post_sdp(http, f"{base}/whip/{channel}", pc.localDescription.sdp, token)
-        assert status == 201 and location, (status, answer)
-        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-        await asyncio.sleep(seconds)
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with http.delete(f"{base}{location}", headers=headers) as res:
-            assert res.status == 200, res.status
-    await pc.close()
-    return answer
+    return await _whip_whep(pc, base, f"/whip/{channel}", seconds, token)

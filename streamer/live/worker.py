@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -24,7 +24,6 @@ class Job:
     window: np.ndarray  # (80, 16)
     strength: float
     deadline: float  # clock time the frame is sent
-    queued: float = field(default=0.0)
 
 
 class InferenceWorker:
@@ -45,7 +44,6 @@ class InferenceWorker:
         self._thread.start()
 
     def submit(self, job: Job) -> bool:
-        job.queued = self.clock()
         with self._idle:
             self._open += 1
         try:

@@ -16,7 +16,6 @@ import hmac
 import json
 import logging
 import secrets
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +47,6 @@ class Session:
     pc: RTCPeerConnection
     channel: Channel
     tasks: set[asyncio.Task] = field(default_factory=set)
-    created: float = field(default_factory=time.monotonic)
 
     @property
     def publishes(self) -> bool:
