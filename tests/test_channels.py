@@ -117,6 +117,7 @@ def test_token_and_metrics(avatar, voice):  # noqa: F811
                 async with http.get(f"{url}/") as r:
                     out["page"] = r.status
             got, _ = await talk(url, wav, 3.0, token="s3cret")
+            await _until(lambda: not server.channels, 5)  # scraped after the channel closed: nothing lost
             async with aiohttp.ClientSession(headers={"Authorization": "Bearer s3cret"}) as http:
                 async with http.get(f"{url}/metrics") as r:
                     out["metrics"] = r.status, r.headers["Content-Type"], await r.text()
@@ -136,3 +137,5 @@ def test_token_and_metrics(avatar, voice):  # noqa: F811
     delay = {s.name: s.value for s in families["streamer_delay_seconds"].samples}
     assert delay["streamer_delay_seconds_count"] > 20
     assert 0.25 < delay["streamer_delay_seconds_sum"] / delay["streamer_delay_seconds_count"] < 0.4
+    batches = {s.name: s.value for s in families["streamer_inference_batch_size"].samples}
+    assert batches["streamer_inference_batch_size_count"] > 10

@@ -99,7 +99,7 @@ class Channel:
         self.late = 0  # speech frames whose mouth was not ready in time (the idle mouth was shown)
         self.speaking = False
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
-        self.delay_log: deque[float] = deque(maxlen=10000)  # for the metrics histogram, drained on scrape
+        self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
 
     @property
     def session(self) -> str:
@@ -226,7 +226,8 @@ class Channel:
         packet_end = v.arrivals[k + 1][0] if k + 1 < len(v.arrivals) else v.received
         delay = self.clock() - (arrival - (packet_end - sample) / VOICE_RATE)
         self.delays.append(delay)
-        self.delay_log.append(delay)
+        if self.on_delay:
+            self.on_delay(delay)
 
     def voice_chunk(self, j: int) -> np.ndarray:
         """Output voice samples [j*960, (j+1)*960): the input delayed to match the lips; silence if

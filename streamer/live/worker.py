@@ -37,7 +37,7 @@ class InferenceWorker:
         self.frames = 0
         self.dropped = 0
         self.busy_s = 0.0
-        self.batch_sizes: list[int] = []
+        self.on_batch = None  # called with each batch's size (metrics)
         self.frame_cost = 0.0  # seconds per frame, running estimate (inference + blend)
         self._open = 0  # jobs submitted and not yet done or dropped
         self._idle = threading.Condition()
@@ -128,6 +128,5 @@ class InferenceWorker:
         self.busy_s += spent
         self.batches += 1
         self.frames += len(jobs)
-        self.batch_sizes.append(len(jobs))
-        if len(self.batch_sizes) > 1000:
-            del self.batch_sizes[:500]
+        if self.on_batch:
+            self.on_batch(len(jobs))

@@ -135,6 +135,7 @@ class Server:
                                         a.vad_hangover_ms, fps=FPS, min_snr_db=a.vad_min_snr_db)
             ch = Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000, vad_factory=vad,
                          fade=self.cfg.live.fade_frames)
+            ch.on_delay = self.metrics.delay.observe
             self.channels[name] = ch
             log.info("channel %s opened", name)
         return ch

@@ -44,21 +44,10 @@ class Metrics:
         self.server = server
         self.delay = Histogram(DELAY_BUCKETS)
         self.batch = Histogram(BATCH_BUCKETS)
-        self._seen_batches = 0
-
-    def _collect(self) -> None:
-        s = self.server
-        for ch in list(s.channels.values()):
-            while ch.delay_log:
-                self.delay.observe(ch.delay_log.popleft())
-        sizes = list(s.worker.batch_sizes)
-        fresh = s.worker.batches - self._seen_batches
-        for size in sizes[-fresh:] if 0 < fresh <= len(sizes) else []:
-            self.batch.observe(size)
-        self._seen_batches = s.worker.batches
+        server.worker.on_batch = self.batch.observe  # fed as things happen: nothing is lost when a
+        # channel closes between two scrapes
 
     def text(self) -> str:
-        self._collect()
         s = self.server
         w = s.worker
         out = []
