@@ -156,3 +156,70 @@ def test_obs_viewer_page_watches_a_channel(server, tmp_path):
     finally:
         talker.join(timeout=20)
     assert result["stats"]["viewers"] >= 1
+
+
+WHIP_FROM_PAGE = """async (channel) => {
+  const mic = await navigator.mediaDevices.getUserMedia({audio: {echoCancellation: false, noiseSuppression: false,
+                                                                autoGainControl: false}});
+  const pc = new RTCPeerConnection();
+  window.whipPc = pc;
+  pc.addTransceiver(mic.getAudioTracks()[0], {direction: "sendonly"});
+  await pc.setLocalDescription(await pc.createOffer());
+  await new Promise((ok) => { if (pc.iceGatheringState === "complete") ok();
+    pc.onicegatheringstatechange = () => pc.iceGatheringState === "complete" && ok(); setTimeout(ok, 3000); });
+  const res = await fetch(`/whip/${channel}`, {method: "POST", headers: {"Content-Type": "application/sdp"},
+                                               body: pc.localDescription.sdp});
+  const answer = await res.text();
+  await pc.setRemoteDescription({type: "answer", sdp: answer});
+  return {status: res.status, location: res.headers.get("Location"), passive: answer.includes("a=setup:passive")};
+}"""
+
+
+def test_chromium_publishes_by_whip_and_a_whep_viewer_sees_the_lips(server, tmp_path):
+    import asyncio
+
+    from playwright.sync_api import sync_playwright
+
+    from streamer.avatar.cache import Avatar
+    from streamer.live.client import watch
+    from tests.test_channels import mouth_activity
+
+    url, log = server
+    x, rate = speak("Chromium is publishing this voice with WHIP, and the avatar speaks it.")
+    pcm = np.concatenate([np.zeros(int(0.5 * rate)), x, np.zeros(rate)])
+    wav = tmp_path / "whip.wav"
+    with wave.open(str(wav), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
+            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+            f"--use-file-for-fake-audio-capture={wav}%noloop"]
+    seen = {}
+    import threading
+
+    viewer = threading.Thread(target=lambda: seen.update(
+        got=asyncio.run(watch(url.rstrip("/"), "chrome", len(pcm) / rate + 3.0))[0]))
+    viewer.start()
+    time.sleep(1.0)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+            try:
+                page = browser.new_page()
+                page.goto(url + "viewer.html?channel=unused&muted=1")  # any page of the server's origin
+                result = page.evaluate(WHIP_FROM_PAGE, "chrome")
+                assert result["status"] == 201 and result["location"].startswith("/whip/chrome/")
+                assert result["passive"]
+                page.wait_for_function("window.whipPc.connectionState === 'connected'", timeout=20000)
+                page.wait_for_timeout(int(1000 * len(pcm) / rate))
+                status = page.evaluate("async (loc) => (await fetch(loc, {method: 'DELETE'})).status",
+                                       result["location"])
+                assert status == 200
+            finally:
+                browser.close()
+    finally:
+        viewer.join(timeout=30)
+    root = Path(log).parent
+    avatar = Avatar.load(root / "avatars", "astronaut")
+    act = mouth_activity(seen["got"].video, avatar)
+    assert np.mean(act > 8) > 0.15, np.round(act, 1)
