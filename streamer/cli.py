@@ -97,6 +97,9 @@ def _render(args) -> int:
 
 
 def _serve(args) -> int:
+    import asyncio
+    import signal
+
     from aiohttp import web
 
     from streamer.lipsync.engine import load_engine
@@ -106,17 +109,30 @@ def _serve(args) -> int:
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
                            "server.max_sessions": args.max_sessions})
-    avatar = _avatar(cfg, cfg.avatar.name)
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    avatar = _avatar(cfg, cfg.avatar.name)
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
-    server = Server(cfg, engine, avatar)
     host, port = cfg.server.host, cfg.server.port
-    shown = "localhost" if host in ("127.0.0.1", "::1") else host
-    print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops)", flush=True)
-    try:
-        web.run_app(server.app(), host=host, port=port, print=None, access_log=None, shutdown_timeout=5)
-    except OSError as e:
-        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+
+    async def run() -> None:
+        runner = web.AppRunner(Server(cfg, engine, avatar).app(), access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+        shown = "localhost" if host in ("127.0.0.1", "::1") else host
+        print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("stopping: closing every session")
+        await runner.cleanup()
+
+    asyncio.run(run())
     return 0
 
 
@@ -125,6 +141,47 @@ def build_parser() -> argparse.ArgumentParser:
         prog="streamer", description="Real-time talking-head server: live lip-sync of an avatar to a voice.")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug details")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="settings file (default: built-in defaults, as configs/default.yaml)")
+    common.add_argument("--avatars", help="folder of prepared avatars (setting avatar.dir, default avatars/)")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    sv = sub.add_parser("serve", parents=[common], help="serve the live avatar: open the page, talk, watch it lip-sync",
+                        description="Serve web/ and WebRTC sessions: the browser sends your voice, the server "
+                                    "returns the avatar lip-synced to it at 25 fps with your voice delayed to match.")
+    sv.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
+    sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
+    sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
+    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 300)")
+    sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
+    sv.set_defaults(func=_serve)
+    pr = sub.add_parser("prepare", parents=[common], help="turn a video or photo into an avatar (done once)",
+                        description="Detect the face in every frame and cache what the live path needs under "
+                                    "the avatars folder. The same source again is reused; a changed one rebuilt.")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--video", help="a video of a person facing the camera (any format PyAV reads)")
+    src.add_argument("--image", help="a photo: becomes a still avatar")
+    pr.add_argument("--name", required=True, help="avatar name: letters, digits, '-' and '_'")
+    pr.add_argument("--max-height", type=int, help="scale taller sources down to this (default 1080)")
+    pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
+    pr.set_defaults(func=_prepare)
+
+    r = sub.add_parser("render", parents=[common], help="turn an audio file into a lip-synced mp4",
+                       description="Lip-sync an avatar to an audio file (any format PyAV reads) and write an "
+                                   "H.264 + AAC mp4 as long as the audio, at the avatar's frame rate.")
+    r.add_argument("--audio", required=True, help="speech to lip-sync: wav, mp3, m4a, ogg, ...")
+    r.add_argument("--out", required=True, help="mp4 to write")
+    r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
+    r.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    r.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
+    r.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
+    r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")
+    r.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    r.set_defaults(func=_render)
 
     e = sub.add_parser("export", help="turn a Wav2Lip checkpoint (.pth) into an ONNX model",
                        description="Export a Wav2Lip checkpoint to ONNX (dynamic batch axis), then check the "
@@ -154,47 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")
     b.add_argument("--record", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
     b.set_defaults(func=_bench)
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", help="settings file (default: built-in defaults, as configs/default.yaml)")
-    common.add_argument("--avatars", help="folder of prepared avatars (setting avatar.dir, default avatars/)")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-    pr = sub.add_parser("prepare", parents=[common], help="turn a video or photo into an avatar (done once)",
-                        description="Detect the face in every frame and cache what the live path needs under "
-                                    "the avatars folder. The same source again is reused; a changed one rebuilt.")
-    src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--video", help="a video of a person facing the camera (any format PyAV reads)")
-    src.add_argument("--image", help="a photo: becomes a still avatar")
-    pr.add_argument("--name", required=True, help="avatar name: letters, digits, '-' and '_'")
-    pr.add_argument("--max-height", type=int, help="scale taller sources down to this (default 1080)")
-    pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
-    pr.set_defaults(func=_prepare)
-
-    r = sub.add_parser("render", parents=[common], help="turn an audio file into a lip-synced mp4",
-                       description="Lip-sync an avatar to an audio file (any format PyAV reads) and write an "
-                                   "H.264 + AAC mp4 as long as the audio, at the avatar's frame rate.")
-    r.add_argument("--audio", required=True, help="speech to lip-sync: wav, mp3, m4a, ogg, ...")
-    r.add_argument("--out", required=True, help="mp4 to write")
-    r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
-    r.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
-    r.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
-    r.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")
-    r.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    r.set_defaults(func=_render)
-
-    sv = sub.add_parser("serve", parents=[common], help="serve the live avatar: open the page, talk, watch it lip-sync",
-                        description="Serve web/ and WebRTC sessions: the browser sends your voice, the server "
-                                    "returns the avatar lip-synced to it at 25 fps with your voice delayed to match.")
-    sv.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
-    sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
-    sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
-    sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
-    sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 300)")
-    sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
-    sv.set_defaults(func=_serve)
     return p
 
 

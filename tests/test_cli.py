@@ -30,3 +30,25 @@ def test_bad_config_fails_with_one_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(UserError, match=expect):
             load_config(bad)
+
+
+def test_serve_refuses_bad_starts_with_one_line(tmp_path):
+    import socket
+
+    avatars = tmp_path / "avatars"
+    proc = run_cli("serve", "--model", "nope.onnx", "--avatars", avatars)
+    assert proc.returncode == 2 and "model nope.onnx not found" in proc.stderr
+    assert not avatars.exists()  # failed before any work
+    proc = run_cli("serve", "--avatar", "../up", "--avatars", avatars)
+    assert proc.returncode == 2 and "not allowed" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("live:\n  delay_ms: 100\n")
+    proc = run_cli("serve", "--config", bad)
+    assert proc.returncode == 2 and "live.delay_ms must be at least 233" in proc.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run_cli("serve", "--port", port, "--avatars", avatars, "-q")
+    assert proc.returncode == 2 and "cannot listen" in proc.stderr and "open http" not in proc.stdout
+    assert "Traceback" not in proc.stderr
