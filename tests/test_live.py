@@ -164,3 +164,21 @@ def test_bad_offers_get_clear_errors_and_the_server_keeps_serving(avatar, voice)
     assert statuses == [400, 400, 400, 400, 400, 413, 503], results
     assert "JSON" in results[0][1] and "no audio" in results[4][1] and "full" in results[6][1]
     assert frames > 30 and health[0] == 200
+
+
+def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
+    """10% of the voice packets never arrive: their time is silence, and everything after them stays
+    on its slot (counting samples instead would pull the voice 20 ms earlier per loss, until late)."""
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            return await talk(url, wav, 1.0 + speech_s + 1.5, lose_every=10)
+
+    got, stats = asyncio.run(main())
+    assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
+    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    # the delayed voice still comes back, to its end
+    audio_t = np.array([t for t, _ in got.audio])
+    loud = np.array([np.abs(a).max() for _, a in got.audio])
+    assert loud[audio_t > audio_t[0] + 0.3 + speech_s - 0.5].max() > 0.05

@@ -15,19 +15,23 @@ from aiortc.mediastreams import MediaStreamError
 
 
 class VoiceSource(MediaStreamTrack):
-    """48 kHz mono float voice as 20 ms s16 packets, paced in real time; silence after the end."""
+    """48 kHz mono float voice as 20 ms s16 packets, paced in real time; silence after the end.
+    With `lose_every=k`, every k-th packet is never sent, as on a lossy network."""
 
     kind = "audio"
 
-    def __init__(self, voice: np.ndarray):
+    def __init__(self, voice: np.ndarray, lose_every: int = 0):
         super().__init__()
         self.pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
         self.j = 0
         self.t0 = None
+        self.lose_every = lose_every
 
     async def recv(self):
         if self.t0 is None:
             self.t0 = time.monotonic()
+        if self.lose_every and self.j % self.lose_every == self.lose_every - 1:
+            self.j += 1  # this packet is lost: the next one comes with a timestamp gap
         wait = self.t0 + self.j * 0.02 - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -61,7 +65,7 @@ async def _collect(track, sink, kind):
 
 
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
-               token: str | None = None) -> tuple[Received, dict]:
+               token: str | None = None, lose_every: int = 0) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got = Received()
@@ -71,7 +75,7 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
     def on_track(track):
         tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
 
-    pc.addTransceiver(VoiceSource(voice), direction="sendrecv")
+    pc.addTransceiver(VoiceSource(voice, lose_every), direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"Authorization": f"Bearer {token}"} if token else {}

@@ -75,10 +75,19 @@ class VoiceTrack(MediaStreamTrack):
         return frame
 
 
+MAX_GAP = 5 * VOICE_RATE  # a longer silence from the sender is filled only this far
+
+
 async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
     """Feed a received audio track into the channel until it ends. Reading also keeps aiortc's
-    receive queue from growing without bound."""
+    receive queue from growing without bound.
+
+    Packets are placed by their RTP timestamps, not counted: a lost packet (or a sender's
+    discontinuous transmission in silence) becomes silence in its place. Counting would move every
+    later sample earlier, shrinking the delay by 20 ms per lost packet until voice and lips are late.
+    """
     warned = False
+    expected = None
     while True:
         try:
             frame = await track.recv()
@@ -91,4 +100,12 @@ async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
                 warned = True
             continue
         mono = to_mono_float(frame.to_ndarray().reshape(-1), len(frame.layout.channels))
+        if frame.pts is not None:
+            if expected is not None:
+                gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
+                if gap >= 1 << 31:  # behind: a duplicate or a packet reordered past its turn
+                    continue
+                if gap:
+                    channel.push_voice(np.zeros(min(gap, MAX_GAP), np.float32))
+            expected = (frame.pts + mono.size) % (1 << 32)
         channel.push_voice(mono)
