@@ -70,3 +70,32 @@ def test_channel_timeline_is_exact(avatar):
     # and they rest again after the voice ends (hangover 240 ms + 2 fade frames)
     last_voice_frame = ch.n0 + (lead + speech.size - int(np.argmax(np.abs(speech[::-1]) > 0.02))) // SAMPLES_PER_FRAME
     assert max(changed) <= last_voice_frame + 6 + 2 + 1
+
+
+@pytest.mark.parametrize("skew", [0.005, -0.005])
+def test_sender_clock_drift_is_absorbed_in_silence(avatar, skew):
+    """A sender whose clock runs 0.5% fast or slow (50 times a bad sound card, so the drift shows in
+    seconds): the delay must stay at its target instead of moving 100 ms in 20 s."""
+    x, rate = speak("Here is one phrase, then a pause.")
+    phrase = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    pause = np.zeros(int(1.5 * 48000), np.float32)
+    voice = np.concatenate([pause] + [np.concatenate([phrase, pause])] * 5)
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch.viewers = 1
+    ch.attach_voice("s")
+    n = 0
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000 / (1 + skew)  # the sender's 48 kHz is (1 + skew) x 48 kHz
+        ch.push_voice(voice[k : k + CHUNK])
+        assert worker.drain()
+        while ch.start + n / FPS <= now[0]:
+            ch.video_frame(n)
+            n += 1
+    worker.close()
+    ch.close()
+    d = np.array(ch.delays)
+    assert np.abs(d - 0.3).max() < 0.06, (d.min(), d.max())
+    assert ch.resyncs >= 2, ch.resyncs
+    assert ch.late == 0

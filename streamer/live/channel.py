@@ -6,6 +6,11 @@ i / 25 s on) becomes output frame i + n0, input sample s becomes output sample s
 n0 = ceil((a0 + delay - start) * 25). The mapping never changes: a prediction not ready by its
 frame's deadline is replaced by the idle frame, late voice by silence. So lips and voice cannot
 drift apart and the delay cannot grow, however slow inference is.
+
+The sender's sound card is never exactly 48 kHz (±100 ppm is common: 60 ms in 10 minutes). When the
+voice keeps arriving more than RESYNC_S off its pinned timeline, the pin moves by one whole frame
+(voice and video together, so sync is kept) during silence, where repeating or skipping 40 ms of
+silent input is neither seen nor heard.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ VOICE_RATE = 48000
 SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
 MIN_DELAY_S = LOOKAHEAD_S + 0.02  # lookahead plus one packet
+RESYNC_S = 0.03
 
 
 class Ramp:
@@ -64,6 +70,7 @@ class VoiceIn:
         self.buffer0 = 0
         self.received = 0
         self.arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (first sample, arrival time)
+        self.lateness: deque[float] = deque(maxlen=100)  # per packet, vs the pinned timeline (2 s)
 
 
 class Channel:
@@ -98,6 +105,7 @@ class Channel:
         self.lipsync_frames = 0
         self.late = 0  # speech frames whose mouth was not ready in time (the idle mouth was shown)
         self.speaking = False
+        self.resyncs = 0
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
 
@@ -142,6 +150,9 @@ class Channel:
                      v.n0, 1000 * (self.start + v.n0 / FPS - first))
         v.arrivals.append((v.received, arrival))
         v.received += mono48.size
+        # how late this packet is for its slot (network jitter only ever adds, so the minimum over
+        # the window is the clock offset)
+        v.lateness.append(arrival + self.delay_s - (self.start + (v.received + v.n0 * SAMPLES_PER_FRAME) / VOICE_RATE))
         with self._lock:
             v.buffer = np.concatenate([v.buffer, mono48.astype(np.float32)])
         audio16 = v.resampler.push(mono48)
@@ -149,6 +160,7 @@ class Channel:
             v.windows[i] = w
         for i, speech in v.vad.push(audio16):
             v.speech[i] = speech
+        self._resync(v)
         while v.next_i in v.windows and v.next_i in v.speech:
             i = v.next_i
             window, speech = v.windows.pop(i), v.speech.pop(i)
@@ -160,6 +172,20 @@ class Channel:
             step = i + v.n0
             self._expected.add(step)
             self.worker.submit(Job(self, step, window, strength, self.start + step / FPS))
+
+    def _resync(self, v: VoiceIn) -> None:
+        if len(v.lateness) < v.lateness.maxlen or self.speaking or v.ramp.level > 0:
+            return
+        late = min(v.lateness)
+        if abs(late) <= RESYNC_S:
+            return
+        shift = 1 if late > 0 else -1
+        with self._lock:
+            v.n0 += shift
+        v.lateness.clear()
+        self.resyncs += 1
+        log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame in silence",
+                 self.session, 1000 * late, shift)
 
     # worker thread
 
