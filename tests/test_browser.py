@@ -223,3 +223,37 @@ def test_chromium_publishes_by_whip_and_a_whep_viewer_sees_the_lips(server, tmp_
     avatar = Avatar.load(root / "avatars", "astronaut")
     act = mouth_activity(seen["got"].video, avatar)
     assert np.mean(act > 8) > 0.15, np.round(act, 1)
+
+
+def test_page_says_clearly_when_the_microphone_or_the_server_is_missing(server):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    base = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    with sync_playwright() as p:
+        # no fake microphone and no permission: getUserMedia is refused
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=base)
+        try:
+            page = browser.new_context(permissions=[]).new_page()
+            page.goto(url)
+            page.click("#start")
+            page.wait_for_function("document.getElementById('message').className === 'error'", timeout=10000)
+            text = page.inner_text("#message")
+            assert "microphone" in text.lower(), text
+            assert page.is_enabled("#start")  # the user can try again
+        finally:
+            browser.close()
+        # a microphone, but the server does not answer the offer
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=base + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.route("**/offer", lambda route: route.abort())
+            page.click("#start")
+            page.wait_for_function("document.getElementById('message').className === 'error'", timeout=10000)
+            text = page.inner_text("#message")
+            assert "cannot be reached" in text, text
+            assert page.is_enabled("#start") and not page.is_enabled("#stop")
+        finally:
+            browser.close()
