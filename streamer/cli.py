@@ -87,7 +87,7 @@ def _render(args) -> int:
                            "model.device": args.device, "model.dtype": args.dtype,
                            "render.batch_size": args.batch_size})
     avatar = _avatar(cfg, cfg.avatar.name)
-    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop())
     log.info("engine: %s", engine.name)
     summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
                      vad=_vad(cfg, avatar.fps), force=args.force, progress=not args.quiet, crf=cfg.render.crf)
@@ -109,8 +109,11 @@ def _serve(args) -> int:
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
                            "server.max_sessions": args.max_sessions})
-    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    if cfg.model.path is not None:  # a missing or bad model fails before any avatar work
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
     avatar = _avatar(cfg, cfg.avatar.name)
+    if cfg.model.path is None:
+        engine = load_engine(None, mouth=avatar.mouth_in_crop())
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
     host, port = cfg.server.host, cfg.server.port
 

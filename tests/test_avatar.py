@@ -145,3 +145,16 @@ def test_builtin_engine_moves_only_in_speech():
     assert change[:, 40:].mean() > change[:, :30].mean() + 5  # the lower face moves, not the eyes
     assert change[1, 55:85].mean() > change[0, 55:85].mean()  # louder opens wider
     assert np.array_equal(to_images(eng.predict(speech, faces)), moved.astype(np.uint8))  # deterministic
+
+
+def test_builtin_mouth_follows_the_avatar_landmarks(video_avatar):
+    x, y = video_avatar.mouth_in_crop()
+    assert 0.4 < x < 0.6 and 0.55 < y < 0.72  # the portrait's mouth, for boxes padded as the original
+    crop = np.ascontiguousarray(video_avatar.crops[0])[None]
+    speech = np.zeros((1, 1, 80, 16), np.float32)
+    rows = []
+    for mouth in ((0.5, 0.5), (0.5, 0.75)):
+        moved = to_images(BuiltinEngine(mouth=mouth).predict(speech, face_input(crop)))[0]
+        change = np.abs(moved.astype(np.int16) - crop[0]).sum(axis=(1, 2))
+        rows.append(int(np.argmax(change)))
+    assert rows[0] < rows[1]  # the opening is drawn where the mouth is

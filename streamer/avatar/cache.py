@@ -90,6 +90,14 @@ class Avatar:
     def size(self) -> tuple[int, int]:
         return self.meta["width"], self.meta["height"]
 
+    def mouth_in_crop(self) -> tuple[float, float]:
+        """Where the mouth sits in the face crops, as fractions of the crop (median over frames)."""
+        centre = self.landmarks[:, 3:5].mean(axis=1)  # between the mouth corners
+        size = np.maximum(self.boxes[:, 2:] - self.boxes[:, :2], 1)
+        rel = (centre - self.boxes[:, :2]) / size
+        x, y = np.median(rel, axis=0)
+        return float(np.clip(x, 0.2, 0.8)), float(np.clip(y, 0.3, 0.9))
+
     @classmethod
     def load(cls, root: str | Path, name: str) -> Avatar:
         path = avatar_dir(root, name)

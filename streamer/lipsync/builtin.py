@@ -15,7 +15,7 @@ import numpy as np
 from streamer.audio.mel import FMAX, FMIN, N_MELS, _hz_to_mel
 from streamer.lipsync.engine import check_inputs
 
-MOUTH = (0.5, 0.64)  # mouth centre in crop coordinates (x, y), for boxes padded as the original
+MOUTH = (0.5, 0.64)  # mouth centre in crop coordinates (x, y) when the avatar's landmarks are not given
 
 
 @functools.cache
@@ -37,12 +37,13 @@ class BuiltinEngine:
     device = "cpu"
     dtype = "fp32"
 
-    def __init__(self, face_size: int = 96):
+    def __init__(self, face_size: int = 96, mouth: tuple[float, float] = MOUTH):
         self.face_size = face_size
+        self.mouth = mouth
         s = face_size
         ys, xs = np.mgrid[0:s, 0:s].astype(np.float32)
         self._xs, self._ys = xs, ys
-        cx, cy = MOUTH[0] * s, MOUTH[1] * s
+        cx, cy = mouth[0] * s, mouth[1] * s
         # Jaw region: below the upper lip, within the lower face, falling off smoothly sideways.
         side = np.exp(-(((xs - cx) / (0.26 * s)) ** 2))
         below = np.clip((ys - (cy - 0.03 * s)) / (0.05 * s), 0, 1)

@@ -231,12 +231,13 @@ class Wav2LipInfer:
 
 
 def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "auto",
-                models_dir: str | Path = "models"):
-    """The engine for `model`: a path, or a file name in `models_dir`; None gives the builtin engine."""
+                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None):
+    """The engine for `model`: a path, or a file name in `models_dir`; None gives the builtin engine,
+    which animates the mouth at `mouth` (crop fractions, from the avatar's landmarks) when given."""
     if model is None:
-        from streamer.lipsync.builtin import BuiltinEngine
+        from streamer.lipsync.builtin import MOUTH, BuiltinEngine
 
-        return BuiltinEngine()
+        return BuiltinEngine(mouth=mouth or MOUTH)
     path = Path(model)
     if not path.exists() and not path.is_absolute() and (Path(models_dir) / path).exists():
         path = Path(models_dir) / path
