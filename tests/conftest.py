@@ -48,6 +48,14 @@ def exported(released_checkpoint, tmp_path_factory):
     return paths
 
 
+def write_wav(path, mono, rate: int) -> Path:
+    """Mono float audio as a 16-bit wav (for fake microphones and publishers)."""
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
+        w.writeframes((np.clip(mono, -1, 1) * 32767).astype(np.int16).tobytes())
+    return Path(path)
+
+
 def speak(text: str, voice: str = "en-us", speed: int = 150) -> tuple[np.ndarray, int]:
     """Speech from espeak-ng as (mono float32, sample rate)."""
     if not shutil.which("espeak-ng"):

@@ -8,13 +8,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import speak
+from tests.conftest import speak, write_wav
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
@@ -67,10 +66,7 @@ def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
     x, rate = speak("Hello avatar, please move your lips while I am talking to you right now.")
     # the fake microphone starts at getUserMedia, before the call is connected: lead with silence
     pcm = np.concatenate([np.zeros(int(1.5 * rate)), x, np.zeros(rate)])
-    wav = tmp_path / "speech.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+    wav = write_wav(tmp_path / "speech.wav", pcm, rate)
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}%noloop"]
@@ -187,10 +183,7 @@ def test_chromium_publishes_by_whip_and_a_whep_viewer_sees_the_lips(server, tmp_
     url, log = server
     x, rate = speak("Chromium is publishing this voice with WHIP, and the avatar speaks it.")
     pcm = np.concatenate([np.zeros(int(0.5 * rate)), x, np.zeros(rate)])
-    wav = tmp_path / "whip.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+    wav = write_wav(tmp_path / "whip.wav", pcm, rate)
     args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
             "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
             f"--use-file-for-fake-audio-capture={wav}%noloop"]

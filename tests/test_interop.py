@@ -3,14 +3,13 @@ an aiortc WHEP viewer watches the lips move."""
 
 import asyncio
 import subprocess
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from streamer.live.client import watch
-from tests.conftest import speak
+from tests.conftest import speak, write_wav
 from tests.test_channels import mouth_activity
 from tests.test_live import _until, avatar, serving  # noqa: F401 - fixture
 
@@ -31,10 +30,7 @@ def test_gstreamer_webrtcbin_publishes_and_a_whep_viewer_sees_the_lips(avatar, t
                     "gstreamer1.0-plugins-bad gstreamer1.0-plugins-good gstreamer1.0-nice (.ci/run does)")
     x, rate = speak("Hello from GStreamer. This is a different WebRTC stack, talking to the avatar now.")
     pcm = np.concatenate([np.zeros(rate // 2), x, np.zeros(rate)])
-    wav = tmp_path / "gst.wav"
-    with wave.open(str(wav), "wb") as w:
-        w.setnchannels(1), w.setsampwidth(2), w.setframerate(rate)
-        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
+    wav = write_wav(tmp_path / "gst.wav", pcm, rate)
     seconds = len(pcm) / rate + 0.5
 
     async def main():

@@ -226,8 +226,8 @@ class Channel:
             self.lipsync_frames += 1
         else:
             out = self.frames.get(step)
-            if out is None:
-                out = self._held if self._held is not None else self.frames.get(step, timeout=1.0)
+            if out is None:  # the decoder is behind: hold the last frame rather than wait
+                out = self._held if self._held is not None else self.frames.first
         self.frames.release(step - 2)  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1

@@ -64,17 +64,28 @@ async def _collect(track, sink, kind):
             sink.audio.append((now, pcm.reshape(-1, channels).mean(axis=1)))
 
 
-async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
-               token: str | None = None, lose_every: int = 0) -> tuple[Received, dict]:
-    """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    got = Received()
-    tasks = []
+def _receive(pc: RTCPeerConnection) -> tuple[Received, list[asyncio.Task]]:
+    """Collect every track `pc` receives; returns what arrives and the collecting tasks."""
+    got, tasks = Received(), []
 
     @pc.on("track")
     def on_track(track):
         tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
 
+    return got, tasks
+
+
+async def _stop(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
+               token: str | None = None, lose_every: int = 0) -> tuple[Received, dict]:
+    """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    got, tasks = _receive(pc)
     pc.addTransceiver(VoiceSource(voice, lose_every), direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
@@ -90,9 +101,7 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             stats = await res.json()
         stats["session"] = body["session"]
     await pc.close()
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await _stop(tasks)
     return got, stats
 
 
@@ -115,19 +124,11 @@ async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float
 async def watch(base: str, channel: str, seconds: float, token: str | None = None) -> tuple[Received, str]:
     """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    got = Received()
-    tasks = []
-
-    @pc.on("track")
-    def on_track(track):
-        tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
-
+    got, tasks = _receive(pc)
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     answer = await _whip_whep(pc, base, f"/whep/{channel}", seconds, token)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await _stop(tasks)
     return got, answer
 
 

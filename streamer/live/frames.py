@@ -17,11 +17,11 @@ class FrameStore:
         self._cond = threading.Condition()
         self._low = 0
         self._closed = False
-        self._still = None
         self._reader = None
-        if avatar.frames == 1:
-            self._still = next(iter(avatar.read_frames(0, count=1)))[2]
-        else:
+        # decoded now, so a channel always has a frame to show (build channels off the event loop)
+        self.first = next(iter(avatar.read_frames(0, count=1)))[2]
+        self._still = self.first if avatar.frames == 1 else None
+        if self._still is None:
             self._thread = threading.Thread(target=self._run, name=f"decode-{avatar.name}", daemon=True)
             self._thread.start()
 

@@ -20,28 +20,32 @@ VIDEO_CLOCK = 90000
 BEHIND_S = 0.1  # this far behind its slot, a track skips ahead instead of sending stale frames
 
 
+async def _pace(ch: Channel, last: int | None, period: float) -> int:
+    """The next slot to send (the one after `last`, or the current one if that is long past), once due."""
+    now = ch.clock()
+    due = int((now - ch.start) / period)
+    n = due if last is None or now - (ch.start + (last + 1) * period) > BEHIND_S else last + 1
+    wait = ch.start + n * period - now
+    if wait > 0:
+        await asyncio.sleep(wait)
+    return n
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
     def __init__(self, channel: Channel):
         super().__init__()
         self.channel = channel
-        self._n = None
+        self._last = None
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        ch = self.channel
-        now = ch.clock()
-        due = int((now - ch.start) * FPS)
-        n = due if self._n is None or now - (ch.start + self._n / FPS) > BEHIND_S else self._n
-        wait = ch.start + n / FPS - now
-        if wait > 0:
-            await asyncio.sleep(wait)
-        frame = av.VideoFrame.from_ndarray(ch.video_frame(n), format="bgr24")
+        n = self._last = await _pace(self.channel, self._last, 1 / FPS)
+        frame = av.VideoFrame.from_ndarray(self.channel.video_frame(n), format="bgr24")
         frame.pts = n * (VIDEO_CLOCK // FPS)
         frame.time_base = Fraction(1, VIDEO_CLOCK)
-        self._n = n + 1
         return frame
 
 
@@ -53,25 +57,17 @@ class VoiceTrack(MediaStreamTrack):
     def __init__(self, channel: Channel):
         super().__init__()
         self.channel = channel
-        self._j = None
+        self._last = None
 
     async def recv(self) -> av.AudioFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        ch = self.channel
-        now = ch.clock()
-        per = CHUNK / VOICE_RATE
-        due = int((now - ch.start) / per)
-        j = due if self._j is None or now - (ch.start + self._j * per) > BEHIND_S else self._j
-        wait = ch.start + j * per - now
-        if wait > 0:
-            await asyncio.sleep(wait)
-        pcm = np.round(np.clip(ch.voice_chunk(j), -1, 1) * 32767).astype(np.int16)[None]
+        j = self._last = await _pace(self.channel, self._last, CHUNK / VOICE_RATE)
+        pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)[None]
         frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
         frame.sample_rate = VOICE_RATE
         frame.pts = j * CHUNK
         frame.time_base = Fraction(1, VOICE_RATE)
-        self._j = j + 1
         return frame
 
 

@@ -127,17 +127,23 @@ class Server:
         stun = self.cfg.server.stun
         return RTCConfiguration(iceServers=[RTCIceServer(urls=[stun])] if stun else [])
 
-    def channel(self, name: str) -> Channel:
+    async def channel(self, name: str) -> Channel:
+        """The channel `name`, opened if needed (off the event loop: it decodes the avatar's first frame)."""
         ch = self.channels.get(name)
-        if ch is None:
-            a = self.cfg.audio
-            vad = lambda: VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms,  # noqa: E731
-                                        a.vad_hangover_ms, fps=FPS, min_snr_db=a.vad_min_snr_db)
-            ch = Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000, vad_factory=vad,
-                         fade=self.cfg.live.fade_frames)
-            ch.on_delay = self.metrics.delay.observe
-            self.channels[name] = ch
-            log.info("channel %s opened", name)
+        if ch is not None:
+            return ch
+        a = self.cfg.audio
+        vad = lambda: VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms,  # noqa: E731
+                                    a.vad_hangover_ms, fps=FPS, min_snr_db=a.vad_min_snr_db)
+        ch = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000,
+                                  vad_factory=vad, fade=self.cfg.live.fade_frames))
+        if name in self.channels:  # opened meanwhile by another request
+            ch.close()
+            return self.channels[name]
+        ch.on_delay = self.metrics.delay.observe
+        self.channels[name] = ch
+        log.info("channel %s opened", name)
         return ch
 
     def _release(self, ch: Channel) -> None:
@@ -161,12 +167,11 @@ class Server:
             return None, error(503, f"server is full ({self.cfg.server.max_viewers} viewers); try again later")
         if kind != "whep" and "m=audio" not in sdp:
             return None, error(400, "the offer has no audio: the avatar needs a voice to lip-sync to")
-        existing = self.channels.get(channel_name)
-        if kind != "whep" and existing is not None and existing.publisher is not None:
+        ch = await self.channel(channel_name)
+        if kind != "whep" and ch.publisher is not None:
             return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
 
         sid = secrets.token_urlsafe(8)
-        ch = self.channel(channel_name)
         pc = RTCPeerConnection(self._ice())
         session = Session(sid, kind, pc, ch)
         self.sessions[sid] = session
