@@ -294,8 +294,8 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions: int = 1, viewers: int = 0,
-              log=print) -> list[tuple[str, str]]:
+def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions: int = 1,
+              viewers: int = 0) -> list[tuple[str, str]]:
     """Real sessions on this machine: `streamer serve` in its own process; in this one, aiortc clients
     (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel) over the
     host address. The server's CPU is measured apart from the clients' (which decode every frame)."""

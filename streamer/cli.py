@@ -49,14 +49,6 @@ def _config(args, **flags):
     return load_config(args.config, flags)
 
 
-def _vad(cfg, fps):
-    from streamer.audio import VoiceActivity
-
-    a = cfg.audio
-    return VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms, a.vad_hangover_ms, fps=fps,
-                         min_snr_db=a.vad_min_snr_db)
-
-
 def _avatar(cfg, name):
     from streamer.avatar.cache import DEMO_NAME, Avatar, avatar_dir, demo_avatar
 
@@ -90,7 +82,7 @@ def _render(args) -> int:
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop())
     log.info("engine: %s", engine.name)
     summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
-                     vad=_vad(cfg, avatar.fps), force=args.force, progress=not args.quiet, crf=cfg.render.crf)
+                     vad=cfg.audio.voice_activity(avatar.fps), force=args.force, progress=not args.quiet, crf=cfg.render.crf)
     print(f"wrote {args.out}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['seconds']:.2f} s, "
           f"mouth animated in {summary['speech_frames']} frames")
     return 0

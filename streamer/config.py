@@ -36,6 +36,13 @@ class AudioConfig:
     vad_min_snr_db: float = _opt(9.0, "speech must be this much louder than the noise floor of the last 2 s "
                                       "(0: off; steady noise then counts as speech)", min=0.0, max=40.0)
 
+    def voice_activity(self, fps: float):
+        """A VoiceActivity detector with these settings, deciding per video frame at `fps`."""
+        from streamer.audio import VoiceActivity
+
+        return VoiceActivity(self.vad_aggressiveness, self.vad_frame_ms, self.vad_preroll_ms, self.vad_hangover_ms,
+                             fps=fps, min_snr_db=self.vad_min_snr_db)
+
 
 @dataclass
 class AvatarConfig:

@@ -8,7 +8,6 @@ import pytest
 from streamer.avatar.blend import blend, lower_face_mask
 from streamer.avatar.cache import Avatar, PrepareSettings, ping_pong, prepare
 from streamer.avatar.detect import FaceDetector
-from streamer.errors import UserError
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.lipsync.engine import face_input, to_images
 from tests.conftest import ASTRONAUT, decode_video, run_cli
@@ -42,7 +41,7 @@ def test_prepare_video_caches_what_the_live_path_needs(video_avatar, talk_video)
     assert np.all(np.abs(np.diff(centres)) < 4)
     # the full frames are kept losslessly: equal to the decoded source
     source = decode_video(talk_video)
-    for step, src, frame in a.read_frames(0, count=5):
+    for _, src, frame in a.read_frames(0, count=5):
         assert np.array_equal(frame, source[src])
 
 
@@ -55,7 +54,7 @@ def test_frames_loop_forward_then_backward(video_avatar):
     assert max(abs(a - b) for a, b in zip(got, got[1:])) == 1  # never jumps
     # starting mid-loop, backwards, gives the same frames as reading from the start
     frames = {src: f for _, src, f in video_avatar.read_frames(0, count=n)}
-    for step, src, frame in video_avatar.read_frames(n + 10, count=20):
+    for _, src, frame in video_avatar.read_frames(n + 10, count=20):
         assert np.array_equal(frame, frames[src])
 
 

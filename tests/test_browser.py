@@ -16,6 +16,13 @@ import pytest
 from tests.conftest import speak, write_wav
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+HEADLESS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+FAKE_MIC = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+
+
+def mic_from(wav) -> list[str]:
+    """Chromium flags for a fake microphone that plays `wav` once when getUserMedia resolves."""
+    return HEADLESS + FAKE_MIC + [f"--use-file-for-fake-audio-capture={wav}%noloop"]
 ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
 PROBE = """async () => { const v = document.querySelector('video'); let fd = 0;
   (await window.pc.getStats()).forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') fd = r.framesDecoded; });
@@ -67,12 +74,9 @@ def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
     # the fake microphone starts at getUserMedia, before the call is connected: lead with silence
     pcm = np.concatenate([np.zeros(int(1.5 * rate)), x, np.zeros(rate)])
     wav = write_wav(tmp_path / "speech.wav", pcm, rate)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop"]
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=mic_from(wav))
         try:
             page = browser.new_page(viewport={"width": 800, "height": 900})
             page.goto(url)
@@ -123,8 +127,7 @@ def test_obs_viewer_page_watches_a_channel(server, tmp_path):
     try:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                                              "--no-first-run", "--autoplay-policy=no-user-gesture-required"])
+                                        args=HEADLESS + ["--autoplay-policy=no-user-gesture-required"])
             try:
                 page = browser.new_page(viewport={"width": 640, "height": 480})
                 page.goto(url + "viewer.html?channel=tv&key=%2300ff00")
@@ -184,9 +187,6 @@ def test_chromium_publishes_by_whip_and_a_whep_viewer_sees_the_lips(server, tmp_
     x, rate = speak("Chromium is publishing this voice with WHIP, and the avatar speaks it.")
     pcm = np.concatenate([np.zeros(int(0.5 * rate)), x, np.zeros(rate)])
     wav = write_wav(tmp_path / "whip.wav", pcm, rate)
-    args = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run",
-            "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-            f"--use-file-for-fake-audio-capture={wav}%noloop"]
     seen = {}
     import threading
 
@@ -196,7 +196,7 @@ def test_chromium_publishes_by_whip_and_a_whep_viewer_sees_the_lips(server, tmp_
     time.sleep(1.0)
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=args)
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=mic_from(wav))
             try:
                 page = browser.new_page()
                 page.goto(url + "viewer.html?channel=unused&muted=1")  # any page of the server's origin
@@ -222,10 +222,9 @@ def test_page_says_clearly_when_the_microphone_or_the_server_is_missing(server):
     from playwright.sync_api import sync_playwright
 
     url, _ = server
-    base = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
     with sync_playwright() as p:
         # no fake microphone and no permission: getUserMedia is refused
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=base)
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=HEADLESS)
         try:
             page = browser.new_context(permissions=[]).new_page()
             page.goto(url)
@@ -238,7 +237,7 @@ def test_page_says_clearly_when_the_microphone_or_the_server_is_missing(server):
             browser.close()
         # a microphone, but the server does not answer the offer
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                    args=base + ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"])
+                                    args=HEADLESS + FAKE_MIC)
         try:
             page = browser.new_page()
             page.goto(url)

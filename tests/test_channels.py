@@ -4,7 +4,6 @@ import asyncio
 
 import aiohttp
 import numpy as np
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.live.client import publish, talk, watch

@@ -78,8 +78,8 @@ def frames_to_mel(frames: np.ndarray) -> np.ndarray:
     return np.clip(8 * ((db + 100) / 100) - 4, -4, 4).astype(np.float32)
 
 
-def _slices(padded: np.ndarray, first: int, count: int) -> np.ndarray:
-    """STFT frames first..first+count-1 of an already padded signal starting at frame `first`'s origin."""
+def _slices(padded: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` STFT frames of a padded signal that starts at the first frame's origin."""
     view = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[::HOP]
     return view[:count]
 
@@ -91,7 +91,7 @@ def melspectrogram(wav: np.ndarray) -> np.ndarray:
         return np.zeros((N_MELS, 0), np.float32)
     padded = np.pad(preemphasis(wav), N_FFT // 2, mode="reflect")
     count = 1 + wav.size // HOP
-    return frames_to_mel(_slices(padded, 0, count))
+    return frames_to_mel(_slices(padded, count))
 
 
 def window_start(i: int, fps: float) -> int:
@@ -190,7 +190,7 @@ class MelStream:
             return
         t0 = self._frames_done
         sig = self._signal(HOP * t0 - N_FFT // 2, HOP * (upto - 1) + N_FFT // 2, final)
-        cols = frames_to_mel(_slices(sig, t0, upto - t0))
+        cols = frames_to_mel(_slices(sig, upto - t0))
         self._mel = np.concatenate([self._mel, cols], axis=1)
         self._frames_done = upto
         keep_from = max(0, HOP * upto - N_FFT // 2)

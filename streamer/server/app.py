@@ -23,7 +23,6 @@ from aiohttp import web
 from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.rtcrtpsender import RTCRtpSender
 
-from streamer.audio import VoiceActivity
 from streamer.avatar.cache import NAME_RE
 from streamer.config import Config
 from streamer.live.channel import FPS, Channel
@@ -132,12 +131,9 @@ class Server:
         ch = self.channels.get(name)
         if ch is not None:
             return ch
-        a = self.cfg.audio
-        vad = lambda: VoiceActivity(a.vad_aggressiveness, a.vad_frame_ms, a.vad_preroll_ms,  # noqa: E731
-                                    a.vad_hangover_ms, fps=FPS, min_snr_db=a.vad_min_snr_db)
         ch = await asyncio.get_running_loop().run_in_executor(
             None, lambda: Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000,
-                                  vad_factory=vad, fade=self.cfg.live.fade_frames))
+                                  vad_factory=lambda: self.cfg.audio.voice_activity(FPS), fade=self.cfg.live.fade_frames))
         if name in self.channels:  # opened meanwhile by another request
             ch.close()
             return self.channels[name]
