@@ -14,7 +14,6 @@ from streamer.audio import VoiceActivity, mel_windows, melspectrogram, resample
 from streamer.avatar.blend import blend
 from streamer.avatar.cache import Avatar, crop
 from streamer.errors import UserError
-from streamer.lipsync.engine import face_input, to_images
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +140,7 @@ def _animate(batch, avatar: Avatar, engine, windows, strength, size):
         return images
     crops = np.stack([avatar.crops[batch[k][1]] if avatar.crops.shape[1] == size
                       else crop(batch[k][2], avatar.boxes[batch[k][1]], size) for k in todo])
-    mel = windows[[batch[k][0] for k in todo]][:, None]
-    preds = to_images(engine.predict(mel, face_input(crops)))
+    preds = engine.predict_crops(windows[[batch[k][0] for k in todo]], crops)
     for k, pred, c in zip(todo, preds, crops):
         step, src, frame = batch[k]
         images[k] = blend(frame, avatar.boxes[src], pred, strength=float(strength[step]), crop=c)

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from streamer.audio.mel import FMAX, FMIN, N_MELS, _hz_to_mel
-from streamer.lipsync.engine import check_inputs
+from streamer.lipsync.engine import check_inputs, predict_crops
 
 MOUTH = (0.5, 0.64)  # mouth centre in crop coordinates (x, y) when the avatar's landmarks are not given
 
@@ -63,6 +63,9 @@ class BuiltinEngine:
             ref = np.ascontiguousarray(faces[b, 3:].transpose(1, 2, 0))
             out[b] = self._animate(ref, float(opening)).transpose(2, 0, 1)
         return out
+
+    def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        return predict_crops(self, windows, crops)
 
     def warmup(self, batch_sizes=(1,)) -> float:
         return 0.0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("auto", "cuda", "cpu")
 DTYPES = ("auto", "fp16", "fp32")
+ORT_CUDA_GRAPHS = os.environ.get("STREAMER_ORT_CUDA_GRAPHS", "1") != "0"  # 0: plain IO-bound runs
 
 
 def cuda_available() -> bool:
@@ -54,6 +56,21 @@ def face_input(crops: np.ndarray) -> np.ndarray:
     masked = ref.copy()
     masked[:, :, crops.shape[1] // 2 :] = 0
     return np.concatenate([masked, ref], axis=1)
+
+
+def predict_crops(engine, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+    """windows (B,80,16) + crops (B,S,S,3) uint8 -> mouths (B,S,S,3) uint8, through `engine.predict`."""
+    return to_images(engine.predict(windows[:, None], face_input(crops)))
+
+
+def _torch_cuda_stream():
+    """A torch CUDA stream for onnxruntime to share, or None without CUDA torch."""
+    try:
+        import torch
+
+        return torch.cuda.Stream() if torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a CPU-only or broken torch: onnxruntime copies by itself
+        return None
 
 
 def check_inputs(mel: np.ndarray, faces: np.ndarray, size: int) -> None:
@@ -151,6 +168,7 @@ class Wav2LipInfer:
         if threads:
             opts.intra_op_num_threads = threads
         providers = ["CPUExecutionProvider"]
+        stream = None
         if self.device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("onnxruntime has no CUDA provider here; install onnxruntime-gpu "
@@ -160,7 +178,14 @@ class Wav2LipInfer:
                     ort.preload_dlls()
                 except Exception:  # noqa: BLE001 - missing pip CUDA libs: the system ones may do
                     pass
-            providers = [("CUDAExecutionProvider", {"cudnn_conv_algo_search": "HEURISTIC"}), "CPUExecutionProvider"]
+            # NHWC kernels: 1.3-1.5x faster on tensor cores (measured, BENCHMARKS.md)
+            cuda_opts = {"cudnn_conv_algo_search": "HEURISTIC", "prefer_nhwc": "1"}
+            stream = _torch_cuda_stream()
+            if stream is not None:  # torch and onnxruntime on one stream: the IO-bound path below
+                cuda_opts["user_compute_stream"] = str(stream.cuda_stream)
+                if ORT_CUDA_GRAPHS:
+                    cuda_opts["enable_cuda_graph"] = "1"
+            providers = [("CUDAExecutionProvider", cuda_opts), "CPUExecutionProvider"]
         try:
             sess = ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
         except Exception as e:  # noqa: BLE001
@@ -175,6 +200,12 @@ class Wav2LipInfer:
         except ValueError as e:
             raise UserError(f"{self.path.name}: {e}") from None
         self._sess = sess
+        self._batcher = None
+        if self.device == "cuda" and stream is not None:
+            from streamer.lipsync.cuda_io import ort_runner
+
+            self._batcher = ort_runner(sess, mel_name, face_name, sess.get_outputs()[0].name, self.face_size,
+                                       dtype, stream, graphs=ORT_CUDA_GRAPHS)
 
         def run(mel, faces):
             feeds = {mel_name: mel.astype(self._np_dtype, copy=False),
@@ -196,6 +227,11 @@ class Wav2LipInfer:
             model = model.to(memory_format=torch.channels_last)
         self.face_size = int(getattr(model, "face_size", 96))
         self._module = model
+        self._batcher = None
+        if self.device == "cuda":
+            from streamer.lipsync.cuda_io import graph_runner
+
+            self._batcher = graph_runner(model, self.face_size, dtype)
 
         def run(mel, faces):
             with torch.inference_mode():
@@ -217,11 +253,22 @@ class Wav2LipInfer:
         """Mouths for B frames: see the module docstring for shapes and ranges."""
         check_inputs(mel, faces, self.face_size)
         with self._lock:
-            out = self._run(mel, faces)
+            out = self._batcher.predict(mel, faces) if self._batcher else self._run(mel, faces)
         return np.asarray(out, dtype=np.float32)
 
+    def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        """What live and render need: windows (B,80,16) and crops (B,S,S,3) uint8 BGR -> mouths
+        (B,S,S,3) uint8 BGR. Equal to `to_images(predict(windows[:, None], face_input(crops)))`; on a
+        GPU the crops cross the bus as uint8 and are masked and scaled there."""
+        if self._batcher is None:
+            return predict_crops(self, windows, crops)
+        check_inputs(windows[:, None], np.empty((len(crops), 6, *crops.shape[1:3])), self.face_size)
+        with self._lock:
+            return self._batcher.predict_crops(windows, crops)
+
     def warmup(self, batch_sizes=(1,)) -> float:
-        """Run once per batch size so the first real call is not slow; returns seconds spent."""
+        """Run once per batch size so the first real call is not slow (on a GPU: buffers allocated and
+        CUDA graphs captured); returns seconds spent."""
         t = time.perf_counter()
         for b in batch_sizes:
             size = self.face_size
