@@ -16,8 +16,9 @@ import yaml
 from streamer.errors import UserError
 
 
-def _opt(default, help: str, choices=None, min=None, max=None):  # noqa: A002 - mirrors argparse
-    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max})
+def _opt(default, help: str, choices=None, min=None, max=None, auto=False):  # noqa: A002 - mirrors argparse
+    """A setting; `auto=True` lets it also be the word "auto" (chosen at run time)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "min": min, "max": max, "auto": auto})
 
 
 @dataclass
@@ -71,8 +72,9 @@ class ServerConfig:
 
 @dataclass
 class LiveConfig:
-    delay_ms: int = _opt(300, "voice-in to lips-out delay; at least the model's 233 ms lookahead, the rest is "
-                              "the budget for inference, blending and encoding", min=233, max=3000)
+    delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the model's 233 ms lookahead; the "
+                                       "rest is the budget for inference. auto: lookahead + what this machine's "
+                                       "measured inference needs to keep up (at most 500), set when a voice starts", min=233, max=3000, auto=True)
     max_batch: int = _opt(8, "most frames in one inference call, across all sessions", min=1, max=256)
     fade_frames: int = _opt(2, "frames over which the mouth fades into and out of speech", min=0, max=12)
 
@@ -91,6 +93,10 @@ _KIND_WORDS = {bool: "true or false", int: "a whole number", float: "a number", 
 
 
 def _check(name: str, f: dataclasses.Field, hint, value):
+    if f.metadata.get("auto"):
+        if value == "auto":
+            return value
+        hint = int
     kinds = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
     optional = type(None) in kinds
     (kind,) = kinds - {type(None)}

@@ -99,3 +99,34 @@ def test_sender_clock_drift_is_absorbed_in_silence(avatar, skew):
     assert np.abs(d - 0.3).max() < 0.06, (d.min(), d.max())
     assert ch.resyncs >= 2, ch.resyncs
     assert ch.late == 0
+
+
+def test_auto_delay_widens_in_silence_when_mouths_come_late(avatar):
+    """Auto delay starts from the measured inference time; when mouths still come late (here: a worker
+    that never answers), the delay grows a frame at a time in the pauses, voice and video together,
+    up to its cap, and the voice-in to lips-out delay measured per frame follows it."""
+    from streamer.live.channel import AUTO_MAX_S
+
+    x, rate = speak("Here is one phrase, then a pause.")
+    phrase = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    pause = np.zeros(int(1.0 * 48000), np.float32)
+    voice = np.concatenate([pause] + [np.concatenate([phrase, pause])] * 4)
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    worker.close()  # nothing is ever inferred: every speech frame is late
+    ch = Channel("c", avatar, worker, delay_s=None, clock=lambda: now[0])
+    first = ch.delay_s
+    ch.viewers = 1
+    ch.attach_voice("s")
+    n = 0
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000
+        ch.push_voice(voice[k : k + CHUNK])
+        while ch.start + n / FPS <= now[0]:
+            ch.video_frame(n)
+            n += 1
+    ch.close()
+    assert first < 0.27  # the builtin engine needs almost nothing beyond the lookahead and margin
+    assert first + 2 / FPS - 1e-9 <= ch.delay_s <= AUTO_MAX_S
+    assert abs(ch.delays[-1] - ch.delay_s) < 0.021  # the timeline moved with it
+    assert ch.lipsync_frames == 0 and ch.late > 100

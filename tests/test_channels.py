@@ -6,6 +6,7 @@ import aiohttp
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
+from streamer.live.channel import MIN_DELAY_S
 from streamer.live.client import publish, talk, watch
 from tests.test_live import _offer_sdp, _until, avatar, mouth, serving, voice  # noqa: F401 - fixtures
 
@@ -135,6 +136,6 @@ def test_token_and_metrics(avatar, voice):  # noqa: F811
         assert name in families, (name, sorted(families))
     delay = {s.name: s.value for s in families["streamer_delay_seconds"].samples}
     assert delay["streamer_delay_seconds_count"] > 20
-    assert 0.25 < delay["streamer_delay_seconds_sum"] / delay["streamer_delay_seconds_count"] < 0.4
+    assert MIN_DELAY_S < delay["streamer_delay_seconds_sum"] / delay["streamer_delay_seconds_count"] < 0.4
     batches = {s.name: s.value for s in families["streamer_inference_batch_size"].samples}
     assert batches["streamer_inference_batch_size_count"] > 10

@@ -1,6 +1,7 @@
 import asyncio
 import contextlib
 import threading
+import time
 
 import aiohttp
 import numpy as np
@@ -36,9 +37,9 @@ def voice():
 
 
 @contextlib.asynccontextmanager
-async def serving(avatar, **settings):
+async def serving(avatar, engine=None, **settings):
     cfg = load_config(None, settings)
-    server = Server(cfg, BuiltinEngine(), avatar)
+    server = Server(cfg, engine or BuiltinEngine(), avatar)
     runner = web.AppRunner(server.app())
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -182,3 +183,58 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
     audio_t = np.array([t for t, _ in got.audio])
     loud = np.array([np.abs(a).max() for _, a in got.audio])
     assert loud[audio_t > audio_t[0] + 0.3 + speech_s - 0.5].max() > 0.05
+
+
+class SlowToStart:
+    """A video avatar whose frame decoder takes `delay` s to deliver its first frames (a cold disk, a
+    long keyframe group)."""
+
+    def __init__(self, avatar, delay: float):
+        self._avatar, self._delay = avatar, delay
+
+    def __getattr__(self, name):
+        return getattr(self._avatar, name)
+
+    def read_frames(self, start=0, count=None, **kw):
+        frames = self._avatar.read_frames(start, count=count, **kw)
+        if count is None:  # the channel's decode-ahead thread, not its first still
+            time.sleep(self._delay)
+        yield from frames
+
+
+@pytest.fixture(scope="module")
+def video_avatar(talk_video, tmp_path_factory):
+    from streamer.avatar.cache import prepare
+
+    return prepare(talk_video, "talk", tmp_path_factory.mktemp("avatars"), progress=False)
+
+
+@pytest.mark.parametrize("case", ["onnx", "onnx-talks-at-once", "pth", "onnx-slow-decoder"])
+def test_wav2lip_live_lipsyncs_as_much_as_its_engine_can(case, exported, released_checkpoint, avatar,
+                                                          video_avatar, voice):
+    """Every Wav2Lip engine the README documents, live: after warm-up the worker knows its speed, and
+    the share of speech frames lip-synced in time is what that speed allows (before: 0 after one slow
+    first batch, or with a decoder slow to start). A client that talks at once gets no grace second."""
+    from streamer.lipsync.engine import Wav2LipInfer
+
+    wav, speech_s = voice
+    if case == "onnx-talks-at-once":
+        wav = wav[48000:]
+    engine = Wav2LipInfer(released_checkpoint if case == "pth" else exported["fp16"], device="cpu")
+    face = SlowToStart(video_avatar, 1.5) if case == "onnx-slow-decoder" else avatar
+
+    async def main():
+        async with serving(face, engine=engine) as (server, url):
+            got, stats = await talk(url, wav, wav.size / 48000 - 1.0)
+            return got, stats, server.worker.cost.known()
+
+    got, stats, cost = asyncio.run(main())
+    capacity = 1 / cost[1]  # frames a second the engine does here one at a time, as speech comes
+    speech = stats["lipsync_frames"] + stats["late_frames"]
+    share = stats["lipsync_frames"] / max(1, speech)
+    print(f"{engine.name}: {capacity:.1f} frames/s at batch 1 after warm-up; {stats}")
+    assert speech > 60, stats
+    assert share >= 0.6 * min(1.0, capacity / 25), (share, capacity)
+    times = np.array([t for t, _ in got.video])
+    fps = (len(times) - 1) / (times[-1] - times[0])
+    assert 24 <= fps <= 26, fps

@@ -29,7 +29,7 @@ from streamer.audio.mel import LOOKAHEAD_S
 from streamer.avatar.blend import blend
 from streamer.avatar.cache import Avatar, crop, ping_pong
 from streamer.live.frames import FrameStore
-from streamer.live.worker import InferenceWorker, Job
+from streamer.live.worker import InferenceWorker, Request
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,22 @@ SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
 MIN_DELAY_S = LOOKAHEAD_S + 0.02  # lookahead plus one packet
 RESYNC_S = 0.03
+AUTO_MARGIN_S = 0.03  # network jitter (a lost packet holds a window back 20 ms) and event-loop lag
+AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
+AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
+AUTO_WINDOW = 25  # speech frames judged at least before widening again
+HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
+
+
+def auto_delay(worker: InferenceWorker) -> float:
+    """The least delay that leaves inference its room: the lookahead and one packet, then twice the time
+    of the smallest batch at which the worker keeps up with 25 fps (a frame may wait for the call in
+    flight, then its own), and a margin; at most AUTO_MAX_S. An engine slower than real time at
+    every batch size gets its fastest batch and does what it can."""
+    cost = worker.cost.estimate
+    keeps_up = [n for n in worker.sizes if cost(n) <= n / FPS]
+    n = keeps_up[0] if keeps_up else max(worker.sizes, key=lambda n: n / max(cost(n), 1e-9))
+    return min(AUTO_MAX_S, MIN_DELAY_S + 2 * cost(n) + AUTO_MARGIN_S)
 
 
 class Ramp:
@@ -77,14 +93,16 @@ class Channel:
     """One avatar stream: at most one voice drives it, any number of viewers watch it. Its outputs
     are computed once per frame and shared by every viewer."""
 
-    def __init__(self, name: str, avatar: Avatar, worker: InferenceWorker, delay_s: float = 0.3,
+    def __init__(self, name: str, avatar: Avatar, worker: InferenceWorker, delay_s: float | None = 0.3,
                  vad_factory=None, fade: int = 2, clock=time.monotonic):
-        if delay_s < MIN_DELAY_S:
+        """delay_s None: `auto_delay`, set anew when each voice starts."""
+        if delay_s is not None and delay_s < MIN_DELAY_S:
             raise ValueError(f"delay must be at least {MIN_DELAY_S * 1000:.0f} ms (the model's lookahead)")
         self.name = name
         self.avatar = avatar
         self.worker = worker
-        self.delay_s = delay_s
+        self.auto = delay_s is None
+        self.delay_s = auto_delay(worker) if self.auto else delay_s
         self.clock = clock
         self.fade = fade
         self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
@@ -94,19 +112,22 @@ class Channel:
         self.voice: VoiceIn | None = None
         self.publisher: str | None = None  # session id of the voice source
         self.viewers = 0
-        self._ready: dict[int, np.ndarray] = {}
+        self._faces: dict[int, np.ndarray] = {}  # step -> mouth from the worker, not yet shown
+        self._last_face: tuple[int, np.ndarray] | None = None  # (step, mouth) last shown
         self._lock = threading.Lock()
         self._held: np.ndarray | None = None
         self._video_memo: dict[int, np.ndarray] = {}
         self._voice_memo: dict[int, np.ndarray] = {}
-        self._expected: set[int] = set()
+        self._expected: dict[int, tuple[float, np.ndarray]] = {}  # speech step -> (strength, crop)
         # what users see: counters and recent delays
         self.sent = 0
         self.lipsync_frames = 0
-        self.late = 0  # speech frames whose mouth was not ready in time (the idle mouth was shown)
+        self.late = 0  # speech frames whose own mouth was not ready in time
+        self.held = 0  # of those, frames shown with the last mouth instead of the idle one
         self.speaking = False
         self.resyncs = 0
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
+        self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
 
     @property
@@ -121,6 +142,9 @@ class Channel:
             self.publisher = session
             self.voice = VoiceIn(self._vad_factory(), self.fade)
             self.speaking = False
+            if self.auto:
+                self.delay_s = auto_delay(self.worker)
+                self._recent.clear()
 
     def detach_voice(self, session: str) -> None:
         with self._lock:
@@ -161,6 +185,7 @@ class Channel:
         for i, speech in v.vad.push(audio16):
             v.speech[i] = speech
         self._resync(v)
+        self._widen(v)
         while v.next_i in v.windows and v.next_i in v.speech:
             i = v.next_i
             window, speech = v.windows.pop(i), v.speech.pop(i)
@@ -170,8 +195,10 @@ class Channel:
             if strength <= 0 or self.viewers == 0:  # nobody watching: no inference
                 continue
             step = i + v.n0
-            self._expected.add(step)
-            self.worker.submit(Job(self, step, window, strength, self.start + step / FPS))
+            face = self._crop(step)
+            self._expected[step] = (strength, face)
+            if face is not None:
+                self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
 
     def _resync(self, v: VoiceIn) -> None:
         if len(v.lateness) < v.lateness.maxlen or self.speaking or v.ramp.level > 0:
@@ -187,47 +214,78 @@ class Channel:
         log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame in silence",
                  self.session, 1000 * late, shift)
 
-    # worker thread
+    def _widen(self, v: VoiceIn) -> None:
+        """Auto delay: the first estimate counts inference only. When more than AUTO_LATE_SHARE of the
+        recent speech frames still missed their mouth (a loaded machine, a busy event loop), the delay
+        grows by one frame, in silence as a drift correction does, up to AUTO_MAX_S."""
+        if not self.auto or self.speaking or v.ramp.level > 0 or len(self._recent) < AUTO_WINDOW:
+            return
+        if self._recent.count(False) <= AUTO_LATE_SHARE * len(self._recent) or self.delay_s + 1 / FPS > AUTO_MAX_S:
+            return
+        with self._lock:
+            v.n0 += 1
+        self.delay_s += 1 / FPS
+        self._recent.clear()
+        log.info("[%s] mouths came late: auto delay widened to %.0f ms in silence", self.session, 1000 * self.delay_s)
 
-    def crop(self, step: int, size: int) -> np.ndarray:
+    def _crop(self, step: int) -> np.ndarray | None:
+        """The face crop inference needs for output frame `step`: from the avatar's cache when it holds
+        the engine's size, else cut from the decoded frame (None if the decoder is behind)."""
         src = ping_pong(step, self.avatar.frames)
+        size = self.worker.engine.face_size
         if self.avatar.crops.shape[1] == size:
             return np.asarray(self.avatar.crops[src])
-        frame = self.frames.get(step, timeout=0.2)
-        return crop(frame, self.avatar.boxes[src], size)
+        frame = self.frames.get(step)
+        return None if frame is None else crop(frame, self.avatar.boxes[src], size)
 
-    def deliver(self, step: int, pred: np.ndarray, crop_img: np.ndarray, strength: float) -> None:
-        frame = self.frames.get(step, timeout=0.2)
-        if frame is None:
-            return
-        src = ping_pong(step, self.avatar.frames)
-        out = blend(frame, self.avatar.boxes[src], pred, strength=strength, crop=crop_img)
+    # worker thread
+
+    def accept(self, step: int, face: np.ndarray) -> None:
+        """A mouth from the inference worker."""
         with self._lock:
             if not self.closed:
-                self._ready[step] = out
+                self._faces[step] = face
 
     # tracks (event loop)
 
     def video_frame(self, step: int) -> np.ndarray:
-        """Output frame `step`: the lip-synced one if ready in time, else the idle one. Computed once;
-        every viewer asking for the same step gets the same frame."""
+        """Output frame `step`, computed once; every viewer asking for the same step gets the same frame.
+        A speech frame gets its lip-synced mouth if it came in time; if not, the last mouth when it is
+        at most HOLD_FRAMES old (a slower machine then shows a steady lower mouth rate instead of a
+        mouth flashing shut), else the idle one. Never waits."""
         memo = self._video_memo.get(step)
         if memo is not None:
             return memo
         with self._lock:
-            out = self._ready.pop(step, None)
-            for k in [k for k in self._ready if k < step]:
-                del self._ready[k]
-        for k in [k for k in self._expected if k <= step]:
-            self._expected.discard(k)
-            if k < step or out is None:
+            face = self._faces.pop(step, None)
+            for k in [k for k in self._faces if k < step]:
+                del self._faces[k]
+        for k in [k for k in self._expected if k < step]:  # skipped by the track: never shown
+            del self._expected[k]
+            self.late += 1
+            self._recent.append(False)
+        want = self._expected.pop(step, None)
+        frame = self.frames.get(step)
+        if frame is None:  # the decoder is behind: a mouth has no frame to go into
+            face = None
+        if want is not None:
+            self._recent.append(face is not None)
+            if face is not None:
+                self.lipsync_frames += 1
+                self._last_face = (step, face)
+            else:
                 self.late += 1
-        if out is not None:
-            self.lipsync_frames += 1
+                if frame is not None and self._last_face is not None and step - self._last_face[0] <= HOLD_FRAMES:
+                    face = self._last_face[1]
+                    self.held += 1
+        if frame is None:  # the decoder is behind: hold the last frame rather than wait
+            out = self._held if self._held is not None else self.frames.first
+        elif face is not None:
+            strength, crop_img = want
+            src = ping_pong(step, self.avatar.frames)
+            out = blend(frame, self.avatar.boxes[src], face, strength=strength, crop=crop_img)
         else:
-            out = self.frames.get(step)
-            if out is None:  # the decoder is behind: hold the last frame rather than wait
-                out = self._held if self._held is not None else self.frames.first
+            out = frame
         self.frames.release(step - 2)  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1
@@ -282,7 +340,8 @@ class Channel:
         d = np.array(self.delays) * 1000 if self.delays else np.zeros(0)
         return {"channel": self.name, "frames_sent": self.sent, "viewers": self.viewers,
                 "fps": round(self.sent / max(1e-9, self.clock() - self.start), 2),
-                "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "speaking": self.speaking,
+                "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "held_frames": self.held,
+                "speaking": self.speaking,
                 "delay_ms_p50": round(float(np.percentile(d, 50)), 1) if d.size else None,
                 "delay_ms_p95": round(float(np.percentile(d, 95)), 1) if d.size else None,
                 "target_delay_ms": round(self.delay_s * 1000)}
@@ -290,5 +349,5 @@ class Channel:
     def close(self) -> None:
         with self._lock:
             self.closed = True
-            self._ready.clear()
+            self._faces.clear()
         self.frames.close()

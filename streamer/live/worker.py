@@ -1,6 +1,8 @@
 """One inference worker per engine: batches the speech frames of every live channel (one model, no
-per-session copies), earliest deadline first, drops the ones whose deadline has passed, blends the
-results. Runs on its own thread, never on the event loop."""
+per-session copies), earliest deadline first, and skips the frames it can no longer finish in time.
+Runs on its own thread, never on the event loop, and never waits on a channel: a request carries
+everything inference needs (mel window and face crop), and the mouth goes back to the request's sink.
+Blending is the channel's job."""
 
 from __future__ import annotations
 
@@ -8,46 +10,122 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
-from streamer.lipsync.engine import face_input, to_images
-
 log = logging.getLogger(__name__)
+
+MARGIN_S = 0.003  # a mouth must be in this long before its frame is sent
+PROBE_AFTER_S = 0.2  # with nothing run for this long, run one frame anyway to measure again
+
+
+class ResultSink(Protocol):
+    """Where a request's mouth goes (a channel)."""
+
+    closed: bool
+
+    def accept(self, step: int, face: np.ndarray) -> None: ...
 
 
 @dataclass(slots=True)
-class Job:
-    channel: object  # streamer.live.channel.Channel
-    step: int  # output video frame (avatar loop step)
-    window: np.ndarray  # (80, 16)
-    strength: float
+class Request:
+    sink: ResultSink
+    step: int  # output video frame
+    window: np.ndarray  # (80, 16) mel window
+    crop: np.ndarray  # (S, S, 3) uint8 BGR face crop of the avatar frame
     deadline: float  # clock time the frame is sent
 
 
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes the worker uses: powers of two up to `max_batch`, and `max_batch`. Few shapes,
+    each warmed up before serving (a first call at a new shape can take seconds on a GPU)."""
+    sizes = {max_batch}
+    n = 1
+    while n < max_batch:
+        sizes.add(n)
+        n *= 2
+    return tuple(sorted(sizes))
+
+
+class CallCost:
+    """Seconds an inference call takes by batch size: the median of the last few calls of each size,
+    so one slow call (a first call at a new shape, a stall) moves nothing."""
+
+    def __init__(self, keep: int = 5):
+        self._calls: dict[int, deque[float]] = {}
+        self._keep = keep
+
+    def add(self, n: int, seconds: float) -> None:
+        self._calls.setdefault(n, deque(maxlen=self._keep)).append(seconds)
+
+    def known(self) -> dict[int, float]:
+        return {n: float(np.median(c)) for n, c in sorted(self._calls.items())}
+
+    def estimate(self, n: int) -> float:
+        """Seconds for a call of `n` frames; 0.0 while nothing has been measured."""
+        known = self.known()
+        if not known:
+            return 0.0
+        if n in known:
+            return known[n]
+        below = [k for k in known if k < n]
+        above = [k for k in known if k > n]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            return known[lo] + (known[hi] - known[lo]) * (n - lo) / (hi - lo)
+        if below:
+            return known[below[-1]] * n / below[-1]
+        return known[above[0]]
+
+
 class InferenceWorker:
-    def __init__(self, engine, max_batch: int = 8, queue_size: int = 256, clock=time.monotonic):
+    def __init__(self, engine, max_batch: int = 8, queue_size: int = 256, clock=time.monotonic, warm: bool = True):
         self.engine = engine
         self.max_batch = max_batch
+        self.sizes = batch_sizes(max_batch)
         self.clock = clock
-        self._q: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self.cost = CallCost()
+        self._q: queue.Queue[Request | None] = queue.Queue(maxsize=queue_size)
         self._thread = threading.Thread(target=self._run, name="inference", daemon=True)
         self.batches = 0
         self.frames = 0
         self.dropped = 0
-        self.busy_s = 0.0
+        self.busy_s = 0.0  # in inference calls (with their host-side input and output conversion)
         self.on_batch = None  # called with each batch's size (metrics)
-        self.frame_cost = 0.0  # seconds per frame, running estimate (inference + blend)
-        self._open = 0  # jobs submitted and not yet done or dropped
+        self._open = 0  # requests submitted and not yet done or dropped
         self._idle = threading.Condition()
+        self._last_run = clock()
+        self._warm = warm
+        self._ready = threading.Event()
         self._thread.start()
+        self._ready.wait()  # warmed up: serving starts from real figures
 
-    def submit(self, job: Job) -> bool:
+
+    def warm_up(self) -> float:
+        """Make the slow first call at every batch size now, then measure each: the deadline logic starts
+        from real figures, and no first call of a live session is slow. Runs on the worker's thread:
+        onnxruntime's CUDA provider keeps per-thread state (handles, CUDA graphs). Returns seconds spent."""
+        t0 = time.perf_counter()
+        size = self.engine.face_size
+        for n in self.sizes:
+            mel = np.zeros((n, 80, 16), np.float32)
+            crops = np.full((n, size, size, 3), 128, np.uint8)
+            self.engine.predict_crops(mel, crops)  # the slow one, not measured
+            for _ in range(2):
+                self._call(mel, crops)
+        spent = time.perf_counter() - t0
+        per = ", ".join(f"{n}: {1000 * s / n:.1f}" for n, s in self.cost.known().items())
+        log.info("inference warmed up in %.1f s; ms per frame by batch size: %s", spent, per)
+        return spent
+
+    def submit(self, req: Request) -> bool:
         with self._idle:
             self._open += 1
         try:
-            self._q.put_nowait(job)
+            self._q.put_nowait(req)
             return True
         except queue.Full:
             self.dropped += 1
@@ -55,15 +133,16 @@ class InferenceWorker:
             return False
 
     def _finished(self, n: int) -> None:
-        with self._idle:
-            self._open -= n
-            self._idle.notify_all()
+        if n:
+            with self._idle:
+                self._open -= n
+                self._idle.notify_all()
 
     def depth(self) -> int:
         return self._q.qsize()
 
     def drain(self, timeout: float = 5.0) -> bool:
-        """Wait until every job submitted so far is done (or dropped)."""
+        """Wait until every request submitted so far is done (or dropped)."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             with self._idle:
@@ -77,34 +156,29 @@ class InferenceWorker:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        pending: list[Job] = []
+        try:
+            if self._warm:
+                self.warm_up()
+        except Exception:  # noqa: BLE001 - serving still works, with estimates from its first calls
+            log.exception("inference warm-up failed")
+        finally:
+            self._ready.set()
+        pending: list[Request] = []
         while True:
             if not pending:
-                job = self._q.get()
-                if job is None:
+                req = self._q.get()
+                if req is None:
                     return
-                pending.append(job)
+                pending.append(req)
             while True:  # everything queued now competes for the next batch
                 try:
-                    job = self._q.get_nowait()
+                    req = self._q.get_nowait()
                 except queue.Empty:
                     break
-                if job is None:
+                if req is None:
                     return
-                pending.append(job)
-            now = self.clock()
-            # A frame that cannot be done before it is sent is skipped (it will show the idle mouth):
-            # computing it anyway would make the next frames late too, and so on.
-            live = [j for j in pending if j.deadline > now + self.frame_cost and not j.channel.closed]
-            self.dropped += len(pending) - len(live)
-            self._finished(len(pending) - len(live))
-            # earliest deadline first: fair across channels, and the frame due soonest is never
-            # stuck behind another channel's backlog
-            live.sort(key=lambda j: j.deadline)
-            n = self.max_batch
-            if self.frame_cost > 0 and live:  # no bigger than the first frame's deadline allows
-                n = max(1, min(n, int((live[0].deadline - now) / self.frame_cost)))
-            batch, pending = live[:n], live[n:]
+                pending.append(req)
+            batch, pending = self._choose(pending)
             if not batch:
                 continue
             try:
@@ -114,19 +188,61 @@ class InferenceWorker:
             finally:
                 self._finished(len(batch))
 
-    def _infer(self, jobs: list[Job]) -> None:
+    def _choose(self, pending: list[Request]) -> tuple[list[Request], list[Request]]:
+        """The next batch, and what stays pending. Frames that cannot be done before they are sent are
+        dropped (they show the previous or idle mouth): computing them anyway would make the next
+        frames late too, and so on."""
+        now = self.clock()
+        open_ = sorted((r for r in pending if not r.sink.closed), key=lambda r: r.deadline)
+        self._finished(len(pending) - len(open_))  # their channels are gone
+        pending = open_
+        doable = [r for r in pending if r.deadline >= now + self.cost.estimate(1) + MARGIN_S]
+        hopeless = pending[: len(pending) - len(doable)]
+        if not doable and now - self._last_run > PROBE_AFTER_S:
+            # The estimate comes from past calls and a skipped frame measures nothing, so when it says
+            # nothing can be done, run the frame most likely to make it anyway and measure again.
+            doable = [r for r in hopeless[-1:] if r.deadline > now]
+            hopeless = hopeless[:-1] if doable else hopeless
+        self.dropped += len(hopeless)
+        self._finished(len(hopeless))
+        if not doable:
+            return [], []
+        # Earliest deadline first (fair across channels), in the batch that does the most frames in time:
+        # a batch of n takes est(n), and frames not in it that are due before est(n) + est(1) are lost
+        # with it. In overload that drops the most urgent frame to serve several in a larger batch,
+        # instead of running one frame at a time at its deadline forever.
+        best, batch = None, doable[:1]
+        after = self.cost.estimate(1) + MARGIN_S
+        for size in self.sizes:
+            if size > len(doable):
+                break
+            took = self.cost.estimate(size)
+            fits = [r for r in doable if r.deadline >= now + took + MARGIN_S][:size]
+            if len(fits) < size:
+                continue
+            lost = sum(1 for r in doable if r.deadline < now + took + after) \
+                - sum(1 for r in fits if r.deadline < now + took + after)
+            score = (size - lost, size / max(took, 1e-9))
+            if best is None or score > best:
+                best, batch = score, fits
+        chosen = {id(r) for r in batch}
+        return batch, [r for r in doable if id(r) not in chosen]
+
+    def _call(self, windows: np.ndarray, crops: np.ndarray) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
-        size = self.engine.face_size
-        crops = np.stack([j.channel.crop(j.step, size) for j in jobs])
-        mel = np.stack([j.window for j in jobs])[:, None]
-        preds = to_images(self.engine.predict(mel, face_input(crops)))
-        for job, pred, crop in zip(jobs, preds, crops):
-            job.channel.deliver(job.step, pred, crop, job.strength)
+        faces = self.engine.predict_crops(windows, crops)
         spent = time.perf_counter() - t
-        per = spent / len(jobs)
-        self.frame_cost = per if self.frame_cost == 0 else 0.8 * self.frame_cost + 0.2 * per
+        self.cost.add(len(crops), spent)
+        return faces, spent
+
+    def _infer(self, batch: list[Request]) -> None:
+        self._last_run = self.clock()
+        faces, spent = self._call(np.stack([r.window for r in batch]), np.stack([r.crop for r in batch]))
+        for r, face in zip(batch, faces):
+            r.sink.accept(r.step, face)
+        self._last_run = self.clock()
         self.busy_s += spent
         self.batches += 1
-        self.frames += len(jobs)
+        self.frames += len(batch)
         if self.on_batch:
-            self.on_batch(len(jobs))
+            self.on_batch(len(batch))

@@ -68,6 +68,7 @@ class Server:
         self.web_dir = web_dir
         self.worker = InferenceWorker(engine, max_batch=cfg.live.max_batch)
         self.channels: dict[str, Channel] = {}
+        self.delay_s = None if cfg.live.delay_ms == "auto" else cfg.live.delay_ms / 1000  # None: auto
         self.sessions: dict[str, Session] = {}
         self.metrics = Metrics(self)
         self._tasks: set[asyncio.Task] = set()
@@ -132,7 +133,7 @@ class Server:
         if ch is not None:
             return ch
         ch = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: Channel(name, self.avatar, self.worker, delay_s=self.cfg.live.delay_ms / 1000,
+            None, lambda: Channel(name, self.avatar, self.worker, delay_s=self.delay_s,
                                   vad_factory=lambda: self.cfg.audio.voice_activity(FPS), fade=self.cfg.live.fade_frames))
         if name in self.channels:  # opened meanwhile by another request
             ch.close()
@@ -297,8 +298,9 @@ class Server:
             ch.viewers -= 1
         await s.pc.close()
         st = ch.stats()
-        log.info("[%s] %s session ended on channel %s: %d frames sent, %d lip-synced, %d late, delay p95 %s ms",
-                 sid, s.kind, ch.name, st["frames_sent"], st["lipsync_frames"], st["late_frames"], st["delay_ms_p95"])
+        log.info("[%s] %s session ended on channel %s: %d frames sent, %d lip-synced, %d late (%d held the last "
+                 "mouth), delay p95 %s ms", sid, s.kind, ch.name, st["frames_sent"], st["lipsync_frames"],
+                 st["late_frames"], st["held_frames"], st["delay_ms_p95"])
         self._release(ch)
 
     # pages and stats
@@ -327,9 +329,9 @@ class Server:
             await asyncio.sleep(10)
             for name, ch in list(self.channels.items()):
                 st = ch.stats()
-                log.info("channel %s: %d viewers, %.1f fps, %d lip-synced, %d late, delay p50 %s p95 %s ms, %s", name,
-                         st["viewers"], st["fps"], st["lipsync_frames"], st["late_frames"], st["delay_ms_p50"],
-                         st["delay_ms_p95"], "speaking" if st["speaking"] else "idle")
+                log.info("channel %s: %d viewers, %.1f fps, %d lip-synced, %d late (%d held), delay p50 %s p95 %s "
+                         "ms, %s", name, st["viewers"], st["fps"], st["lipsync_frames"], st["late_frames"],
+                         st["held_frames"], st["delay_ms_p50"], st["delay_ms_p95"], "speaking" if st["speaking"] else "idle")
 
     async def _on_shutdown(self, app) -> None:
         for sid in list(self.sessions):

@@ -71,15 +71,21 @@ class Metrics:
                [f"streamer_frames_sent_total{{{lab}}} {c.sent}" for lab, c in zip(label, chans)])
         metric("streamer_frames_lipsync_total", "counter", "frames sent with a lip-synced mouth",
                [f"streamer_frames_lipsync_total{{{lab}}} {c.lipsync_frames}" for lab, c in zip(label, chans)])
-        metric("streamer_frames_late_total", "counter", "speech frames not ready in time (the idle mouth was held)",
+        metric("streamer_frames_late_total", "counter", "speech frames whose own mouth was not ready in time",
                [f"streamer_frames_late_total{{{lab}}} {c.late}" for lab, c in zip(label, chans)])
+        metric("streamer_frames_held_total", "counter", "late speech frames shown with the previous mouth "
+               "(the rest showed the idle mouth)",
+               [f"streamer_frames_held_total{{{lab}}} {c.held}" for lab, c in zip(label, chans)])
         metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
                [f"streamer_inference_queue_depth {w.depth()}"])
         metric("streamer_inference_frames_total", "counter", "frames inferred", [f"streamer_inference_frames_total {w.frames}"])
-        metric("streamer_inference_dropped_total", "counter", "frames dropped by the worker (deadline passed or queue full)",
+        metric("streamer_inference_dropped_total", "counter", "frames skipped by the worker (could not be done in time, or queue full)",
                [f"streamer_inference_dropped_total {w.dropped}"])
-        metric("streamer_inference_seconds_total", "counter", "time spent in inference and blending",
+        metric("streamer_inference_seconds_total", "counter", "time spent in inference calls",
                [f"streamer_inference_seconds_total {w.busy_s:.6f}"])
+        metric("streamer_inference_call_seconds", "gauge", "current estimate of an inference call's time by batch "
+               "size (median of recent calls), what the worker plans its deadlines with",
+               [f'streamer_inference_call_seconds{{batch="{n}"}} {sec:.6f}' for n, sec in w.cost.known().items()])
         metric("streamer_inference_batch_size", "histogram", "frames per inference call", self.batch.lines("streamer_inference_batch_size"))
         metric("streamer_delay_seconds", "histogram", "voice in -> its lip-synced frame out, at the server",
                self.delay.lines("streamer_delay_seconds"))

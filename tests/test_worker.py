@@ -1,0 +1,139 @@
+"""The inference worker on the real clock: it warms up every batch size it may use, it never locks
+itself out after a slow call, and it skips what it cannot finish in time."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.live.worker import CallCost, InferenceWorker, Request, batch_sizes
+
+SLACK_S = 0.09  # what a 300 ms delay leaves a frame after the model's lookahead and one packet
+
+
+class SlowCalls(BuiltinEngine):
+    """The builtin engine, with chosen calls taking `stall` seconds: a first call at a new shape (GPU
+    kernel choice, lazy loading) or a stall of the machine."""
+
+    def __init__(self, stall: float = 2.0, first_at_each_size: bool = False):
+        super().__init__()
+        self.stall = stall
+        self.first_at_each_size = first_at_each_size
+        self.seen: set[int] = set()
+        self.stall_next = False
+        self.calls = 0
+
+    def predict(self, mel, faces):
+        self.calls += 1
+        new = mel.shape[0] not in self.seen
+        self.seen.add(mel.shape[0])
+        if self.stall_next or (self.first_at_each_size and new):
+            self.stall_next = False
+            time.sleep(self.stall)
+        return super().predict(mel, faces)
+
+
+class Sink:
+    closed = False
+
+    def __init__(self):
+        self.got: dict[int, float] = {}
+        self.lock = threading.Lock()
+
+    def accept(self, step, face):
+        assert face.shape == (96, 96, 3) and face.dtype == np.uint8
+        with self.lock:
+            self.got[step] = time.monotonic()
+
+
+def talk_at_25fps(worker, sink, seconds, crop):
+    """Submit a speech frame every 40 ms, each due SLACK_S later, as a live channel does. Returns
+    {step: (submitted, deadline)}."""
+    sent = {}
+    t0 = time.monotonic()
+    window = np.zeros((80, 16), np.float32)
+    for step in range(int(seconds * 25)):
+        now = time.monotonic()
+        sent[step] = (now, now + SLACK_S)
+        worker.submit(Request(sink, step, window, crop, now + SLACK_S))
+        time.sleep(max(0.0, t0 + (step + 1) / 25 - time.monotonic()))
+    worker.drain()
+    return sent
+
+
+def in_time(sink, sent, steps):
+    return sum(1 for s in steps if s in sink.got and sink.got[s] <= sent[s][1]) / len(steps)
+
+
+def test_batch_sizes():
+    assert batch_sizes(1) == (1,)
+    assert batch_sizes(8) == (1, 2, 4, 8)
+    assert batch_sizes(12) == (1, 2, 4, 8, 12)
+
+
+def test_call_cost_is_robust_to_one_slow_call():
+    cost = CallCost()
+    assert cost.estimate(4) == 0.0
+    for s in (0.010, 0.011, 2.0, 0.010):
+        cost.add(1, s)
+    assert cost.estimate(1) < 0.012  # the median, not a mean a 2 s call would drag
+    cost.add(4, 0.030)
+    assert cost.estimate(2) == pytest.approx(0.010 + 0.020 / 3, rel=0.1)  # between the sizes measured
+    assert cost.estimate(8) == pytest.approx(0.060)  # beyond: per frame as the largest
+
+
+def test_warm_up_runs_every_batch_size_before_serving():
+    engine = SlowCalls(stall=0.3, first_at_each_size=True)
+    t = time.monotonic()
+    worker = InferenceWorker(engine, max_batch=8)
+    warm = time.monotonic() - t
+    try:
+        assert engine.seen == {1, 2, 4, 8}
+        assert set(worker.cost.known()) == {1, 2, 4, 8}
+        assert all(s < 0.1 for s in worker.cost.known().values())  # the slow first calls are not the estimate
+        assert warm >= 4 * 0.3
+    finally:
+        worker.close()
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["first-call-slow", "stall-after-warm-up"])
+def test_worker_recovers_within_a_second_of_a_2s_call(warm):
+    """Before: one 2 s call set the cost estimate to 2 s, every later frame was skipped as hopeless,
+    so nothing was measured again and the session showed the idle mouth to the end."""
+    engine = SlowCalls(stall=2.0)
+    worker = InferenceWorker(engine, max_batch=4, warm=warm)
+    engine.stall_next = True  # the first call made while serving takes 2 s
+    crop = np.full((96, 96, 3), 128, np.uint8)
+    sink = Sink()
+    try:
+        sent = talk_at_25fps(worker, sink, 4.5, crop)
+    finally:
+        worker.close()
+    first_done = min(sink.got.values())
+    assert first_done - sent[0][0] >= 2.0  # the stall happened
+    after = [s for s, (t, _) in sent.items() if t >= first_done + 1.0]
+    assert len(after) > 25
+    assert in_time(sink, sent, after) >= 0.95, in_time(sink, sent, after)
+
+
+def test_frames_that_cannot_be_done_in_time_are_skipped_and_the_rest_done():
+    """An engine slower than real time (60 ms a frame against 40 ms between frames): the worker does
+    what it can in time, about two frames in three, instead of everything late or nothing."""
+
+    class Slow(BuiltinEngine):
+        def predict(self, mel, faces):
+            time.sleep(0.06 * mel.shape[0])
+            return super().predict(mel, faces)
+
+    worker = InferenceWorker(Slow(), max_batch=4)
+    sink = Sink()
+    try:
+        sent = talk_at_25fps(worker, sink, 3.0, np.full((96, 96, 3), 128, np.uint8))
+    finally:
+        worker.close()
+    share = in_time(sink, sent, list(sent))
+    late = [s for s in sink.got if sink.got[s] > sent[s][1]]
+    assert 0.45 <= share <= 0.75, share
+    assert len(late) <= 3  # only the probes that measure again may come late
