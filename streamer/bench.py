@@ -53,7 +53,7 @@ def time_call(fn, min_seconds: float, min_calls: int = 3) -> float:
     return float(np.median(times))
 
 
-def engine_rows(model: str | None, batches: list[int], seconds: float, log=print) -> list[dict]:
+def engine_rows(model: str | None, batches: list[int], seconds: float, log=print, only: str | None = None) -> list[dict]:
     """ms/frame and frames/s for each backend x dtype x batch available here."""
     import torch
 
@@ -61,7 +61,7 @@ def engine_rows(model: str | None, batches: list[int], seconds: float, log=print
     from streamer.lipsync.engine import Wav2LipInfer, cuda_available
     from streamer.lipsync.export import export_onnx, sample_inputs
 
-    devices = ["cuda", "cpu"] if cuda_available() else ["cpu"]
+    devices = [d for d in (["cuda", "cpu"] if cuda_available() else ["cpu"]) if only in (None, d)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if model is None:
@@ -266,8 +266,28 @@ def kv_table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(["| measure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 
-def _espeak_voice(seconds: float) -> np.ndarray:
-    """espeak-ng speech at 48 kHz after 1 s of silence, `seconds` long."""
+def _voice(path: str | None, seconds: float, pause: float) -> np.ndarray:
+    """`pause` s of silence, then the voice in `path` (espeak-ng speech if None) looped, at 48 kHz mono,
+    `seconds` long."""
+    if path is None:
+        voice = _espeak_voice()
+    else:
+        from math import gcd
+
+        from scipy import signal
+
+        from streamer.render import read_audio
+
+        audio, rate = read_audio(path)
+        g = gcd(rate, 48000)
+        voice = signal.resample_poly(audio.mean(axis=0), 48000 // g, rate // g).astype(np.float32)
+    need = int(48000 * seconds)
+    voice = np.tile(voice, need // max(1, voice.size) + 1)
+    return np.concatenate([np.zeros(int(48000 * pause), np.float32), voice])[:need]
+
+
+def _espeak_voice() -> np.ndarray:
+    """espeak-ng speech at 48 kHz, about 20 s."""
     import io
     import shutil
     import subprocess
@@ -280,13 +300,12 @@ def _espeak_voice(seconds: float) -> np.ndarray:
     if not shutil.which("espeak-ng"):
         raise UserError("bench live speaks with espeak-ng: apt-get install espeak-ng")
     text = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
-            "How vexingly quick daft zebras jump. ") * 8
+            "How vexingly quick daft zebras jump. ") * 2
     wav = subprocess.run(["espeak-ng", "-s", "160", "--stdout", text], capture_output=True, check=True).stdout
     with wave.open(io.BytesIO(wav)) as w:
         rate = w.getframerate()
         x = np.frombuffer(w.readframes(w.getnframes()), np.int16).astype(np.float32) / 32768
-    voice = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
-    return np.concatenate([np.zeros(48000, np.float32), voice])[: int(48000 * seconds)]
+    return signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -295,7 +314,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions: int = 1,
-              viewers: int = 0) -> list[tuple[str, str]]:
+              viewers: int = 0, voice_path: str | None = None, pause: float = 1.0) -> list[tuple[str, str]]:
     """Real sessions on this machine: `streamer serve` in its own process; in this one, aiortc clients
     (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel) over the
     host address. The server's CPU is measured apart from the clients' (which decode every frame)."""
@@ -306,7 +325,7 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions:
 
     from streamer.live.client import talk, watch
 
-    voice = _espeak_voice(seconds)
+    voice = _voice(voice_path, seconds, pause)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -349,15 +368,22 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions:
     p95 = [st["delay_ms_p95"] for st in stats if st["delay_ms_p95"] is not None]
     synced = sum(st["lipsync_frames"] for st in stats)
     speech = synced + sum(st["late_frames"] for st in stats)
+    held = sum(st["held_frames"] for st in stats)
+    call = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+            if line.startswith("streamer_inference_call_seconds{")}
     batches = [float(line.split()[-1]) for line in metrics.splitlines()
                if line.startswith(("streamer_inference_batch_size_sum", "streamer_inference_batch_size_count"))]
     mean_batch = batches[0] / batches[1] if len(batches) == 2 and batches[1] else 0.0
     rows = [("engine", health["engine"]),
-            ("sessions", f"{sessions} talkers for {seconds:g} s" + (f", {viewers} WHEP viewers of one" if viewers else "")),
+            ("sessions", f"{sessions} talkers for {seconds:g} s, voice after {pause:g} s of silence"
+                         + (f", {viewers} WHEP viewers of one" if viewers else "")),
             ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps"),
             ("voice in -> lips out at the server", f"p50 {np.median(p50):.1f} ms, worst p95 {max(p95):.1f} ms "
                                                     f"(target {stats[0]['target_delay_ms']} ms)"),
-            ("speech frames lip-synced in time", f"{synced} of {speech} ({100 * synced / max(1, speech):.1f}%)"),
+            ("speech frames lip-synced in time", f"{synced} of {speech} ({100 * synced / max(1, speech):.1f}%); "
+                                                  f"late ones showing the previous mouth: {held}"),
+            ("engine speed in the server (median call)", ", ".join(f"batch {n}: {1000 * sec / int(n):.1f} ms/frame"
+                                                                    for n, sec in call.items())),
             ("mean inference batch", f"{mean_batch:.2f} frames"),
             ("server CPU", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions + viewers):.0f}% per "
                            f"connection)")]

@@ -20,14 +20,26 @@ def _export(args) -> int:
     return 0
 
 
+def delay_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number of milliseconds, or auto") from None
+
+
 def _bench(args) -> int:
     from streamer import bench
 
     if args.what == "audio":
         title, table = "Audio front end", bench.audio_table(bench.audio_rows())
     elif args.what == "live":
+        if args.pause_first < 0:
+            raise UserError("--pause-first must be 0 or more seconds")
         title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms,
-                                                                    args.sessions, args.viewers))
+                                                                    args.sessions, args.viewers, args.voice,
+                                                                    args.pause_first))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -35,7 +47,8 @@ def _bench(args) -> int:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
             raise UserError(f"--batches takes numbers separated by commas, not {args.batches!r}") from None
-        title, table = "Wav2Lip engine", bench.engine_table(bench.engine_rows(args.model, batches, args.seconds))
+        title, table = "Wav2Lip engine", bench.engine_table(bench.engine_rows(args.model, batches, args.seconds,
+                                                                        only=args.device))
     print(table)
     if args.record:
         bench.record(Path(args.record), title, table)
@@ -151,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    sv.add_argument("--delay-ms", type=int, help="voice-in to lips-out delay (default 300)")
+    sv.add_argument("--delay-ms", type=delay_arg, help="voice-in to lips-out delay in ms, or auto (default: auto, "
+                                                       "the model's lookahead + what this machine's inference needs)")
     sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
     sv.set_defaults(func=_serve)
     pr = sub.add_parser("prepare", parents=[common], help="turn a video or photo into an avatar (done once)",
@@ -197,11 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
-    b.add_argument("--delay-ms", type=int, help="live target delay (default from the config, 300)")
+    b.add_argument("--delay-ms", type=delay_arg, help="live target delay in ms, or auto (default from the config: auto)")
     b.add_argument("--sessions", type=int, default=1, help="live: concurrent talkers (default 1)")
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
+    b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
+                                                    "speech)")
+    b.add_argument("--pause-first", type=float, default=1.0, metavar="S",
+                   help="live: seconds of silence before the voice (default 1; 0 talks at once)")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
                                    "live default: builtin engine)")
+    b.add_argument("--device", choices=("cuda", "cpu"), help="engine: only this device (default: every one here)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")
     b.add_argument("--record", metavar="FILE", help="append the table to FILE (e.g. BENCHMARKS.md)")
