@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def _bench(args) -> int:
             raise UserError("--pause-first must be 0 or more seconds")
         title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms,
                                                                     args.sessions, args.viewers, args.voice,
-                                                                    args.pause_first))
+                                                                    args.pause_first, args.workers,
+                                                                    args.client_processes))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -113,9 +115,24 @@ def _serve(args) -> int:
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
-                           "server.max_sessions": args.max_sessions})
+                           "server.max_sessions": args.max_sessions, "server.workers": args.workers})
+    workers = cfg.server.workers
+    if workers == "auto":
+        from streamer.server.front import workers_for
+
+        workers = workers_for(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    if workers > 1:  # this process is the front: the workers load the model, after a quick check here
+        from streamer.lipsync.engine import resolve_model
+        from streamer.server.front import serve_front
+
+        if cfg.model.path is not None:
+            resolve_model(cfg.model.path)
+        _avatar(cfg, cfg.avatar.name)  # prepared once here, not by every worker at once
+        asyncio.run(serve_front(cfg, workers))
+        return 0
     if cfg.model.path is not None:  # a missing or bad model fails before any avatar work
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+        threads = int(os.environ.get("STREAMER_THREADS", 0)) or None  # a media worker's share of the cores
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, threads=threads)
     avatar = _avatar(cfg, cfg.avatar.name)
     if cfg.model.path is None:
         engine = load_engine(None, mouth=avatar.mouth_in_crop())
@@ -125,13 +142,20 @@ def _serve(args) -> int:
     async def run() -> None:
         runner = web.AppRunner(Server(cfg, engine, avatar).app(), access_log=None, shutdown_timeout=5)
         await runner.setup()
+        site = web.TCPSite(runner, host, port)
         try:
-            await web.TCPSite(runner, host, port).start()
+            await site.start()
         except OSError as e:
             await runner.cleanup()
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
-        shown = "localhost" if host in ("127.0.0.1", "::1") else host
-        print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops)", flush=True)
+        bound = site._server.sockets[0].getsockname()[1]  # --port 0: the one the system gave
+        if os.environ.get("STREAMER_PORT_FILE"):  # a media worker tells its front where it listens
+            tmp = os.environ["STREAMER_PORT_FILE"] + ".tmp"
+            Path(tmp).write_text(str(bound))
+            os.replace(tmp, os.environ["STREAMER_PORT_FILE"])
+        else:
+            shown = "localhost" if host in ("127.0.0.1", "::1") else host
+            print(f"streamer: open http://{shown}:{bound}/ and press Start (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -161,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
     sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=int, help="HTTP port (default 8080)")
+    sv.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free one, printed)")
+    sv.add_argument("--workers", type=lambda t: t if t == "auto" else int(t), metavar="N",
+                    help="media worker processes (default auto: one per two cores; 1: one process)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
     sv.add_argument("--delay-ms", type=delay_arg, help="voice-in to lips-out delay in ms, or auto (default: auto, "
@@ -216,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
     b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
                                                     "speech)")
+    b.add_argument("--workers", type=lambda t: t if t == "auto" else int(t), metavar="N",
+                   help="live: the server's media worker processes (default: serve's own default, auto)")
+    b.add_argument("--client-processes", type=int, metavar="K",
+                   help="live: processes the clients run in (default: one per two cores, at most 8)")
     b.add_argument("--pause-first", type=float, default=1.0, metavar="S",
                    help="live: seconds of silence before the voice (default 1; 0 talks at once)")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
@@ -231,8 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    worker = os.environ.get("STREAMER_WORKER")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s " + (f"[worker {worker}] " if worker else "")
+                               + "%(name)s: %(message)s")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -62,9 +62,12 @@ class RenderConfig:
 @dataclass
 class ServerConfig:
     host: str = _opt("127.0.0.1", "address to listen on; 0.0.0.0 serves other machines too")
-    port: int = _opt(8080, "HTTP port", min=1, max=65535)
+    port: int = _opt(8080, "HTTP port (0: any free one, printed at start)", min=0, max=65535)
     max_sessions: int = _opt(4, "voices at once (talk pages and WHIP publishers); more get HTTP 503", min=1, max=1000)
     max_viewers: int = _opt(50, "WHEP viewers at once; more get HTTP 503", min=0, max=10000)
+    workers: int | str = _opt("auto", "media worker processes, each holding whole channels (one process uses about "
+                                      "two cores); 1: everything in one process; auto: one per two cores",
+                              min=1, max=64, auto=True)
     token: str | None = _opt(None, "when set, signalling and /metrics need 'Authorization: Bearer <token>'")
     stun: str | None = _opt(None, "STUN server for clients behind NAT, e.g. stun:stun.example.org:3478 (none: host "
                                   "addresses only, nothing contacted)")

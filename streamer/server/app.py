@@ -60,6 +60,18 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
     return web.json_response({"error": message}, status=status, headers={**CORS, **(headers or {})})
 
 
+def refuse(token: str | None, request: web.Request) -> web.Response | None:
+    """With a token set, every signalling endpoint and /metrics need `Authorization: Bearer <token>`:
+    the 401 to answer, or None."""
+    open_paths = request.path == "/healthz" or request.method == "OPTIONS" or (
+        request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/")))
+    if token and not open_paths:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return error(401, "a valid 'Authorization: Bearer <token>' header is required", {"WWW-Authenticate": "Bearer"})
+    return None
+
+
 class Server:
     def __init__(self, cfg: Config, engine, avatar, web_dir: Path = WEB_DIR):
         self.cfg = cfg
@@ -87,6 +99,7 @@ class Server:
             r.add_route("OPTIONS", f"/{kind}/{{channel}}", self.options)
             r.add_route("OPTIONS", f"/{kind}/{{channel}}/{{id}}", self.options)
         r.add_get("/metrics", self.metrics.handle)
+        r.add_get("/internal/load", self.load)
         r.add_get("/healthz", self.healthz)
         r.add_get("/", self.index)
         r.add_static("/", self.web_dir, follow_symlinks=False)
@@ -98,16 +111,7 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        """With server.token set, every signalling endpoint and /metrics need `Authorization: Bearer`."""
-        token = self.cfg.server.token
-        open_paths = request.path == "/healthz" or request.method == "OPTIONS" or (
-            request.method == "GET" and not request.path.startswith(("/session/", "/metrics")))
-        if token and not open_paths:
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return error(401, "a valid 'Authorization: Bearer <token>' header is required",
-                             {"WWW-Authenticate": "Bearer"})
-        return await handler(request)
+        return refuse(self.cfg.server.token, request) or await handler(request)
 
     async def _on_startup(self, app) -> None:
         self._spawn(self._report(), "stats-report")
@@ -310,6 +314,11 @@ class Server:
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "sessions": len(self.sessions), "channels": len(self.channels),
+                                  "engine": self.engine.name, "avatar": self.avatar.name})
+
+    async def load(self, request: web.Request) -> web.Response:
+        """What the front of a multi-process server places channels by (token-protected)."""
+        return web.json_response({"channels": sorted(self.channels), "sessions": sorted(self.sessions),
                                   "engine": self.engine.name, "avatar": self.avatar.name})
 
     async def session_stats(self, request: web.Request) -> web.Response:

@@ -1,0 +1,401 @@
+"""`streamer serve --workers N`: one front process and N media worker processes.
+
+One Python process tops out near two cores (every packet, frame and encode shares one interpreter
+lock), so a box with more cores runs several. Each worker is a complete `streamer serve` process on
+a loopback port, holding the channels placed on it: their peers, audio front end, inference and
+encoding run on its own event loop and cores. The front keeps the pages and the signalling: it
+places each channel on a worker (where it already is, else the least loaded), forwards the
+channel's offers, WHIP and WHEP requests there (media then flows directly between the client and
+that worker), enforces the server-wide limits, merges the workers' /metrics, and starts a
+replacement when a worker dies: the channels it held end, every other channel keeps running.
+
+Workers listen on 127.0.0.1 only and take requests only with the front's secret token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from streamer.config import Config
+from streamer.errors import UserError
+from streamer.server.app import MAX_BODY, WEB_DIR, error, refuse
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 180  # a worker loads its model and warms it up before it listens
+HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server", "keep-alive"}
+
+
+def workers_for(cores: int) -> int:
+    """`server.workers: auto`: one worker per two cores (what one process can use), at most 16."""
+    return max(1, min(16, cores // 2))
+
+
+class Worker:
+    """One media worker process."""
+
+    def __init__(self, index: int, proc: subprocess.Popen, port: int):
+        self.index, self.proc, self.port = index, proc, port
+        self.placing: dict[str, int] = {}  # channel -> offers placed here and not yet answered
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def url(self, path_qs: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path_qs}"
+
+
+class Front:
+    def __init__(self, cfg: Config, count: int, web_dir: Path = WEB_DIR):
+        self.cfg = cfg
+        self.count = count
+        self.web_dir = web_dir
+        self.secret = secrets.token_urlsafe(24)
+        self.workers: list[Worker] = []
+        self.restarts = 0
+        self.ended: OrderedDict[str, str] = OrderedDict()  # sessions whose worker died -> why (bounded)
+        self._dir = tempfile.TemporaryDirectory(prefix="streamer-front-")
+        self._config = Path(self._dir.name) / "worker.yaml"
+        self._http: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._procs: list[subprocess.Popen] = []  # every worker process started, to stop them all
+        self._watch: asyncio.Task | None = None
+        self._place_lock = asyncio.Lock()  # placement decisions one at a time; forwarding runs in parallel
+        self._pending = {"publishers": 0, "viewers": 0}  # placed offers not yet answered
+        # sessions admitted through the front -> (worker, role); pruned to what the workers still hold,
+        # so a session is counted once: as a pending offer, then as admitted
+        self.admitted: dict[str, tuple[Worker, str, float]] = {}  # sid -> (worker, role, when admitted)
+
+    # workers
+
+    def _write_config(self) -> None:
+        """The front's settings for the workers, with a loopback address, any free port, one process
+        each and the front's secret as their token (the file is private to this user)."""
+        data = dataclasses.asdict(self.cfg)
+        data["server"].update(host="127.0.0.1", port=1, token=self.secret, workers=1)
+        fd = os.open(self._config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            yaml.safe_dump(data, f)
+
+    def _spawn(self, index: int) -> Worker:
+        """Start worker `index` and wait until it listens (blocking: call off the event loop). It writes
+        the port it got into its port file once it listens."""
+        port_file = Path(self._dir.name) / f"worker-{index}.port"
+        port_file.unlink(missing_ok=True)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env = {**os.environ, "STREAMER_WORKER": str(index), "STREAMER_PORT_FILE": str(port_file),
+               "STREAMER_THREADS": str(max(1, cores // self.count))}  # CPU inference: a share of the cores
+        cmd = [sys.executable, "-m", "streamer", "serve", "--config", str(self._config), "--port", "0", "-q"]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
+                                start_new_session=True)  # Ctrl-C reaches the front, which stops the workers
+        self._procs.append(proc)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline and proc.poll() is None and not self._closing:
+            if port_file.exists():
+                port = int(port_file.read_text())
+                log.info("worker %d (pid %d) listening on 127.0.0.1:%d", index, proc.pid, port)
+                return Worker(index, proc, port)
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        raise UserError(f"media worker {index} did not start (exit code {proc.returncode}); see the log above")
+
+    async def start(self) -> None:
+        self._write_config()
+        loop = asyncio.get_running_loop()
+        self.workers = list(await asyncio.gather(*(loop.run_in_executor(None, self._spawn, i)
+                                                   for i in range(self.count))))
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
+                                           headers={"Authorization": f"Bearer {self.secret}"})
+        self._watch = loop.create_task(self._watch_workers(), name="watch-workers")
+
+    async def _watch_workers(self) -> None:
+        while not self._closing:
+            await asyncio.sleep(0.5)
+            for i, w in enumerate(self.workers):
+                if w.alive or self._closing:
+                    continue
+                code = w.proc.returncode
+                gone = [sid for sid, (holder, _, _) in self.admitted.items() if holder is w]
+                log.error("worker %d (pid %d) died (exit code %s): its %d sessions ended; starting a replacement",
+                          w.index, w.proc.pid, code, len(gone))
+                for sid in gone:
+                    del self.admitted[sid]
+                    self.ended[sid] = f"its media worker stopped (exit code {code})"
+                while len(self.ended) > 1000:
+                    self.ended.popitem(last=False)
+                self.restarts += 1
+                try:
+                    self.workers[i] = await asyncio.get_running_loop().run_in_executor(None, self._spawn, w.index)
+                except UserError as e:
+                    log.error("%s; trying again", e)
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._watch:
+            self._watch.cancel()
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)  # each closes its sessions cleanly
+        loop = asyncio.get_running_loop()
+
+        def reap(proc: subprocess.Popen) -> None:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+        await asyncio.gather(*(loop.run_in_executor(None, reap, p) for p in self._procs))
+        if self._http:
+            await self._http.close()
+        self._dir.cleanup()
+
+    async def _loads(self) -> list[tuple[Worker, dict]]:
+        """Each live worker's channels and session counts."""
+        async def one(w: Worker):
+            try:
+                async with self._http.get(w.url("/internal/load")) as r:
+                    return w, await r.json()
+            except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError):
+                return w, None
+
+        got = await asyncio.gather(*(one(w) for w in self.workers if w.alive))
+        return [(w, load) for w, load in got if load is not None]
+
+    async def _place(self, channel: str, kind: str) -> tuple[Worker | None, web.Response | None]:
+        """The worker for `channel` (where it is, else the least loaded), or an error (full, none alive)."""
+        asked = time.monotonic()
+        loads = await self._loads()
+        if not loads:
+            return None, error(503, "no media worker is running; try again in a few seconds")
+        server = self.cfg.server
+        # sessions that ended on their worker (peer gone, timed out) are forgotten; one admitted while
+        # the workers were being asked may not be in their answers yet, and is kept
+        held = {w: set(load["sessions"]) for w, load in loads}
+        self.admitted = {sid: v for sid, v in self.admitted.items()
+                         if v[2] >= asked or v[0] not in held or sid in held[v[0]]}
+        role = "viewers" if kind == "whep" else "publishers"
+        limit = server.max_viewers if kind == "whep" else server.max_sessions
+        if sum(1 for v in self.admitted.values() if v[1] == role) + self._pending[role] >= limit:
+            what = "viewers" if kind == "whep" else "live sessions"
+            return None, error(503, f"server is full ({limit} {what}); try again later")
+        for w, load in loads:
+            if channel in load["channels"] or w.placing.get(channel):
+                return w, None
+        w, _ = min(loads, key=lambda wl: (len(wl[1]["sessions"]) + sum(wl[0].placing.values()),
+                                          len(wl[1]["channels"]), wl[0].index))
+        return w, None
+
+    async def _placed(self, request: web.Request, channel: str, kind: str, body: bytes):
+        """Place `channel`'s offer and forward it: (worker, response, body). Placement is serialised, the
+        forwarding is not: an offer placed but not yet answered counts on its worker and its limit.
+        The caller records the session it created in `admitted`."""
+        async with self._place_lock:
+            w, err = await self._place(channel, kind)
+            if err:
+                return None, err, b""
+            role = "viewers" if kind == "whep" else "publishers"
+            w.placing[channel] = w.placing.get(channel, 0) + 1
+            self._pending[role] += 1
+        try:
+            resp, data = await self._forward(request, w, body)
+        finally:
+            self._pending[role] -= 1
+            w.placing[channel] -= 1
+            if not w.placing[channel]:
+                del w.placing[channel]
+        return w, resp, data
+
+    # HTTP
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
+        r = app.router
+        r.add_post("/offer", self.offer)
+        r.add_route("*", "/session/{id}", self.session)
+        for kind in ("whip", "whep"):
+            r.add_route("*", f"/{kind}/{{channel}}", self.whip_whep)
+            r.add_route("*", f"/{kind}/{{channel}}/{{id}}", self.whip_whep)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/", lambda request: web.FileResponse(self.web_dir / "index.html"))
+        r.add_static("/", self.web_dir, follow_symlinks=False)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        return refuse(self.cfg.server.token, request) or await handler(request)
+
+    async def _forward(self, request: web.Request, w: Worker, body: bytes) -> tuple[web.Response, bytes]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
+        try:
+            async with self._http.request(request.method, w.url(request.path_qs), data=body, headers=headers) as r:
+                data = await r.read()
+                out = {k: v for k, v in r.headers.items() if k.lower() not in HOP_HEADERS}
+                return web.Response(status=r.status, body=data, headers=out), data
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return error(502, "the media worker did not answer; try again"), b""
+
+    async def offer(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        try:
+            data = json.loads(body)
+            channel = data.get("channel", "default") if isinstance(data, dict) else "default"
+        except (ValueError, RecursionError):
+            channel = "default"  # the worker answers the right 400
+        w, resp, data = await self._placed(request, channel if isinstance(channel, str) else "default", "talk", body)
+        if w is not None and resp.status == 200:
+            try:
+                self.admitted[json.loads(data)["session"]] = (w, "publishers", time.monotonic())
+            except (ValueError, KeyError, TypeError):
+                pass
+        return resp
+
+    def _holder(self, sid: str) -> Worker | None:
+        w = self.admitted[sid][0] if sid in self.admitted else None
+        return w if w is not None and w.alive else None
+
+    async def session(self, request: web.Request) -> web.Response:
+        sid = request.match_info["id"]
+        w = self._holder(sid)
+        if w is None:
+            why = self.ended.get(sid)
+            return error(410, f"session ended: {why}") if why else error(404, "no such session")
+        resp, _ = await self._forward(request, w, await request.read())
+        if request.method == "DELETE" and resp.status < 300:
+            self.admitted.pop(sid, None)
+        return resp
+
+    async def whip_whep(self, request: web.Request) -> web.Response:
+        channel = request.match_info["channel"]
+        kind = request.path.split("/")[1]
+        sid = request.match_info.get("id")
+        body = await request.read()
+        if request.method == "POST" and sid is None:
+            w, resp, _ = await self._placed(request, channel, kind, body)
+            location = resp.headers.get("Location", "")
+            if w is not None and resp.status == 201 and location:
+                role = "viewers" if kind == "whep" else "publishers"
+                self.admitted[location.rsplit("/", 1)[-1]] = (w, role, time.monotonic())
+            return resp
+        w = self._holder(sid) if sid else None
+        if w is None:
+            if sid and sid in self.ended:
+                return error(410, f"session ended: {self.ended[sid]}")
+            if request.method in ("OPTIONS", "PATCH") or sid is None:  # answered alike by every worker
+                w = next((x for x in self.workers if x.alive), None)
+            if w is None:
+                return error(404, "no such session")
+        resp, _ = await self._forward(request, w, body)
+        if request.method == "DELETE" and resp.status < 300 and sid:
+            self.admitted.pop(sid, None)
+        return resp
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        loads = await self._loads()
+        return web.json_response({"ok": bool(loads), "workers": len(loads), "restarts": self.restarts,
+                                  "worker_pids": [w.proc.pid for w in self.workers if w.alive],
+                                  "sessions": sum(len(load["sessions"]) for _, load in loads),
+                                  "channels": sum(len(load["channels"]) for _, load in loads),
+                                  "engine": loads[0][1]["engine"] if loads else None,
+                                  "avatar": loads[0][1]["avatar"] if loads else None})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Every worker's /metrics, each sample labelled with its worker, one HELP/TYPE per family."""
+        async def one(w: Worker):
+            try:
+                async with self._http.get(w.url("/metrics")) as r:
+                    return w, await r.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return w, ""
+
+        texts = await asyncio.gather(*(one(w) for w in self.workers if w.alive))
+        return web.Response(text=merge_metrics(texts, self.restarts, len(self.workers), len(texts)),
+                            content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
+def merge_metrics(texts: list[tuple[Worker, str]], restarts: int, workers: int, alive: int) -> str:
+    families: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines, then samples
+    for w, text in texts:
+        for line in text.splitlines():
+            if line.startswith("# "):
+                name = line.split()[2]
+                families.setdefault(name, [])
+                if line not in families[name]:
+                    families[name].append(line)
+                continue
+            if not line.strip():
+                continue
+            metric, _, rest = line.partition(" ")
+            label = f'worker="{w.index}"'
+            if "{" in metric:
+                sample = metric.replace("{", "{" + label + ",", 1)
+            else:
+                sample = f"{metric}{{{label}}}"
+            base = next((f for f in families if metric.split("{")[0] in (f, f + "_bucket", f + "_sum", f + "_count")),
+                        metric.split("{")[0])
+            families.setdefault(base, []).append(f"{sample} {rest}")
+    out = ["# HELP streamer_workers media worker processes running",
+           "# TYPE streamer_workers gauge", f"streamer_workers {alive}",
+           "# HELP streamer_workers_wanted media worker processes configured",
+           "# TYPE streamer_workers_wanted gauge", f"streamer_workers_wanted {workers}",
+           "# HELP streamer_worker_restarts_total media workers that died and were replaced",
+           "# TYPE streamer_worker_restarts_total counter", f"streamer_worker_restarts_total {restarts}"]
+    for lines in families.values():
+        out += lines
+    return "\n".join(out) + "\n"
+
+
+async def serve_front(cfg: Config, count: int) -> None:
+    """Run the front with `count` workers until SIGINT/SIGTERM (for `streamer serve`)."""
+    front = Front(cfg, count)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    start = loop.create_task(front.start(), name="start-workers")
+    waiter = loop.create_task(stop.wait(), name="wait-stop")
+    await asyncio.wait({start, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if not start.done():  # stopped while starting
+        start.cancel()
+        await front.stop()
+        return
+    waiter.cancel()
+    start.result()
+    runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=5)
+    await runner.setup()
+    host, port = cfg.server.host, cfg.server.port
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        await front.stop()
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    port = site._server.sockets[0].getsockname()[1]
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops); {count} media workers",
+          flush=True)
+    await stop.wait()
+    log.info("stopping: closing every worker")
+    await runner.cleanup()
+    await front.stop()

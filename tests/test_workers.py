@@ -1,0 +1,196 @@
+"""`streamer serve --workers 2`: a front process and two media worker processes, run as a user runs
+them, driven by real WebRTC peers: talk, WHIP, WHEP, limits, metrics, a worker killed mid-session,
+and a clean shutdown."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from scipy import signal as sps
+
+from streamer.live.client import publish, talk, watch
+from tests.conftest import speak
+
+TOKEN = "s3cret"
+
+
+@pytest.fixture(scope="module")
+def voice():
+    x, rate = speak("Hello, I am a talking avatar and my lips move when I speak. " * 2)
+    x48 = sps.resample_poly(x, 480, rate // 100).astype(np.float32)
+    return np.concatenate([np.zeros(24000, np.float32), x48, np.zeros(48000, np.float32)])
+
+
+def start_front(tmp_path, max_sessions=2):
+    cfg = tmp_path / "streamer.yaml"
+    cfg.write_text(f"server:\n  token: {TOKEN}\n  max_sessions: {max_sessions}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--workers", "2", "--port", "0",
+                             "--config", str(cfg), "--avatars", str(tmp_path / "avatars")],
+                            stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True)
+    line = proc.stdout.readline()
+    assert "open http://localhost:" in line, (line, (tmp_path / "serve.log").read_text()[-3000:])
+    port = int(line.split("localhost:")[1].split("/")[0])
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def get(url, path, token=TOKEN):
+    req = urllib.request.Request(url + path, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        body = r.read().decode()
+        return json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
+
+
+def by_worker(metrics_text, family):
+    """{worker: summed value} of a family in the front's merged /metrics."""
+    out = {}
+    for fam in text_string_to_metric_families(metrics_text):
+        if fam.name == family:
+            for s in fam.samples:
+                out[s.labels["worker"]] = out.get(s.labels["worker"], 0) + s.value
+    return out
+
+
+def fps_of(got, after=0.0):
+    t = np.array([a for a, _ in got.video if a >= after])
+    return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0
+
+
+@pytest.fixture(scope="module")
+def front(tmp_path_factory):
+    proc, url = start_front(tmp_path_factory.mktemp("front"))
+    yield proc, url
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+
+
+def test_talk_whip_whep_and_limits_through_the_front(front, voice):
+    proc, url = front
+    seconds = voice.size / 48000
+
+    async def main():
+        out = {}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async def offer(channel, auth=True):
+                from tests.test_live import _offer_sdp
+
+                headers = {} if auth else {"Authorization": "Bearer wrong"}
+                async with http.post(f"{url}/offer", json={"sdp": await _offer_sdp(), "type": "offer",
+                                                          "channel": channel}, headers=headers) as r:
+                    return r.status, await r.json()
+
+            talker = asyncio.ensure_future(talk(url, voice, seconds, offer_extra={"channel": "a"}, token=TOKEN))
+            viewer = asyncio.ensure_future(watch(url, "a", seconds - 2, token=TOKEN))  # shares channel a
+            await asyncio.sleep(2)
+            out["conflict"] = await offer("a")  # a second voice for channel a
+            out["unauthorised"] = await offer("x", auth=False)
+            whip = asyncio.ensure_future(publish(url, "b", voice, seconds - 2, token=TOKEN))  # WHIP voice on b
+            b_viewer = asyncio.ensure_future(watch(url, "b", seconds - 3, token=TOKEN))
+            await asyncio.sleep(1.5)
+            out["full"] = await offer("c")  # two voices are the limit here
+            out["metrics"] = get(url, "/metrics")
+            out["talk"], out["view"], out["whip"], out["b_view"] = await asyncio.gather(talker, viewer, whip, b_viewer)
+        return out
+
+    out = asyncio.run(main())
+    got, stats = out["talk"]
+    assert 24 <= fps_of(got, got.video[0][0] + 1) <= 26
+    assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
+    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 30, stats
+    viewed, _ = out["view"]
+    assert fps_of(viewed, viewed.video[0][0] + 1) > 24 and len(viewed.audio) > 100
+    b_got, _ = out["b_view"]
+    assert len(b_got.video) > 50
+    assert out["conflict"][0] == 409 and out["unauthorised"][0] == 401 and out["full"][0] == 503, out
+    # channels a and b went to different workers; the merged metrics label every sample by worker
+    channels = by_worker(out["metrics"], "streamer_channels")
+    assert sorted(channels.values()) == [1, 1], channels
+    assert by_worker(out["metrics"], "streamer_frames_lipsync")  # counters merged from both workers
+    helps = [line for line in out["metrics"].splitlines() if line.startswith("# HELP")]
+    assert len(helps) == len(set(helps))  # one HELP and TYPE per family
+
+
+def test_a_killed_worker_ends_its_sessions_only(tmp_path, voice):
+    proc, url = start_front(tmp_path)
+    try:
+        seconds = voice.size / 48000
+
+        async def main():
+            a = asyncio.ensure_future(talk(url, voice, seconds, offer_extra={"channel": "a"}, token=TOKEN))
+            b = asyncio.ensure_future(talk(url, voice, seconds, offer_extra={"channel": "b"}, token=TOKEN))
+            await asyncio.sleep(2.5)
+            metrics = get(url, "/metrics")
+            viewers = {}
+            for fam in text_string_to_metric_families(metrics):
+                if fam.name == "streamer_viewers":
+                    viewers = {s.labels["channel"]: int(s.labels["worker"]) for s in fam.samples}
+            pids = get(url, "/healthz")["worker_pids"]
+            victim = pids[viewers["a"]]
+            os.kill(victim, signal.SIGKILL)
+            killed = time.monotonic()
+            (got_a, stats_a), (got_b, stats_b) = await asyncio.gather(a, b)
+            health = get(url, "/healthz")
+            again, again_stats = await talk(url, voice[: 48000 * 4], 4, offer_extra={"channel": "a"}, token=TOKEN)
+            return killed, victim, got_a, stats_a, got_b, stats_b, health, again, again_stats, get(url, "/metrics")
+
+        killed, victim, got_a, stats_a, got_b, stats_b, health, again, again_stats, metrics = asyncio.run(main())
+        assert "error" in stats_a and "worker" in stats_a["error"], stats_a  # 410: ended with its worker
+        assert max(t for t, _ in got_a.video) < killed + 1.0  # nothing more came from the dead worker
+        assert 24 <= fps_of(got_b, killed) <= 26  # the other channel never stopped
+        assert stats_b["lipsync_frames"] > 60, stats_b
+        assert health["workers"] == 2 and victim not in health["worker_pids"] and health["restarts"] == 1
+        assert len(again.video) > 50 and again_stats["frames_sent"] > 50  # a new session right after works
+        restarts = [s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer_worker_restarts"
+                    for s in f.samples]
+        assert restarts == [1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_clean_shutdown_stops_every_worker(tmp_path):
+    proc, url = start_front(tmp_path)
+    pids = get(url, "/healthz")["worker_pids"]
+    assert len(pids) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+            alive = True
+        except ProcessLookupError:
+            alive = False
+        assert not alive, pid
+
+
+def test_concurrent_offers_are_admitted_up_to_the_limit_exactly(tmp_path):
+    """Offers arriving together are each counted once: while being answered, then as sessions (found on
+    a GPU box: 16 talkers at once against max 16 got 503s when both were counted)."""
+    from tests.test_live import _offer_sdp
+
+    proc, url = start_front(tmp_path, max_sessions=3)
+    try:
+        async def main():
+            sdps = [await _offer_sdp() for _ in range(4)]
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+                async def offer(k):
+                    async with http.post(f"{url}/offer", json={"sdp": sdps[k], "type": "offer",
+                                                              "channel": f"c{k}"}) as r:
+                        return r.status
+
+                return await asyncio.gather(*(offer(k) for k in range(4)))
+
+        statuses = asyncio.run(main())
+        assert sorted(statuses) == [200, 200, 200, 503], statuses
+        assert get(url, "/healthz")["sessions"] == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
