@@ -309,23 +309,79 @@ def _espeak_voice() -> np.ndarray:
 
 
 def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds used by process `pid` and its children (a server's media workers), 0 if gone."""
+    total = 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        # children are listed by the thread that started them (a front starts its workers off its loop)
+        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+    except OSError:
+        return total
+    return total + sum(_cpu_seconds(int(c)) for c in children)
 
 
-def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions: int = 1,
-              viewers: int = 0, voice_path: str | None = None, pause: float = 1.0) -> list[tuple[str, str]]:
-    """Real sessions on this machine: `streamer serve` in its own process; in this one, aiortc clients
-    (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel) over the
-    host address. The server's CPU is measured apart from the clients' (which decode every frame)."""
-    import asyncio
-    import socket
+def _gpu_busy(samples: list[float], stop) -> None:
+    """GPU utilisation (%) every half second until `stop` is set, where nvidia-smi answers."""
+    import shutil
     import subprocess
-    import urllib.request
+
+    if not shutil.which("nvidia-smi"):
+        return
+    while not stop.wait(0.5):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=5).stdout.split()
+            samples.append(float(out[0]))
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return
+
+
+def _clients(url: str, voice: np.ndarray, seconds: float, channels: list[str], viewers: int) -> list[dict]:
+    """One client process: talkers on `channels` and `viewers` WHEP viewers of bench0. Returns a summary
+    per connection (frames are decoded here and dropped: only their arrival times travel back)."""
+    import asyncio
 
     from streamer.live.client import talk, watch
 
+    async def run():
+        jobs = [talk(url, voice, seconds, offer_extra={"channel": ch}) for ch in channels]
+        jobs += [watch(url, "bench0", seconds - 1.5) for _ in range(viewers)]
+        return await asyncio.gather(*jobs)
+
+    out = []
+    for k, (got, extra) in enumerate(asyncio.run(run())):
+        t = np.array([a for a, _ in got.video])
+        steady = t[t > t[0] + 1] if len(t) > 1 else t  # after the first second (connection set-up)
+        gaps = np.diff(steady) if len(steady) > 1 else np.zeros(1)
+        out.append({"talker": k < len(channels), "frames": len(t), "stats": extra if k < len(channels) else None,
+                    "fps": (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0,
+                    "gap_p99_ms": 1000 * float(np.percentile(gaps, 99))})
+    return out
+
+
+def _sum_metric(metrics: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, sessions: int = 1,
+              viewers: int = 0, voice_path: str | None = None, pause: float = 1.0, workers: int | str | None = None,
+              client_processes: int | None = None) -> list[tuple[str, str]]:
+    """Real sessions on this machine: `streamer serve` in its own process (and its media workers); aiortc
+    clients (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel)
+    in `client_processes` other processes, over the host address. The server's CPU (all its
+    processes) is measured apart from the clients' (which decode every frame)."""
+    import multiprocessing
+    import re
+    import socket
+    import subprocess
+    import threading
+    import urllib.request
+
     voice = _voice(voice_path, seconds, pause)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    procs = client_processes or max(1, min(8, sessions + viewers, cores // 2))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -333,61 +389,70 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | None, sessions:
         cmd = [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars", tmp, "-q"]
         cmd += ["--model", model] if model else []
         cmd += ["--delay-ms", str(delay_ms)] if delay_ms else []
-        server = subprocess.Popen(cmd + ["--max-sessions", str(max(sessions, 4))], stdout=subprocess.DEVNULL,
-                                  stderr=open(Path(tmp) / "serve.log", "w"))
+        cmd += ["--workers", str(workers)] if workers else []
+        server = subprocess.Popen(cmd + ["--max-sessions", str(max(sessions, 4))],
+                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"))
         url = f"http://127.0.0.1:{port}"
         try:
-            for _ in range(300):
+            for _ in range(900):
                 try:
                     health = json.loads(urllib.request.urlopen(url + "/healthz", timeout=1).read())
-                    break
+                    if health.get("ok", True):
+                        break
                 except OSError:
-                    if server.poll() is not None:
-                        raise RuntimeError((Path(tmp) / "serve.log").read_text()) from None
-                    time.sleep(0.2)
-
-            async def run():
-                jobs = [talk(url, voice, seconds, offer_extra={"channel": f"bench{k}"}) for k in range(sessions)]
-                jobs += [watch(url, "bench0", seconds - 1.5) for _ in range(viewers)]
-                return await asyncio.gather(*jobs)
-
+                    pass
+                if server.poll() is not None:
+                    raise RuntimeError((Path(tmp) / "serve.log").read_text())
+                time.sleep(0.2)
+            channels = [f"bench{k}" for k in range(sessions)]
+            jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs))
+                    for p in range(procs)]
+            gpu, stop = [], threading.Event()
+            watcher = threading.Thread(target=_gpu_busy, args=(gpu, stop), daemon=True)
+            watcher.start()
             cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
-            results = asyncio.run(run())
+            with multiprocessing.get_context("spawn").Pool(procs) as pool:
+                results = [r for part in pool.starmap(_clients, jobs) for r in part]
             cpu = (_cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - t0)
+            stop.set()
             metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
         finally:
             server.terminate()
-            server.wait(timeout=20)
-    talks = [r for r in results[:sessions]]
-    fps = []
-    for got, _ in talks:
-        t = np.array([a for a, _ in got.video])
-        fps.append((len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 else 0.0)
-    stats = [st for _, st in talks]
-    p50 = [st["delay_ms_p50"] for st in stats if st["delay_ms_p50"] is not None]
-    p95 = [st["delay_ms_p95"] for st in stats if st["delay_ms_p95"] is not None]
-    synced = sum(st["lipsync_frames"] for st in stats)
-    speech = synced + sum(st["late_frames"] for st in stats)
-    held = sum(st["held_frames"] for st in stats)
-    call = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
-            if line.startswith("streamer_inference_call_seconds{")}
-    batches = [float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith(("streamer_inference_batch_size_sum", "streamer_inference_batch_size_count"))]
-    mean_batch = batches[0] / batches[1] if len(batches) == 2 and batches[1] else 0.0
+            server.wait(timeout=30)
+    talks = [r for r in results if r["talker"]]
+    fps = [r["fps"] for r in talks]
+    stats = [r["stats"] for r in talks]
+    p50 = [st["delay_ms_p50"] for st in stats if st.get("delay_ms_p50") is not None]
+    p95 = [st["delay_ms_p95"] for st in stats if st.get("delay_ms_p95") is not None]
+    synced = sum(st.get("lipsync_frames", 0) for st in stats)
+    speech = synced + sum(st.get("late_frames", 0) for st in stats)
+    held = sum(st.get("held_frames", 0) for st in stats)
+    calls: dict[int, list[float]] = {}
+    for line in metrics.splitlines():
+        m = re.match(r'streamer_inference_call_seconds\{.*batch="(\d+)".*\} (\S+)', line)
+        if m:
+            calls.setdefault(int(m.group(1)), []).append(float(m.group(2)))
+    count = _sum_metric(metrics, "streamer_inference_batch_size_count")
+    mean_batch = _sum_metric(metrics, "streamer_inference_batch_size_sum") / count if count else 0.0
+    targets = sorted({st.get("target_delay_ms") for st in stats if st.get("target_delay_ms")})
     rows = [("engine", health["engine"]),
             ("sessions", f"{sessions} talkers for {seconds:g} s, voice after {pause:g} s of silence"
-                         + (f", {viewers} WHEP viewers of one" if viewers else "")),
-            ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps"),
+                         + (f", {viewers} WHEP viewers of the first" if viewers else "")
+                         + f"; clients in {procs} processes; server workers: {health.get('workers', 1)}"),
+            ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps; frame gap p99 "
+                                          f"worst {max(r['gap_p99_ms'] for r in talks):.0f} ms"),
             ("voice in -> lips out at the server", f"p50 {np.median(p50):.1f} ms, worst p95 {max(p95):.1f} ms "
-                                                    f"(target {stats[0]['target_delay_ms']} ms)"),
+                                                    f"(target {', '.join(map(str, targets))} ms)"
+             if p50 else "not measured (no voice reached a frame)"),
             ("speech frames lip-synced in time", f"{synced} of {speech} ({100 * synced / max(1, speech):.1f}%); "
                                                   f"late ones showing the previous mouth: {held}"),
-            ("engine speed in the server (median call)", ", ".join(f"batch {n}: {1000 * sec / int(n):.1f} ms/frame"
-                                                                    for n, sec in call.items())),
+            ("engine speed in the server (median call)", ", ".join(
+                f"batch {n}: {1000 * np.mean(v) / n:.1f} ms/frame" for n, v in sorted(calls.items()))),
             ("mean inference batch", f"{mean_batch:.2f} frames"),
-            ("server CPU", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions + viewers):.0f}% per "
-                           f"connection)")]
+            ("server CPU, all its processes", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions):.1f}% "
+                                              f"per talker)")]
+    if gpu:
+        rows.append(("GPU utilisation", f"mean {np.mean(gpu):.0f}%, max {max(gpu):.0f}%"))
     if viewers:
-        frames = [len(got.video) for got, _ in results[sessions:]]
-        rows.append(("frames received per viewer", f"min {min(frames)}"))
+        rows.append(("frames received per viewer", f"min {min(r['frames'] for r in results if not r['talker'])}"))
     return rows
