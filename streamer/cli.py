@@ -103,6 +103,33 @@ def _render(args) -> int:
     return 0
 
 
+def _tell_front(port: int) -> None:
+    """A process started by the front writes where it listens (0: ready, no port) into its port file."""
+    tmp = os.environ["STREAMER_PORT_FILE"] + ".tmp"
+    Path(tmp).write_text(str(port))
+    os.replace(tmp, os.environ["STREAMER_PORT_FILE"])
+
+
+def _serve_inference(cfg, path: str) -> int:
+    """The inference service of a multi-process server: the one model copy, until SIGTERM."""
+    import signal
+    import threading
+
+    from streamer.lipsync.engine import load_engine
+    from streamer.live.service import run_service
+
+    if cfg.model.path is not None:
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+    else:
+        engine = load_engine(None, mouth=_avatar(cfg, cfg.avatar.name).mouth_in_crop())
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    run_service(engine, path, bytes.fromhex(os.environ["STREAMER_INFERENCE_KEY"]), cfg.live.max_batch, stop,
+                on_ready=lambda: _tell_front(0))
+    return 0
+
+
 def _serve(args) -> int:
     import asyncio
     import signal
@@ -130,17 +157,25 @@ def _serve(args) -> int:
         _avatar(cfg, cfg.avatar.name)  # prepared once here, not by every worker at once
         asyncio.run(serve_front(cfg, workers))
         return 0
-    if cfg.model.path is not None:  # a missing or bad model fails before any avatar work
-        threads = int(os.environ.get("STREAMER_THREADS", 0)) or None  # a media worker's share of the cores
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, threads=threads)
+    service = os.environ.get("STREAMER_INFERENCE")  # the socket of a multi-process server's inference service
+    if os.environ.get("STREAMER_ROLE") == "inference":
+        return _serve_inference(cfg, service)
+    remote = None
+    if service:  # a media worker: inference is the service's
+        from streamer.live.service import RemoteWorker
+
+        remote = RemoteWorker(service, bytes.fromhex(os.environ["STREAMER_INFERENCE_KEY"]))
+        engine = remote.engine
+    elif cfg.model.path is not None:  # a missing or bad model fails before any avatar work
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
     avatar = _avatar(cfg, cfg.avatar.name)
-    if cfg.model.path is None:
+    if cfg.model.path is None and remote is None:
         engine = load_engine(None, mouth=avatar.mouth_in_crop())
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
     host, port = cfg.server.host, cfg.server.port
 
     async def run() -> None:
-        runner = web.AppRunner(Server(cfg, engine, avatar).app(), access_log=None, shutdown_timeout=5)
+        runner = web.AppRunner(Server(cfg, engine, avatar, worker=remote).app(), access_log=None, shutdown_timeout=5)
         await runner.setup()
         site = web.TCPSite(runner, host, port)
         try:
@@ -150,9 +185,7 @@ def _serve(args) -> int:
             raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
         bound = site._server.sockets[0].getsockname()[1]  # --port 0: the one the system gave
         if os.environ.get("STREAMER_PORT_FILE"):  # a media worker tells its front where it listens
-            tmp = os.environ["STREAMER_PORT_FILE"] + ".tmp"
-            Path(tmp).write_text(str(bound))
-            os.replace(tmp, os.environ["STREAMER_PORT_FILE"])
+            _tell_front(bound)
         else:
             shown = "localhost" if host in ("127.0.0.1", "::1") else host
             print(f"streamer: open http://{shown}:{bound}/ and press Start (Ctrl-C stops)", flush=True)

@@ -194,3 +194,32 @@ def test_concurrent_offers_are_admitted_up_to_the_limit_exactly(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_inference_service_restart_resumes_lipsync(tmp_path, voice):
+    """Inference runs in one service process for all workers; killed mid-session, it is replaced, the
+    workers reconnect by themselves, the video never stops and the mouths come back."""
+    proc, url = start_front(tmp_path)
+    try:
+        long_voice = np.concatenate([voice, voice])
+        seconds = long_voice.size / 48000
+
+        async def main():
+            a = asyncio.ensure_future(talk(url, long_voice, seconds, offer_extra={"channel": "a"}, token=TOKEN))
+            await asyncio.sleep(3)
+            before = get(url, "/healthz")
+            os.kill(before["inference_pid"], signal.SIGKILL)
+            killed = time.monotonic()
+            await asyncio.sleep(1.0)
+            metrics_during = get(url, "/metrics")
+            got, stats = await a
+            return before, killed, metrics_during, got, stats, get(url, "/healthz")
+
+        before, killed, during, got, stats, after = asyncio.run(main())
+        assert 24 <= fps_of(got, killed) <= 26  # the video never stopped
+        assert after["inference_pid"] != before["inference_pid"] and after["restarts"] == 1
+        synced_during = sum(by_worker(during, "streamer_frames_lipsync").values())
+        assert stats["lipsync_frames"] > synced_during + 25, (synced_during, stats)  # mouths came back
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)

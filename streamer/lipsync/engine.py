@@ -278,15 +278,14 @@ class Wav2LipInfer:
 
 
 def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "auto",
-                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None,
-                threads: int | None = None):
+                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None):
     """The engine for `model`: a path, or a file name in `models_dir`; None gives the builtin engine,
     which animates the mouth at `mouth` (crop fractions, from the avatar's landmarks) when given."""
     if model is None:
         from streamer.lipsync.builtin import MOUTH, BuiltinEngine
 
         return BuiltinEngine(mouth=mouth or MOUTH)
-    return Wav2LipInfer(resolve_model(model, models_dir), device=device, dtype=dtype, threads=threads)
+    return Wav2LipInfer(resolve_model(model, models_dir), device=device, dtype=dtype)
 
 
 def resolve_model(model: str | Path, models_dir: str | Path = "models") -> Path:

@@ -73,12 +73,14 @@ def refuse(token: str | None, request: web.Request) -> web.Response | None:
 
 
 class Server:
-    def __init__(self, cfg: Config, engine, avatar, web_dir: Path = WEB_DIR):
+    def __init__(self, cfg: Config, engine, avatar, web_dir: Path = WEB_DIR, worker=None):
+        """worker: what runs inference (default: an InferenceWorker on `engine` in this process; a media
+        worker of a multi-process server passes the RemoteWorker of the server's inference service)."""
         self.cfg = cfg
         self.engine = engine
         self.avatar = avatar
         self.web_dir = web_dir
-        self.worker = InferenceWorker(engine, max_batch=cfg.live.max_batch)
+        self.worker = worker or InferenceWorker(engine, max_batch=cfg.live.max_batch)
         self.channels: dict[str, Channel] = {}
         self.delay_s = None if cfg.live.delay_ms == "auto" else cfg.live.delay_ms / 1000  # None: auto
         self.sessions: dict[str, Session] = {}

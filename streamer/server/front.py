@@ -1,13 +1,15 @@
-"""`streamer serve --workers N`: one front process and N media worker processes.
+"""`streamer serve --workers N`: one front process, N media worker processes, one inference service.
 
 One Python process tops out near two cores (every packet, frame and encode shares one interpreter
-lock), so a box with more cores runs several. Each worker is a complete `streamer serve` process on
-a loopback port, holding the channels placed on it: their peers, audio front end, inference and
-encoding run on its own event loop and cores. The front keeps the pages and the signalling: it
+lock), so a box with more cores runs several. Each worker is a `streamer serve` process on a loopback
+port, holding the channels placed on it: their peers, audio front end, blending and encoding run on
+its own event loop and cores. Inference for all of them runs in one service process (one model
+copy, batches across every channel; see streamer/live/service.py). The front keeps the pages and the signalling: it
 places each channel on a worker (where it already is, else the least loaded), forwards the
 channel's offers, WHIP and WHEP requests there (media then flows directly between the client and
 that worker), enforces the server-wide limits, merges the workers' /metrics, and starts a
-replacement when a worker dies: the channels it held end, every other channel keeps running.
+replacement when a worker dies (the channels it held end, every other channel keeps running) or when
+the service dies (the workers reconnect; mouths are idle meanwhile).
 
 Workers listen on 127.0.0.1 only and take requests only with the front's secret token.
 """
@@ -75,7 +77,10 @@ class Front:
         self._config = Path(self._dir.name) / "worker.yaml"
         self._http: aiohttp.ClientSession | None = None
         self._closing = False
-        self._procs: list[subprocess.Popen] = []  # every worker process started, to stop them all
+        self._procs: list[subprocess.Popen] = []  # every process started, to stop them all
+        self.socket = str(Path(self._dir.name) / "inference.sock")  # the folder is private to this user
+        self.key = secrets.token_bytes(32)
+        self.service: subprocess.Popen | None = None
         self._watch: asyncio.Task | None = None
         self._place_lock = asyncio.Lock()  # placement decisions one at a time; forwarding runs in parallel
         self._pending = {"publishers": 0, "viewers": 0}  # placed offers not yet answered
@@ -94,33 +99,43 @@ class Front:
         with os.fdopen(fd, "w") as f:
             yaml.safe_dump(data, f)
 
-    def _spawn(self, index: int) -> Worker:
-        """Start worker `index` and wait until it listens (blocking: call off the event loop). It writes
-        the port it got into its port file once it listens."""
-        port_file = Path(self._dir.name) / f"worker-{index}.port"
+    def _start_process(self, what: str, env: dict) -> tuple[subprocess.Popen, int]:
+        """Start a `streamer serve` process (a media worker or the inference service) and wait until it
+        writes its port (0 for the service) into its port file: blocking, so call it off the event loop."""
+        port_file = Path(self._dir.name) / f"{what.replace(' ', '-')}.port"
         port_file.unlink(missing_ok=True)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        env = {**os.environ, "STREAMER_WORKER": str(index), "STREAMER_PORT_FILE": str(port_file),
-               "STREAMER_THREADS": str(max(1, cores // self.count))}  # CPU inference: a share of the cores
+        env = {**os.environ, **env, "STREAMER_PORT_FILE": str(port_file), "STREAMER_INFERENCE": self.socket,
+               "STREAMER_INFERENCE_KEY": self.key.hex()}
         cmd = [sys.executable, "-m", "streamer", "serve", "--config", str(self._config), "--port", "0", "-q"]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env,
-                                start_new_session=True)  # Ctrl-C reaches the front, which stops the workers
+                                start_new_session=True)  # Ctrl-C reaches the front, which stops the others
         self._procs.append(proc)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline and proc.poll() is None and not self._closing:
             if port_file.exists():
-                port = int(port_file.read_text())
-                log.info("worker %d (pid %d) listening on 127.0.0.1:%d", index, proc.pid, port)
-                return Worker(index, proc, port)
+                return proc, int(port_file.read_text())
             time.sleep(0.05)
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        raise UserError(f"media worker {index} did not start (exit code {proc.returncode}); see the log above")
+        raise UserError(f"{what} did not start (exit code {proc.returncode}); see the log above")
+
+    def _spawn(self, index: int) -> Worker:
+        proc, port = self._start_process(f"media worker {index}", {"STREAMER_WORKER": str(index)})
+        log.info("worker %d (pid %d) listening on 127.0.0.1:%d", index, proc.pid, port)
+        return Worker(index, proc, port)
+
+    def _spawn_service(self) -> subprocess.Popen:
+        Path(self.socket).unlink(missing_ok=True)  # left by one that was killed
+        proc, _ = self._start_process("inference service", {"STREAMER_ROLE": "inference",
+                                                            "STREAMER_WORKER": "inference"})
+        log.info("inference service (pid %d) ready", proc.pid)
+        return proc
 
     async def start(self) -> None:
         self._write_config()
         loop = asyncio.get_running_loop()
+        self.service = await loop.run_in_executor(None, self._spawn_service)
         self.workers = list(await asyncio.gather(*(loop.run_in_executor(None, self._spawn, i)
                                                    for i in range(self.count))))
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
@@ -130,6 +145,14 @@ class Front:
     async def _watch_workers(self) -> None:
         while not self._closing:
             await asyncio.sleep(0.5)
+            if self.service.poll() is not None and not self._closing:
+                log.error("the inference service (pid %d) died (exit code %s); starting a new one (the workers "
+                          "reconnect, mouths are idle meanwhile)", self.service.pid, self.service.returncode)
+                try:
+                    self.service = await asyncio.get_running_loop().run_in_executor(None, self._spawn_service)
+                    self.restarts += 1
+                except UserError as e:
+                    log.error("%s; trying again", e)
             for i, w in enumerate(self.workers):
                 if w.alive or self._closing:
                     continue
@@ -142,9 +165,9 @@ class Front:
                     self.ended[sid] = f"its media worker stopped (exit code {code})"
                 while len(self.ended) > 1000:
                     self.ended.popitem(last=False)
-                self.restarts += 1
                 try:
                     self.workers[i] = await asyncio.get_running_loop().run_in_executor(None, self._spawn, w.index)
+                    self.restarts += 1
                 except UserError as e:
                     log.error("%s; trying again", e)
 
@@ -153,7 +176,7 @@ class Front:
         if self._watch:
             self._watch.cancel()
         for proc in self._procs:
-            if proc.poll() is None:
+            if proc.poll() is None and proc is not self.service:
                 proc.send_signal(signal.SIGTERM)  # each closes its sessions cleanly
         loop = asyncio.get_running_loop()
 
@@ -164,7 +187,10 @@ class Front:
                 proc.kill()
                 proc.wait()
 
-        await asyncio.gather(*(loop.run_in_executor(None, reap, p) for p in self._procs))
+        await asyncio.gather(*(loop.run_in_executor(None, reap, p) for p in self._procs if p is not self.service))
+        if self.service is not None and self.service.poll() is None:  # last: the workers needed it
+            self.service.send_signal(signal.SIGTERM)
+            await loop.run_in_executor(None, reap, self.service)
         if self._http:
             await self._http.close()
         self._dir.cleanup()
@@ -314,6 +340,7 @@ class Front:
         loads = await self._loads()
         return web.json_response({"ok": bool(loads), "workers": len(loads), "restarts": self.restarts,
                                   "worker_pids": [w.proc.pid for w in self.workers if w.alive],
+                                  "inference_pid": self.service.pid if self.service else None,
                                   "sessions": sum(len(load["sessions"]) for _, load in loads),
                                   "channels": sum(len(load["channels"]) for _, load in loads),
                                   "engine": loads[0][1]["engine"] if loads else None,
@@ -358,7 +385,7 @@ def merge_metrics(texts: list[tuple[Worker, str]], restarts: int, workers: int, 
            "# TYPE streamer_workers gauge", f"streamer_workers {alive}",
            "# HELP streamer_workers_wanted media worker processes configured",
            "# TYPE streamer_workers_wanted gauge", f"streamer_workers_wanted {workers}",
-           "# HELP streamer_worker_restarts_total media workers that died and were replaced",
+           "# HELP streamer_worker_restarts_total media workers and inference services that died and were replaced",
            "# TYPE streamer_worker_restarts_total counter", f"streamer_worker_restarts_total {restarts}"]
     for lines in families.values():
         out += lines
