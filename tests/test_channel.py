@@ -72,14 +72,19 @@ def test_channel_timeline_is_exact(avatar):
     assert max(changed) <= last_voice_frame + 6 + 2 + 1
 
 
+def phrases_with_pauses(pause_s: float, repeats: int) -> np.ndarray:
+    """48 kHz voice: a pause, then `repeats` times a short phrase and a pause."""
+    x, rate = speak("Here is one phrase, then a pause.")
+    phrase = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    pause = np.zeros(int(pause_s * 48000), np.float32)
+    return np.concatenate([pause] + [np.concatenate([phrase, pause])] * repeats)
+
+
 @pytest.mark.parametrize("skew", [0.005, -0.005])
 def test_sender_clock_drift_is_absorbed_in_silence(avatar, skew):
     """A sender whose clock runs 0.5% fast or slow (50 times a bad sound card, so the drift shows in
     seconds): the delay must stay at its target instead of moving 100 ms in 20 s."""
-    x, rate = speak("Here is one phrase, then a pause.")
-    phrase = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
-    pause = np.zeros(int(1.5 * 48000), np.float32)
-    voice = np.concatenate([pause] + [np.concatenate([phrase, pause])] * 5)
+    voice = phrases_with_pauses(1.5, 5)
     now = [100.0]
     worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
     ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
@@ -107,10 +112,7 @@ def test_auto_delay_widens_in_silence_when_mouths_come_late(avatar):
     up to its cap, and the voice-in to lips-out delay measured per frame follows it."""
     from streamer.live.channel import AUTO_MAX_S
 
-    x, rate = speak("Here is one phrase, then a pause.")
-    phrase = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
-    pause = np.zeros(int(1.0 * 48000), np.float32)
-    voice = np.concatenate([pause] + [np.concatenate([phrase, pause])] * 4)
+    voice = phrases_with_pauses(1.0, 4)
     now = [100.0]
     worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
     worker.close()  # nothing is ever inferred: every speech frame is late
