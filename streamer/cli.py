@@ -30,6 +30,15 @@ def delay_arg(text: str) -> int | str:
         raise argparse.ArgumentTypeError("a whole number of milliseconds, or auto") from None
 
 
+def workers_arg(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("a whole number of processes, or auto") from None
+
+
 def _bench(args) -> int:
     from streamer import bench
 
@@ -219,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free one, printed)")
-    sv.add_argument("--workers", type=lambda t: t if t == "auto" else int(t), metavar="N",
+    sv.add_argument("--workers", type=workers_arg, metavar="N",
                     help="media worker processes (default auto: one per two cores; 1: one process)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
@@ -275,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
     b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
                                                     "speech)")
-    b.add_argument("--workers", type=lambda t: t if t == "auto" else int(t), metavar="N",
+    b.add_argument("--workers", type=workers_arg, metavar="N",
                    help="live: the server's media worker processes (default: serve's own default, auto)")
     b.add_argument("--client-processes", type=int, metavar="K",
                    help="live: processes the clients run in (default: one per two cores, at most 8)")
