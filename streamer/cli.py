@@ -21,22 +21,18 @@ def _export(args) -> int:
     return 0
 
 
-def delay_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a whole number of milliseconds, or auto") from None
+def auto_or_int(unit: str):
+    """An argparse type: the word auto, or a whole number of `unit`."""
 
+    def parse(text: str) -> int | str:
+        if text == "auto":
+            return text
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"a whole number of {unit}, or auto") from None
 
-def workers_arg(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("a whole number of processes, or auto") from None
+    return parse
 
 
 def _bench(args) -> int:
@@ -228,11 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free one, printed)")
-    sv.add_argument("--workers", type=workers_arg, metavar="N",
+    sv.add_argument("--workers", type=auto_or_int("processes"), metavar="N",
                     help="media worker processes (default auto: one per two cores; 1: one process)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    sv.add_argument("--delay-ms", type=delay_arg, help="voice-in to lips-out delay in ms, or auto (default: auto, "
+    sv.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="voice-in to lips-out delay in ms, or auto (default: auto, "
                                                        "the model's lookahead + what this machine's inference needs)")
     sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
     sv.set_defaults(func=_serve)
@@ -279,12 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
-    b.add_argument("--delay-ms", type=delay_arg, help="live target delay in ms, or auto (default from the config: auto)")
+    b.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="live target delay in ms, or auto (default from the config: auto)")
     b.add_argument("--sessions", type=int, default=1, help="live: concurrent talkers (default 1)")
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
     b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
                                                     "speech)")
-    b.add_argument("--workers", type=workers_arg, metavar="N",
+    b.add_argument("--workers", type=auto_or_int("processes"), metavar="N",
                    help="live: the server's media worker processes (default: serve's own default, auto)")
     b.add_argument("--client-processes", type=int, metavar="K",
                    help="live: processes the clients run in (default: one per two cores, at most 8)")
