@@ -46,7 +46,10 @@ class Slots:
 
     def close(self, unlink: bool = False) -> None:
         del self.windows, self.crops, self.mouths  # views must go before the mapping
-        self.shm.close()
+        try:
+            self.shm.close()
+        except BufferError:  # a request still holds a view (dropped soon): the mapping goes with it
+            pass
         if unlink:
             self.shm.unlink()
 
