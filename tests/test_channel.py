@@ -132,3 +132,23 @@ def test_auto_delay_widens_in_silence_when_mouths_come_late(avatar):
     assert first + 2 / FPS - 1e-9 <= ch.delay_s <= AUTO_MAX_S
     assert abs(ch.delays[-1] - ch.delay_s) < 0.021  # the timeline moved with it
     assert ch.lipsync_frames == 0 and ch.late > 100
+
+
+def test_voice_with_no_viewer_stays_bounded(avatar):
+    """A WHIP publisher with no viewer: the outgoing voice nobody asks for is let go (it grew 11.5 MB a
+    minute before), and a viewer arriving later still gets the voice from then on."""
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch.attach_voice("s")
+    rng = np.random.default_rng(0)
+    voice = (0.1 * rng.standard_normal(60 * 48000)).astype(np.float32)  # a minute, nobody watching
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000
+        ch.push_voice(voice[k : k + CHUNK])
+    assert ch.voice.buffer.size < 2 * 48000, ch.voice.buffer.size
+    j = int((now[0] - ch.start) * 48000 / CHUNK)  # a viewer now gets the voice delayed as ever
+    s = j * CHUNK - ch.n0 * SAMPLES_PER_FRAME
+    assert np.array_equal(ch.voice_chunk(j), voice[s : s + CHUNK])
+    worker.close()
+    ch.close()

@@ -39,6 +39,7 @@ SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
 MIN_DELAY_S = LOOKAHEAD_S + 0.02  # lookahead plus one packet
 RESYNC_S = 0.03
+KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 AUTO_MARGIN_S = 0.03  # network jitter (a lost packet holds a window back 20 ms) and event-loop lag
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
@@ -179,6 +180,12 @@ class Channel:
         v.lateness.append(arrival + self.delay_s - (self.start + (v.received + v.n0 * SAMPLES_PER_FRAME) / VOICE_RATE))
         with self._lock:
             v.buffer = np.concatenate([v.buffer, mono48.astype(np.float32)])
+            # voice no viewer can still ask for goes, whether or not anyone watches (a WHIP publisher
+            # with no viewer would otherwise grow this by 11.5 MB a minute)
+            sent = int((arrival - self.start - KEEP_VOICE_S) * VOICE_RATE) - v.n0 * SAMPLES_PER_FRAME
+            if sent > v.buffer0:
+                cut = min(sent - v.buffer0, v.buffer.size)
+                v.buffer, v.buffer0 = v.buffer[cut:], v.buffer0 + cut
         audio16 = v.resampler.push(mono48)
         for i, w in v.mel.push(audio16):
             v.windows[i] = w
