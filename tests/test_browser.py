@@ -35,15 +35,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=[1, 2], ids=["one-process", "workers-2"])
+def server(tmp_path_factory, request):
+    """`streamer serve` in one process, and as a front with two media workers and an inference service."""
     port = free_port()
     root = tmp_path_factory.mktemp("serve")
     log = open(root / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars",
-                             str(root / "avatars")], stdout=log, stderr=subprocess.STDOUT)
+                             str(root / "avatars"), "--workers", str(request.param)], stdout=log,
+                            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    for _ in range(150):
+    for _ in range(300):
         try:
             urllib.request.urlopen(url + "healthz", timeout=1)
             break
