@@ -238,3 +238,29 @@ def test_wav2lip_live_lipsyncs_as_much_as_its_engine_can(case, exported, release
     times = np.array([t for t, _ in got.video])
     fps = (len(times) - 1) / (times[-1] - times[0])
     assert 24 <= fps <= 26, fps
+
+
+def test_a_decoder_that_fails_says_so_and_the_channel_keeps_sending(video_avatar, caplog):
+    """The avatar's decode-ahead thread raising (a damaged cache) is logged, not silent, and the
+    channel goes on at 25 fps holding its last frame."""
+    from streamer.live.channel import Channel
+    from streamer.live.worker import InferenceWorker
+
+    class Damaged(SlowToStart):
+        def read_frames(self, start=0, count=None, **kw):
+            frames = self._avatar.read_frames(start, count=count, **kw)
+            for k, f in enumerate(frames):
+                if count is None and k == 5:
+                    frames.close()
+                    raise OSError("frames.mkv: invalid data")
+                yield f
+
+    worker = InferenceWorker(BuiltinEngine())
+    ch = Channel("c", Damaged(video_avatar, 0), worker)
+    time.sleep(0.5)
+    shown = [ch.video_frame(n) for n in range(20)]
+    ch.close()
+    worker.close()
+    assert any("decoding avatar talk failed" in r.getMessage() for r in caplog.records)
+    assert all(f is not None and f.shape == shown[0].shape for f in shown)
+    assert np.array_equal(shown[-1], shown[5])  # held since the decoder stopped

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
 
 from streamer.avatar.cache import Avatar
+
+log = logging.getLogger(__name__)
 
 
 class FrameStore:
@@ -28,17 +31,22 @@ class FrameStore:
     def _run(self) -> None:
         self._reader = self.avatar.read_frames(0)
         try:
-            for step, _, frame in self._reader:
-                with self._cond:
-                    while not self._closed and step >= self._low + self.capacity:
-                        self._cond.wait(0.5)
-                    if self._closed:
-                        return
-                    if step >= self._low:
-                        self._frames[step] = frame
-                        self._cond.notify_all()
+            self._decode()
+        except Exception:  # noqa: BLE001 - said loudly: the channel goes on holding its last frame
+            log.exception("decoding avatar %s failed: its channels hold their last frame", self.avatar.name)
         finally:
             self._reader.close()
+
+    def _decode(self) -> None:
+        for step, _, frame in self._reader:
+            with self._cond:
+                while not self._closed and step >= self._low + self.capacity:
+                    self._cond.wait(0.5)
+                if self._closed:
+                    return
+                if step >= self._low:
+                    self._frames[step] = frame
+                    self._cond.notify_all()
 
     def get(self, step: int, timeout: float = 0.0) -> np.ndarray | None:
         """Frame at loop step `step`, waiting up to `timeout` s for the decoder; None if not there."""
