@@ -114,6 +114,8 @@ def test_talk_whip_whep_and_limits_through_the_front(front, voice):
     channels = by_worker(out["metrics"], "streamer_channels")
     assert sorted(channels.values()) == [1, 1], channels
     assert by_worker(out["metrics"], "streamer_frames_lipsync")  # counters merged from both workers
+    batches = by_worker(out["metrics"], "streamer_inference_batch_size")  # batches of the one service
+    assert list(batches) == ["service"] and batches["service"] > 40, batches
     helps = [line for line in out["metrics"].splitlines() if line.startswith("# HELP")]
     assert len(helps) == len(set(helps))  # one HELP and TYPE per family
 

@@ -92,6 +92,8 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
     """Serve inference to media workers on the Unix socket `path` until `stop` is set; `on_ready()` is
     called once it accepts connections (after the warm-up)."""
     worker = InferenceWorker(engine, max_batch=max_batch)
+    batch_counts: dict[int, int] = {}  # batch size -> batches run, for every worker's /metrics
+    worker.on_batch = lambda n: batch_counts.__setitem__(n, batch_counts.get(n, 0) + 1)
     listener = Listener(path, family="AF_UNIX", authkey=authkey)
     clients: list[_Client] = []
 
@@ -135,7 +137,7 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
         on_ready()
     while not stop.wait(REPORT_S):
         report = ("report", worker.cost.known(), worker.frames, worker.dropped, worker.busy_s, worker.batches,
-                  worker.depth())
+                  worker.depth(), dict(batch_counts))
         for c in list(clients):
             c.send(report)
     listener.close()
@@ -164,7 +166,8 @@ class RemoteWorker:
         self.frames = self.dropped = 0  # mouths received, requests never answered (this worker's)
         self.batches, self.busy_s = 0, 0.0  # the service's, as last reported
         self._depth = 0
-        self.on_batch = None  # batches happen in the service: its sizes are not seen here
+        self.on_batch = None  # batches happen in the service: see batch_counts
+        self.batch_counts: dict[int, int] = {}  # the service's batches by size, as last reported
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._busy: dict[int, tuple[int, object, int, float]] = {}  # slot -> (seq, sink, step, deadline)
@@ -234,7 +237,7 @@ class RemoteWorker:
                     time.sleep(0.5)
                 continue
             if msg[0] == "report":  # service-wide: its time in inference, its batches, its queue
-                _, known, _, _, self.busy_s, self.batches, self._depth = msg
+                _, known, _, _, self.busy_s, self.batches, self._depth, self.batch_counts = msg
                 for n, sec in known.items():
                     self.cost.add(n, sec)
                 continue

@@ -360,6 +360,11 @@ class Front:
                             content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
+# what the inference service does for all workers: reported by each, merged once (worker="service")
+SERVICE_FAMILIES = {"streamer_inference_batch_size", "streamer_inference_seconds_total",
+                    "streamer_inference_call_seconds", "streamer_inference_queue_depth"}
+
+
 def merge_metrics(texts: list[tuple[Worker, str]], restarts: int, workers: int, alive: int) -> str:
     families: dict[str, list[str]] = {}  # family -> its HELP and TYPE lines, then samples
     for w, text in texts:
@@ -373,13 +378,15 @@ def merge_metrics(texts: list[tuple[Worker, str]], restarts: int, workers: int, 
             if not line.strip():
                 continue
             metric, _, rest = line.partition(" ")
-            label = f'worker="{w.index}"'
+            base = next((f for f in families if metric.split("{")[0] in (f, f + "_bucket", f + "_sum", f + "_count")),
+                        metric.split("{")[0])
+            if base in SERVICE_FAMILIES and w is not texts[0][0]:
+                continue  # the same service-wide figures, as every worker reports them
+            label = 'worker="service"' if base in SERVICE_FAMILIES else f'worker="{w.index}"'
             if "{" in metric:
                 sample = metric.replace("{", "{" + label + ",", 1)
             else:
                 sample = f"{metric}{{{label}}}"
-            base = next((f for f in families if metric.split("{")[0] in (f, f + "_bucket", f + "_sum", f + "_count")),
-                        metric.split("{")[0])
             families.setdefault(base, []).append(f"{sample} {rest}")
     out = ["# HELP streamer_workers media worker processes running",
            "# TYPE streamer_workers gauge", f"streamer_workers {alive}",

@@ -26,6 +26,18 @@ class Histogram:
                 if value <= b:
                     self.counts[i] += 1
 
+    @classmethod
+    def of_counts(cls, buckets, counts: dict[int, int]) -> Histogram:
+        """The histogram of values observed `counts[value]` times each."""
+        h = cls(buckets)
+        for value, n in counts.items():
+            h.total += n
+            h.sum += value * n
+            for i, b in enumerate(buckets):
+                if value <= b:
+                    h.counts[i] += n
+        return h
+
     def lines(self, name: str, labels: str = "") -> list[str]:
         sep = "," if labels else ""
         out = [f'{name}_bucket{{{labels}{sep}le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
@@ -86,7 +98,11 @@ class Metrics:
         metric("streamer_inference_call_seconds", "gauge", "current estimate of an inference call's time by batch "
                "size (median of recent calls), what the worker plans its deadlines with",
                [f'streamer_inference_call_seconds{{batch="{n}"}} {sec:.6f}' for n, sec in w.cost.known().items()])
-        metric("streamer_inference_batch_size", "histogram", "frames per inference call", self.batch.lines("streamer_inference_batch_size"))
+        batch = self.batch
+        if hasattr(w, "batch_counts"):  # a media worker: batches happen in the inference service
+            batch = Histogram.of_counts(BATCH_BUCKETS, w.batch_counts)
+        metric("streamer_inference_batch_size", "histogram", "frames per inference call",
+               batch.lines("streamer_inference_batch_size"))
         metric("streamer_delay_seconds", "histogram", "voice in -> its lip-synced frame out, at the server",
                self.delay.lines("streamer_delay_seconds"))
         return "\n".join(out) + "\n"
