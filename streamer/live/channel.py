@@ -119,7 +119,8 @@ class Channel:
         self._held: np.ndarray | None = None
         self._video_memo: dict[int, np.ndarray] = {}
         self._voice_memo: dict[int, np.ndarray] = {}
-        self._expected: dict[int, tuple[float, np.ndarray]] = {}  # speech step -> (strength, crop)
+        # speech step -> (strength, crop, taken by the worker)
+        self._expected: dict[int, tuple[float, np.ndarray | None, bool]] = {}
         # what users see: counters and recent delays
         self.sent = 0
         self.lipsync_frames = 0
@@ -203,9 +204,8 @@ class Channel:
                 continue
             step = i + v.n0
             face = self._crop(step)
-            self._expected[step] = (strength, face)
-            if face is not None:
-                self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
+            taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
+            self._expected[step] = (strength, face, taken)
 
     def _resync(self, v: VoiceIn) -> None:
         if len(v.lateness) < v.lateness.maxlen or self.speaking or v.ramp.level > 0:
@@ -223,8 +223,9 @@ class Channel:
 
     def _widen(self, v: VoiceIn) -> None:
         """Auto delay: the first estimate counts inference only. When more than AUTO_LATE_SHARE of the
-        recent speech frames still missed their mouth (a loaded machine, a busy event loop), the delay
-        grows by one frame, in silence as a drift correction does, up to AUTO_MAX_S."""
+        recent speech frames the worker took still missed their mouth (a loaded machine, a busy event
+        loop; not an inference service that is away), the delay grows by one frame, in silence as a
+        drift correction does, up to AUTO_MAX_S."""
         if not self.auto or self.speaking or v.ramp.level > 0 or len(self._recent) < AUTO_WINDOW:
             return
         if self._recent.count(False) <= AUTO_LATE_SHARE * len(self._recent) or self.delay_s + 1 / FPS > AUTO_MAX_S:
@@ -268,15 +269,16 @@ class Channel:
             for k in [k for k in self._faces if k < step]:
                 del self._faces[k]
         for k in [k for k in self._expected if k < step]:  # skipped by the track: never shown
-            del self._expected[k]
+            if self._expected.pop(k)[2]:
+                self._recent.append(False)
             self.late += 1
-            self._recent.append(False)
         want = self._expected.pop(step, None)
         frame = self.frames.get(step)
         if frame is None:  # the decoder is behind: a mouth has no frame to go into
             face = None
         if want is not None:
-            self._recent.append(face is not None)
+            if want[2]:  # what the auto delay judges by: mouths the worker took and did not bring in time
+                self._recent.append(face is not None)
             if face is not None:
                 self.lipsync_frames += 1
                 self._last_face = (step, face)
@@ -288,7 +290,7 @@ class Channel:
         if frame is None:  # the decoder is behind: hold the last frame rather than wait
             out = self._held if self._held is not None else self.frames.first
         elif face is not None:
-            strength, crop_img = want
+            strength, crop_img, _ = want
             src = ping_pong(step, self.avatar.frames)
             out = blend(frame, self.avatar.boxes[src], face, strength=strength, crop=crop_img)
         else:
