@@ -57,16 +57,19 @@ class CallCost:
     def __init__(self, keep: int = 5):
         self._calls: dict[int, deque[float]] = {}
         self._keep = keep
+        self._medians: dict[int, float] = {}  # kept as calls come: estimates are asked for far more often
 
     def add(self, n: int, seconds: float) -> None:
-        self._calls.setdefault(n, deque(maxlen=self._keep)).append(seconds)
+        calls = self._calls.setdefault(n, deque(maxlen=self._keep))
+        calls.append(seconds)
+        self._medians = dict(sorted({**self._medians, n: float(np.median(calls))}.items()))
 
     def known(self) -> dict[int, float]:
-        return {n: float(np.median(c)) for n, c in sorted(self._calls.items())}
+        return dict(self._medians)
 
     def estimate(self, n: int) -> float:
         """Seconds for a call of `n` frames; 0.0 while nothing has been measured."""
-        known = self.known()
+        known = self._medians
         if not known:
             return 0.0
         if n in known:
@@ -236,7 +239,6 @@ class InferenceWorker:
         return faces, spent
 
     def _infer(self, batch: list[Request]) -> None:
-        self._last_run = self.clock()
         faces, spent = self._call(np.stack([r.window for r in batch]), np.stack([r.crop for r in batch]))
         for r, face in zip(batch, faces):
             r.sink.accept(r.step, face)
