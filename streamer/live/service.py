@@ -136,8 +136,7 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
     if on_ready:
         on_ready()
     while not stop.wait(REPORT_S):
-        report = ("report", worker.cost.known(), worker.frames, worker.dropped, worker.busy_s, worker.batches,
-                  worker.depth(), dict(batch_counts))
+        report = ("report", worker.cost.known(), worker.busy_s, worker.batches, worker.depth(), dict(batch_counts))
         for c in list(clients):
             c.send(report)
     listener.close()
@@ -237,7 +236,7 @@ class RemoteWorker:
                     time.sleep(0.5)
                 continue
             if msg[0] == "report":  # service-wide: its time in inference, its batches, its queue
-                _, known, _, _, self.busy_s, self.batches, self._depth, self.batch_counts = msg
+                _, known, self.busy_s, self.batches, self._depth, self.batch_counts = msg
                 for n, sec in known.items():
                     self.cost.add(n, sec)
                 continue
