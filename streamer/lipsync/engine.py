@@ -262,7 +262,10 @@ class Wav2LipInfer:
         GPU the crops cross the bus as uint8 and are masked and scaled there."""
         if self._batcher is None:
             return predict_crops(self, windows, crops)
-        check_inputs(windows[:, None], np.empty((len(crops), 6, *crops.shape[1:3])), self.face_size)
+        s = self.face_size
+        if windows.ndim != 3 or windows.shape[1:] != (80, 16) or crops.shape != (len(windows), s, s, 3):
+            raise ValueError(f"need windows (B, 80, 16) and crops (B, {s}, {s}, 3), got {windows.shape} and "
+                             f"{crops.shape}")
         with self._lock:
             return self._batcher.predict_crops(windows, crops)
 
