@@ -126,6 +126,17 @@ def test_resampling_keeps_sample_timing(rate):
     assert np.abs(y - resample(x, rate)).max() < 1e-5
 
 
+@pytest.mark.parametrize("rate", [16000, 24000])
+def test_upsampling_to_48k_streams_like_offline(rate):
+    """What a program pushes at 16 or 24 kHz reaches a channel at 48 kHz, on time, in any chunks."""
+    x = np.zeros(rate, np.float32)
+    x[rate // 2] = 1.0
+    r = StreamResampler(rate, target=48000)
+    y = np.concatenate([r.push(x[:777]), r.push(x[777:5000]), r.push(x[5000:]), r.flush()])
+    assert len(y) == 48000 and int(np.argmax(y)) == 24000
+    assert np.abs(y - resample(x, rate, target=48000)).max() < 1e-5
+
+
 def vad_frames(sig, **kw):
     vad = VoiceActivity(**kw)
     out = []
@@ -162,3 +173,21 @@ def test_voice_activity_decides_within_the_mel_lookahead(speech16k):
         n = i + len(wav[i : i + 320])
         for idx, _ in vad.push(wav[i : i + 320]):
             assert n - 640 * idx <= LOOKAHEAD_SAMPLES  # voice activity adds no delay to the mel windows
+
+
+def test_voice_activity_memory_is_bounded_and_forget_ends_speech_now(speech16k):
+    wav = speech16k[0]
+    vad = VoiceActivity()
+    long = np.concatenate([wav] * 12)  # over a minute of speech
+    decided = []
+    for i in range(0, len(long), 320):
+        decided += vad.push(long[i : i + 320])
+    assert len(vad._voiced) < 1500  # not one entry per 20 ms since the start
+    assert [i for i, _ in decided] == list(range(len(decided)))
+    # mid-speech barge-in: the hangover of what was heard does not keep the next (silent) frames speaking
+    vad = VoiceActivity()
+    for i in range(0, 16000 + len(wav) // 2, 320):
+        vad.push(np.concatenate([np.zeros(16000, np.float32), wav])[i : i + 320])
+    vad.forget()
+    after = [s for i in range(0, 8000, 320) for _, s in vad.push(np.zeros(320, np.float32))]
+    assert after and not any(after)

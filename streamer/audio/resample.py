@@ -1,4 +1,4 @@
-"""Resampling to 16 kHz mono, offline and streaming, with no timing shift.
+"""Resampling mono audio (to 16 kHz unless told), offline and streaming, with no timing shift.
 
 Both use scipy's `resample_poly` filter (Kaiser-windowed FIR, zero phase): output sample m is
 centred on input time m / 16000 s, so lips computed from it line up with the voice. The streaming
@@ -25,11 +25,11 @@ def to_mono_float(samples: np.ndarray, channels: int = 1) -> np.ndarray:
     return mono * np.float32(scale)
 
 
-def _ratio(rate: int) -> tuple[int, int]:
+def _ratio(rate: int, target: int = TARGET_RATE) -> tuple[int, int]:
     if rate <= 0:
         raise ValueError(f"sample rate must be positive, got {rate}")
-    g = math.gcd(TARGET_RATE, rate)
-    return TARGET_RATE // g, rate // g
+    g = math.gcd(target, rate)
+    return target // g, rate // g
 
 
 def _filter(up: int, down: int) -> tuple[np.ndarray, int]:
@@ -39,21 +39,21 @@ def _filter(up: int, down: int) -> tuple[np.ndarray, int]:
     return h, half
 
 
-def resample(x: np.ndarray, rate: int) -> np.ndarray:
-    """Whole-signal resampling of mono float audio from `rate` to 16 kHz."""
+def resample(x: np.ndarray, rate: int, target: int = TARGET_RATE) -> np.ndarray:
+    """Whole-signal resampling of mono float audio from `rate` to `target`."""
     x = np.asarray(x, dtype=np.float32)
-    up, down = _ratio(rate)
+    up, down = _ratio(rate, target)
     if up == down:
         return x.copy()
     return signal.resample_poly(x, up, down).astype(np.float32)
 
 
 class StreamResampler:
-    """Push mono float audio at `rate` in any chunks; get 16 kHz samples equal to `resample`."""
+    """Push mono float audio at `rate` in any chunks; get samples at `target` equal to `resample`."""
 
-    def __init__(self, rate: int):
+    def __init__(self, rate: int, target: int = TARGET_RATE):
         self.rate = rate
-        self.up, self.down = _ratio(rate)
+        self.up, self.down = _ratio(rate, target)
         self._h, self._half = _filter(self.up, self.down)
         self._x = np.zeros(0, np.float64)  # input from absolute index _x0 on
         self._x0 = 0

@@ -31,7 +31,8 @@ class VoiceActivity:
         self.preroll = RATE * preroll_ms // 1000
         self.hangover = RATE * hangover_ms // 1000
         self._pending = np.zeros(0, np.int16)
-        self._voiced: list[bool] = []  # one per VAD frame
+        self._voiced: list[bool] = []  # one per VAD frame, from VAD frame _v0 on
+        self._v0 = 0
         self._next = 0  # next video frame to decide
         self._n = 0
         self.min_snr_db = min_snr_db
@@ -55,7 +56,12 @@ class VoiceActivity:
             loud = energy >= min(self._energies) + self.min_snr_db
             self._voiced.append(loud and self._vad.is_speech(chunk.tobytes(), RATE))
         self._pending = self._pending[whole:]
-        return self._decide(len(self._voiced) * self.frame)
+        return self._decide((self._v0 + len(self._voiced)) * self.frame)
+
+    def forget(self) -> None:
+        """Barge-in: the audio heard so far no longer counts as speech (its hangover would otherwise
+        keep the next frames speaking)."""
+        self._voiced = [False] * len(self._voiced)
 
     def flush(self) -> list[tuple[int, bool]]:
         """Decide the frames up to the end of the audio pushed so far."""
@@ -64,12 +70,20 @@ class VoiceActivity:
         while self._next < last:
             out.append((self._next, self._speech(self._next)))
             self._next += 1
+        self._trim()
         return out
+
+    def _trim(self) -> None:
+        # keep only what frames still to decide look back at (a long session would grow this forever)
+        drop = max(0, self._bounds(self._next)[0] // self.frame - self._v0)
+        if drop > 1000:
+            del self._voiced[:drop]
+            self._v0 += drop
 
     def _speech(self, i: int) -> bool:
         lo, hi = self._bounds(i)
-        a = max(0, lo // self.frame)
-        b = min(len(self._voiced), -(-hi // self.frame))
+        a = max(0, lo // self.frame - self._v0)
+        b = min(len(self._voiced), -(-hi // self.frame) - self._v0)
         return any(self._voiced[a:b])
 
     def _decide(self, analysed: int) -> list[tuple[int, bool]]:
@@ -77,4 +91,5 @@ class VoiceActivity:
         while self._bounds(self._next)[1] <= analysed:
             out.append((self._next, self._speech(self._next)))
             self._next += 1
+        self._trim()
         return out
