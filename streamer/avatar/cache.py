@@ -33,7 +33,7 @@ from streamer.errors import UserError
 log = logging.getLogger(__name__)
 
 FORMAT = 1
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # use fullmatch: `$` would let a final newline in
 DEMO_NAME = "astronaut"
 DEMO_IMAGE = Path(__file__).parent / "data" / "astronaut.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -44,7 +44,7 @@ MAX_FRAMES = 25 * 60 * 30  # 30 minutes at 25 fps
 
 def avatar_dir(root: str | Path, name: str) -> Path:
     """The avatar's folder; names are plain words, so no name can point outside `root`."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UserError(f"avatar name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_'")
     return Path(root) / name
 

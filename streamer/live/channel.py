@@ -39,6 +39,7 @@ SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
 MIN_DELAY_S = LOOKAHEAD_S + 0.02  # lookahead plus one packet
 RESYNC_S = 0.03
+FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 AUTO_MARGIN_S = 0.03  # network jitter (a lost packet holds a window back 20 ms) and event-loop lag
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
@@ -128,6 +129,7 @@ class Channel:
         self.held = 0  # of those, frames shown with the last mouth instead of the idle one
         self.speaking = False
         self.resyncs = 0
+        self.interrupts = 0
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
@@ -206,6 +208,45 @@ class Channel:
             face = self._crop(step)
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
             self._expected[step] = (strength, face, taken)
+
+    def output_sample(self) -> int | None:
+        """The voice sample (counted from the voice's first) going out to the viewers now."""
+        v = self.voice
+        if v is None or v.n0 is None:
+            return None
+        return int((self.clock() - self.start) * VOICE_RATE) - v.n0 * SAMPLES_PER_FRAME
+
+    def interrupt(self) -> None:
+        """Barge-in: what the voice brought and the viewers have not yet seen or heard is dropped now,
+        not played out: queued voice (after a 5 ms fade, no click), mouths expected, in flight or
+        done, and the speech the front end has heard (its hangover). The mouth rests from the next frame."""
+        v = self.voice
+        if v is None or v.n0 is None:
+            return
+        now = self.clock() - self.start
+        with self._lock:
+            cut = (int(now * VOICE_RATE / CHUNK) + 1) * CHUNK - v.n0 * SAMPLES_PER_FRAME  # next chunk's first sample
+            lo = max(cut, v.buffer0) - v.buffer0
+            if lo < v.buffer.size:
+                v.buffer = v.buffer.copy()
+                fade = v.buffer[lo : lo + FADE_OUT]
+                fade *= np.linspace(1, 0, FADE_OUT, dtype=np.float32)[: fade.size]
+                v.buffer[lo + FADE_OUT :] = 0
+            for j in [j for j in self._voice_memo if j * CHUNK - v.n0 * SAMPLES_PER_FRAME >= cut]:
+                del self._voice_memo[j]
+            step = int(now * FPS) + 1
+            for k in [k for k in self._expected if k >= step]:
+                del self._expected[k]
+            for k in [k for k in self._faces if k >= step]:
+                del self._faces[k]
+            self._last_face = None
+        for i in v.speech:
+            v.speech[i] = False
+        v.vad.forget()
+        v.ramp.level = 0.0
+        self.speaking = False
+        self.interrupts += 1
+        log.info("[%s] interrupted on channel %s: voice and mouth rest from frame %d", self.session, self.name, step)
 
     def _resync(self, v: VoiceIn) -> None:
         if len(v.lateness) < v.lateness.maxlen or self.speaking or v.ramp.level > 0:

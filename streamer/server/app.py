@@ -42,14 +42,18 @@ CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POS
 @dataclass
 class Session:
     id: str
-    kind: str  # "talk" (web page: voice in, avatar back), "whip" (voice in), "whep" (avatar out)
-    pc: RTCPeerConnection
+    # "talk" (web page: voice in, avatar back), "whip" (voice in), "whep" (avatar out),
+    # "ws" (a program's audio over a WebSocket), "speak" (an uploaded file)
+    kind: str
+    pc: RTCPeerConnection | None
     channel: Channel
     tasks: set[asyncio.Task] = field(default_factory=set)
+    voice: object = None  # a program's PushedVoice ("ws", "speak")
+    finished: asyncio.Future | None = None  # "speak": its playback_finished event
 
     @property
     def publishes(self) -> bool:
-        return self.kind in ("talk", "whip")
+        return self.kind in ("talk", "whip", "ws", "speak")
 
     @property
     def views(self) -> bool:
@@ -100,6 +104,9 @@ class Server:
             r.add_route("PATCH", f"/{kind}/{{channel}}/{{id}}", self.patch)
             r.add_route("OPTIONS", f"/{kind}/{{channel}}", self.options)
             r.add_route("OPTIONS", f"/{kind}/{{channel}}/{{id}}", self.options)
+        from streamer.server.push import Drive  # push builds on this module
+
+        Drive(self).add_routes(r)
         r.add_get("/metrics", self.metrics.handle)
         r.add_get("/internal/load", self.load)
         r.add_get("/healthz", self.healthz)
@@ -160,28 +167,36 @@ class Server:
 
     # sessions
 
-    async def _start(self, kind: str, channel_name: str, sdp: str) -> tuple[Session | None, web.Response | None]:
-        """Answer an offer for a session of `kind` on `channel_name`: (session, None) or (None, error)."""
-        if not isinstance(channel_name, str) or not NAME_RE.match(channel_name):
+    async def admit(self, kind: str, channel_name) -> tuple[Session | None, web.Response | None]:
+        """A new session of `kind` on `channel_name` within the limits, its voice attached if it
+        publishes: (session, None) or (None, the error to answer)."""
+        if not isinstance(channel_name, str) or not NAME_RE.fullmatch(channel_name):
             return None, error(400, "channel names are 1-64 letters, digits, '-' or '_'")
-        if kind in ("talk", "whip") and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions:
+        publishes = kind != "whep"
+        if publishes and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions:
             return None, error(503, f"server is full ({self.cfg.server.max_sessions} live sessions); try again later")
-        if kind == "whep" and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers:
+        if not publishes and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers:
             return None, error(503, f"server is full ({self.cfg.server.max_viewers} viewers); try again later")
-        if kind != "whep" and "m=audio" not in sdp:
-            return None, error(400, "the offer has no audio: the avatar needs a voice to lip-sync to")
         ch = await self.channel(channel_name)
-        if kind != "whep" and ch.publisher is not None:
+        if publishes and ch.publisher is not None:
             return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
-
-        sid = secrets.token_urlsafe(8)
-        pc = RTCPeerConnection(self._ice())
-        session = Session(sid, kind, pc, ch)
-        self.sessions[sid] = session
+        session = Session(secrets.token_urlsafe(8), kind, None, ch)
+        self.sessions[session.id] = session
         if session.publishes:
-            ch.attach_voice(sid)
+            ch.attach_voice(session.id)
         if session.views:
             ch.viewers += 1
+        return session, None
+
+    async def _start(self, kind: str, channel_name: str, sdp: str) -> tuple[Session | None, web.Response | None]:
+        """Answer an offer for a session of `kind` on `channel_name`: (session, None) or (None, error)."""
+        if kind != "whep" and "m=audio" not in sdp:
+            return None, error(400, "the offer has no audio: the avatar needs a voice to lip-sync to")
+        session, err = await self.admit(kind, channel_name)
+        if err:
+            return None, err
+        sid, ch = session.id, session.channel
+        pc = session.pc = RTCPeerConnection(self._ice())
 
         @pc.on("track")
         def on_track(track):
@@ -302,7 +317,8 @@ class Server:
             ch.detach_voice(sid)
         if s.views:
             ch.viewers -= 1
-        await s.pc.close()
+        if s.pc is not None:
+            await s.pc.close()
         st = ch.stats()
         log.info("[%s] %s session ended on channel %s: %d frames sent, %d lip-synced, %d late (%d held the last "
                  "mouth), delay p95 %s ms", sid, s.kind, ch.name, st["frames_sent"], st["lipsync_frames"],

@@ -37,10 +37,14 @@ from aiohttp import web
 from streamer.config import Config
 from streamer.errors import UserError
 from streamer.server.app import MAX_BODY, WEB_DIR, error, refuse
+from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 180  # a worker loads its model and warms it up before it listens
+WS_REFUSALS = {400: "channel names are 1-64 letters, digits, '-' or '_'",
+               409: "channel {channel} already has a voice; use another channel name",
+               503: "server is full; try again later"}
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server", "keep-alive"}
 
 
@@ -261,6 +265,8 @@ class Front:
         for kind in ("whip", "whep"):
             r.add_route("*", f"/{kind}/{{channel}}", self.whip_whep)
             r.add_route("*", f"/{kind}/{{channel}}/{{id}}", self.whip_whep)
+        r.add_get("/ws/{channel}", self.websocket)
+        r.add_route("*", "/speak/{channel}", self.speak)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/", lambda request: web.FileResponse(self.web_dir / "index.html"))
@@ -335,6 +341,91 @@ class Front:
         if request.method == "DELETE" and resp.status < 300 and sid:
             self.admitted.pop(sid, None)
         return resp
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """A program's WebSocket, relayed message by message to the worker that holds its channel."""
+        client = web.WebSocketResponse(max_msg_size=HARD_MAX_MESSAGE, heartbeat=20)
+        if not client.can_prepare(request).ok:
+            return error(400, "connect with a WebSocket (see /openapi.json for the protocol)")
+        if foreign_origin(request):
+            return error(403, f"WebSocket from another site ({request.headers['Origin']}) refused")
+        channel = request.match_info["channel"]
+        async with self._place_lock:
+            w, err = await self._place(channel, "ws")
+            if err:
+                return err
+            w.placing[channel] = w.placing.get(channel, 0) + 1
+            self._pending["publishers"] += 1
+        try:
+            upstream = await self._http.ws_connect(w.url(request.path_qs), max_msg_size=HARD_MAX_MESSAGE,
+                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5))
+        except aiohttp.WSServerHandshakeError as e:
+            return error(e.status, WS_REFUSALS.get(e.status, "the media worker refused").format(channel=channel))
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return error(502, "the media worker did not answer; try again")
+        finally:
+            self._pending["publishers"] -= 1
+            w.placing[channel] -= 1
+            if not w.placing[channel]:
+                del w.placing[channel]
+        async with upstream:
+            await client.prepare(request)
+
+            async def down() -> None:  # worker -> client; notes the session once it is ready
+                async for msg in upstream:
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        if '"ready"' in msg.data:
+                            try:
+                                self.admitted[json.loads(msg.data)["session"]] = (w, "publishers", time.monotonic())
+                            except (ValueError, KeyError, TypeError):
+                                pass
+                        await client.send_str(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        await client.send_bytes(msg.data)
+                await client.close(code=upstream.close_code or 1000)
+
+            relay = asyncio.ensure_future(down())
+            try:
+                async for msg in client:  # client -> worker, read only as fast as the worker takes it
+                    if msg.type == aiohttp.WSMsgType.TEXT:
+                        await upstream.send_str(msg.data)
+                    elif msg.type == aiohttp.WSMsgType.BINARY:
+                        await upstream.send_bytes(msg.data)
+                    if relay.done():
+                        break
+            except ConnectionError:
+                pass
+            finally:
+                await upstream.close()
+                try:
+                    await asyncio.wait_for(relay, 2)
+                except (asyncio.TimeoutError, ConnectionError):
+                    relay.cancel()
+        return client
+
+    async def speak(self, request: web.Request) -> web.Response:
+        """An uploaded file to speak (placed like a voice), or its interruption (where its channel is)."""
+        channel = request.match_info["channel"]
+        if request.method == "POST":
+            if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:
+                return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
+            body = bytearray()
+            async for chunk in request.content.iter_chunked(1 << 16):
+                body += chunk
+                if len(body) > MAX_SPEAK_BYTES:
+                    return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
+            w, resp, data = await self._placed(request, channel, "speak", bytes(body))
+            if w is not None and resp.status == 202:
+                try:
+                    self.admitted[json.loads(data)["session"]] = (w, "publishers", time.monotonic())
+                except (ValueError, KeyError, TypeError):
+                    pass
+            return resp
+        for w, load in await self._loads():
+            if channel in load["channels"]:
+                resp, _ = await self._forward(request, w, b"")
+                return resp
+        return error(404, f"nothing is being spoken on channel {channel}")
 
     async def healthz(self, request: web.Request) -> web.Response:
         loads = await self._loads()
