@@ -152,3 +152,49 @@ def test_voice_with_no_viewer_stays_bounded(avatar):
     assert np.array_equal(ch.voice_chunk(j), voice[s : s + CHUNK])
     worker.close()
     ch.close()
+
+
+def test_interrupt_drops_voice_and_mouths_not_yet_out_even_those_in_flight(avatar):
+    x, rate = speak("One two three, lips and voice together, and on and on.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(48000, np.float32), speech, np.zeros(48000, np.float32), speech,
+                            np.zeros(48000, np.float32)])
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch.viewers = 1
+    ch.attach_voice("s")
+    idle = next(iter(avatar.read_frames(0, count=1)))[2]
+    frames, chunks = {}, {}
+    n = j = 0
+    cut_at = 48000 + speech.size // 2  # mid-speech: what was pushed before is dropped, then comes silence
+    voice[cut_at : 48000 + speech.size] = 0
+    cut_time = None
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000
+        ch.push_voice(voice[k : k + CHUNK])
+        if k + CHUNK >= cut_at and cut_time is None:
+            cut_time = now[0]
+            ch.interrupt()
+            assert worker.drain()  # mouths that were in flight arrive after the interrupt
+        elif k % (4 * CHUNK) == 0:
+            assert worker.drain()
+        while ch.start + n / FPS <= now[0]:
+            frames[n] = ch.video_frame(n)
+            n += 1
+        while ch.start + j * CHUNK / 48000 <= now[0]:
+            chunks[j] = ch.voice_chunk(j)
+            j += 1
+    worker.close()
+    ch.close()
+    moving = [k for k, f in frames.items() if not np.array_equal(f, idle)]
+    first_after = int((cut_time - ch.start) * FPS) + 1
+    assert [k for k in moving if k < first_after]  # it was speaking before
+    second = ch.n0 + (48000 + speech.size + 48000) // SAMPLES_PER_FRAME  # the next utterance's first frame
+    assert not [k for k in moving if first_after <= k < second - 4]  # rests at once, until the next one
+    assert [k for k in moving if k >= second]  # which lip-syncs as usual
+    j_cut = int((cut_time - ch.start) * 48000 / CHUNK) + 1
+    out = np.concatenate([chunks[i] for i in range(j_cut, (second * SAMPLES_PER_FRAME) // CHUNK - 1)])
+    assert np.abs(out[240:]).max() == 0 and np.abs(out[:240]).max() < 0.5  # silent after a 5 ms fade
+    assert np.abs(np.concatenate([chunks[i] for i in range(j_cut)])).max() > 0.1
+    assert ch.interrupts == 1

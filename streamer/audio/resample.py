@@ -54,7 +54,7 @@ class StreamResampler:
     def __init__(self, rate: int, target: int = TARGET_RATE):
         self.rate = rate
         self.up, self.down = _ratio(rate, target)
-        self._h, self._half = _filter(self.up, self.down)
+        self._h, self._half = _filter(self.up, self.down) if self.up != self.down else (None, 0)
         self._x = np.zeros(0, np.float64)  # input from absolute index _x0 on
         self._x0 = 0
         self._n = 0

@@ -33,6 +33,7 @@ class VoiceActivity:
         self._pending = np.zeros(0, np.int16)
         self._voiced: list[bool] = []  # one per VAD frame, from VAD frame _v0 on
         self._v0 = 0
+        self._quiet_until = 0  # VAD frames starting before this sample count are not speech (forget)
         self._next = 0  # next video frame to decide
         self._n = 0
         self.min_snr_db = min_snr_db
@@ -54,7 +55,8 @@ class VoiceActivity:
             energy = 10 * np.log10(np.mean(chunk.astype(np.float64) ** 2) + 1.0)
             self._energies.append(energy)
             loud = energy >= min(self._energies) + self.min_snr_db
-            self._voiced.append(loud and self._vad.is_speech(chunk.tobytes(), RATE))
+            start = (self._v0 + len(self._voiced)) * self.frame
+            self._voiced.append(loud and start >= self._quiet_until and self._vad.is_speech(chunk.tobytes(), RATE))
         self._pending = self._pending[whole:]
         return self._decide((self._v0 + len(self._voiced)) * self.frame)
 
@@ -62,6 +64,8 @@ class VoiceActivity:
         """Barge-in: the audio heard so far no longer counts as speech (its hangover would otherwise
         keep the next frames speaking)."""
         self._voiced = [False] * len(self._voiced)
+        # and the VAD frame half pushed now, with the next (a resampler upstream still holds a few samples)
+        self._quiet_until = self._n + self.frame
 
     def flush(self) -> list[tuple[int, bool]]:
         """Decide the frames up to the end of the audio pushed so far."""

@@ -314,6 +314,8 @@ class Channel:
                 self._recent.append(False)
             self.late += 1
         want = self._expected.pop(step, None)
+        if want is None:  # a mouth no frame waits for: in flight when the voice was interrupted
+            face = None
         frame = self.frames.get(step)
         if frame is None:  # the decoder is behind: a mouth has no frame to go into
             face = None

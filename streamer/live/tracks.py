@@ -38,12 +38,20 @@ class AvatarVideoTrack(MediaStreamTrack):
         super().__init__()
         self.channel = channel
         self._last = None
+        self._failed = 0
 
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
         n = self._last = await _pace(self.channel, self._last, 1 / FPS)
-        frame = av.VideoFrame.from_ndarray(self.channel.video_frame(n), format="bgr24")
+        try:
+            image = self.channel.video_frame(n)
+        except Exception:  # noqa: BLE001 - a defect must not end the video: aiortc stops a track that raises
+            if not self._failed:
+                log.exception("[%s] frame %d failed; showing the avatar's first frame", self.channel.session, n)
+            self._failed += 1
+            image = self.channel.frames.first
+        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
         frame.pts = n * (VIDEO_CLOCK // FPS)
         frame.time_base = Fraction(1, VIDEO_CLOCK)
         return frame

@@ -68,7 +68,7 @@ def refuse(token: str | None, request: web.Request) -> web.Response | None:
     """With a token set, every signalling endpoint and /metrics need `Authorization: Bearer <token>`:
     the 401 to answer, or None."""
     open_paths = request.path == "/healthz" or request.method == "OPTIONS" or (
-        request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/")))
+        request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/", "/ws/")))
     if token and not open_paths:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):

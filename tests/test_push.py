@@ -1,0 +1,190 @@
+"""Programs drive the avatar: the WebSocket audio API (`streamer.client.Speaker`) and /speak, watched by
+a real WHEP viewer: real time from faster-than-real-time audio, in sync, events, barge-in, bad input."""
+
+import asyncio
+import io
+import time
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from scipy import signal
+
+from streamer.client import Speaker, SpeakerError
+from streamer.live.client import watch
+from tests.conftest import speak
+from tests.test_live import AIORTC_AUDIO_HOLD_S, AIORTC_VIDEO_HOLD_S, _until, avatar, mouth, serving  # noqa: F401
+
+RATE = 24000  # what TTS services commonly send
+
+
+@pytest.fixture(scope="module")
+def tts():
+    x, rate = speak("Hello, I am a talking avatar and my lips move when I speak.")
+    return signal.resample_poly(x, RATE // 100, rate // 100).astype(np.float32)
+
+
+def motion(got, avatar):
+    source = next(iter(avatar.read_frames(0, count=1)))[2]
+    box = avatar.boxes[0]
+    t = np.array([a for a, _ in got.video]) - AIORTC_VIDEO_HOLD_S
+    return t, np.array([np.abs(mouth(f, box) - mouth(source, box)).mean() for _, f in got.video])
+
+
+def loudness(got):
+    t = np.array([a for a, _ in got.audio]) - AIORTC_AUDIO_HOLD_S
+    return t, np.array([np.sqrt(np.mean(a**2)) for _, a in got.audio])
+
+
+def test_pushed_speech_plays_at_real_time_in_sync_and_stops_on_clear(avatar, tts):
+    seconds = tts.size / RATE
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            viewer = asyncio.ensure_future(watch(url, "demo", 2 * seconds + 6))
+            await asyncio.sleep(1.0)
+            async with await Speaker.connect(url, "demo", sample_rate=RATE) as s:
+                t0 = time.monotonic()
+                await s.send(tts)  # all at once: faster than real time
+                await s.end()
+                sent_in = time.monotonic() - t0
+                first = [await s.event(timeout=10), await s.event(timeout=seconds + 5)]
+                first_t = time.monotonic() - t0
+                await asyncio.sleep(1.0)
+                await s.send(np.concatenate([tts, tts]))
+                await s.end()
+                started = await s.event(timeout=5)
+                await asyncio.sleep(1.5)  # well into a word
+                cleared_at = time.monotonic()
+                await s.clear()
+                finished = await s.event(timeout=5)
+                async with aiohttp.ClientSession() as http, http.get(f"{url}/session/{s.ready['session']}") as r:
+                    stats = await r.json()
+            got, _ = await viewer
+            return dict(sent_in=sent_in, first=first, first_t=first_t, started=started, finished=finished,
+                        cleared_at=cleared_at, got=got, stats=stats, ready=s.ready)
+
+    out = asyncio.run(main())
+    got = out["got"]
+    assert out["sent_in"] < 0.5 * seconds  # it was pushed faster than real time ...
+    started, finished = out["first"]
+    assert started == {"type": "playback_started", "utterance": 1}
+    assert finished["type"] == "playback_finished" and not finished["interrupted"]
+    assert abs(finished["position"] - seconds) < 0.01
+    assert out["first_t"] > seconds  # ... and played at real time
+
+    t, change = motion(got, avatar)
+    at, rms = loudness(got)
+    fps = (np.sum(t > t[0] + 1) - 1) / (t[-1] - (t[0] + 1))
+    assert 24 <= fps <= 26, fps
+    # first utterance: the mouth moves in speech, rests before it; voice and lips within a frame
+    speech_t = at[rms > 0.02]
+    u1 = (t > speech_t[0]) & (t < speech_t[0] + seconds - 0.3)
+    assert np.mean(change[u1] > 8) > 0.3, change[u1]
+    assert change[t < speech_t[0] - 0.3].max() < 8
+    loud = np.array([rms[(at >= x) & (at < x + 0.04)].mean() if np.any((at >= x) & (at < x + 0.04)) else 0.0 for x in t])
+    span = t < speech_t[0] + seconds + 0.5
+    lags = range(-5, 6)
+    score = [np.corrcoef(np.roll(loud[span], k)[10:-10], change[span][10:-10])[0, 1] for k in lags]
+    assert abs(list(lags)[int(np.argmax(score))]) <= 1 and max(score) > 0.5, np.round(score, 2)
+
+    # barge-in: from 100 ms after `clear` left the client (plus the receivers' own hold), mouth and voice rest
+    assert out["started"]["utterance"] == 2
+    fin = out["finished"]
+    assert fin["utterance"] == 2 and fin["interrupted"] and 1.3 < fin["position"] < 1.8, fin
+    c = out["cleared_at"]
+    moving, sounding = t[(t > c - 1) & (change > 8)], at[(at > c - 1) & (rms > 0.005)]
+    print(f"after clear: last moving mouth {1000 * (moving.max() - c):+.0f} ms, last voice {1000 * (sounding.max() - c):+.0f} ms "
+          f"(receive time less the receivers' hold), fps {fps:.2f}, stats {out['stats']}")
+    after = c + 0.1
+    assert t[-1] > c + 1 and at[-1] > c + 1, (t[-1] - c, at[-1] - c)  # the viewer kept receiving
+    assert change[t > after].max() < 8, change[t > after]
+    assert rms[at > after].max() < 0.005, rms[at > after]
+    # ...and it was speaking right before the clear
+    assert change[(t > out["cleared_at"] - 1.0) & (t < out["cleared_at"])].max() > 8
+    assert rms[(at > out["cleared_at"] - 0.5) & (at < out["cleared_at"])].max() > 0.02
+    assert out["stats"]["lipsync_frames"] > 40 and out["stats"]["late_frames"] == 0, out["stats"]
+
+
+def test_bad_messages_get_an_error_event_and_a_close_and_the_server_goes_on(avatar, tts):
+    async def main():
+        async with serving(avatar, **{"server.token": "t0k"}) as (server, url):
+            ws_url = url.replace("http", "ws") + "/ws/demo"
+            auth = {"Authorization": "Bearer t0k"}
+            results = []
+            async with aiohttp.ClientSession(headers=auth) as http:
+                for first, then in [({"type": "start", "sample_rate": 22050}, None),
+                                    ("hello", None),
+                                    ({"type": "start", "sample_rate": 16000}, b"\x00\x01\x02"),
+                                    ({"type": "start", "sample_rate": 16000}, b"\x00" * (2 << 20)),
+                                    ({"type": "start", "sample_rate": 16000}, "{nope")]:
+                    async with http.ws_connect(ws_url, max_msg_size=0) as ws:
+                        await (ws.send_json(first) if isinstance(first, dict) else ws.send_str(first))
+                        if then is not None:
+                            assert (await ws.receive_json(timeout=5))["type"] == "ready"
+                            await (ws.send_bytes(then) if isinstance(then, bytes) else ws.send_str(then))
+                        ev = await ws.receive_json(timeout=5)
+                        closed = await ws.receive(timeout=5)
+                        results.append((ev["type"], closed.type, ws.close_code))
+                    assert await _until(lambda: not server.sessions, 3)
+                refused = []
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {**auth, "Origin": "https://evil.example"}):
+                    try:
+                        async with aiohttp.ClientSession(headers=headers) as h, h.ws_connect(ws_url):
+                            refused.append(None)
+                    except aiohttp.WSServerHandshakeError as e:
+                        refused.append(e.status)
+                async with await Speaker.connect(url, "demo", token="t0k") as s:  # still serving
+                    try:
+                        await Speaker.connect(url, "demo", token="t0k")
+                        second = None
+                    except SpeakerError as e:
+                        second = str(e)
+                    await s.send(tts[:RATE])
+                    # a client that vanishes mid-utterance: its session ends, the channel is free
+                    s._ws._writer.transport.abort()  # noqa: SLF001 - a killed process sends no close
+                ended = await _until(lambda: not server.sessions and not server.channels, 5)
+                return results, refused, second, ended
+
+    results, refused, second, ended = asyncio.run(main())
+    assert results == [("error", aiohttp.WSMsgType.CLOSE, 1008)] * 5, results
+    assert refused == [401, 401, 403]
+    assert second and "409" in second
+    assert ended
+
+
+def wav_bytes(x: np.ndarray, rate: int) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="wav") as f:
+        st = f.add_stream("pcm_s16le", rate=rate, layout="mono")
+        frame = av.AudioFrame.from_ndarray((np.clip(x, -1, 1) * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame.sample_rate = rate
+        for p in st.encode(frame):
+            f.mux(p)
+        for p in st.encode(None):
+            f.mux(p)
+    return buf.getvalue()
+
+
+def test_speak_a_file_and_interrupt_it(avatar, tts):
+    async def main():
+        async with serving(avatar) as (server, url), aiohttp.ClientSession() as http:
+            bad = await http.post(f"{url}/speak/demo", data=b"not audio at all")
+            bad = (bad.status, (await bad.json())["error"])
+            r = await http.post(f"{url}/speak/demo", data=wav_bytes(tts, RATE))
+            ok = (r.status, await r.json())
+            busy = (await http.post(f"{url}/speak/demo", data=wav_bytes(tts, RATE))).status
+            await asyncio.sleep(1.0)
+            r = await http.delete(f"{url}/speak/demo")
+            stopped = (r.status, await r.json())
+            gone = (await http.delete(f"{url}/speak/demo")).status
+            freed = await _until(lambda: not server.sessions, 3)
+            return bad, ok, busy, stopped, gone, freed
+
+    bad, ok, busy, stopped, gone, freed = asyncio.run(main())
+    assert bad[0] == 400 and "cannot read" in bad[1], bad
+    assert ok[0] == 202 and abs(ok[1]["seconds"] - tts.size / RATE) < 0.01, ok
+    assert busy == 409
+    assert stopped[0] == 200 and stopped[1]["interrupted"] and 0.5 < stopped[1]["position"] < 1.0, stopped
+    assert gone == 404 and freed
