@@ -6,7 +6,10 @@ Endpoints
   POST /whep/<channel>        WHEP viewer: receives the channel's avatar video and delayed voice
   DELETE <Location>           ends a WHIP/WHEP session; PATCH (trickle ICE) answers 405
   GET|DELETE /session/<id>    a talk session's live stats / end it
+  GET /ws/<channel>           a program's voice over a WebSocket, with events and barge-in (server/push.py)
+  POST|DELETE /speak/<channel> speak an uploaded audio file / interrupt it
   GET /metrics, /healthz      Prometheus text; liveness
+  GET /openapi.json           all of the above as an OpenAPI 3.1 document
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from streamer.live.channel import FPS, Channel
 from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
 from streamer.live.worker import InferenceWorker
 from streamer.server.metrics import Metrics
+from streamer.server.openapi import document
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +68,14 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
     return web.json_response({"error": message}, status=status, headers={**CORS, **(headers or {})})
 
 
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(document(), headers=CORS)
+
+
 def refuse(token: str | None, request: web.Request) -> web.Response | None:
     """With a token set, every signalling endpoint and /metrics need `Authorization: Bearer <token>`:
     the 401 to answer, or None."""
-    open_paths = request.path == "/healthz" or request.method == "OPTIONS" or (
+    open_paths = request.path in ("/healthz", "/openapi.json") or request.method == "OPTIONS" or (
         request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/", "/ws/")))
     if token and not open_paths:
         given = request.headers.get("Authorization", "")
@@ -110,6 +118,7 @@ class Server:
         r.add_get("/metrics", self.metrics.handle)
         r.add_get("/internal/load", self.load)
         r.add_get("/healthz", self.healthz)
+        r.add_get("/openapi.json", openapi)
         r.add_get("/", self.index)
         r.add_static("/", self.web_dir, follow_symlinks=False)
         app.on_startup.append(self._on_startup)

@@ -36,7 +36,7 @@ from aiohttp import web
 
 from streamer.config import Config
 from streamer.errors import UserError
-from streamer.server.app import MAX_BODY, WEB_DIR, error, refuse
+from streamer.server.app import MAX_BODY, WEB_DIR, error, openapi, refuse
 from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,8 @@ class Front:
         r.add_route("*", "/speak/{channel}", self.speak)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
-        r.add_get("/", lambda request: web.FileResponse(self.web_dir / "index.html"))
+        r.add_get("/openapi.json", openapi)
+        r.add_get("/", self.index)
         r.add_static("/", self.web_dir, follow_symlinks=False)
         return app
 
@@ -426,6 +427,9 @@ class Front:
                 resp, _ = await self._forward(request, w, b"")
                 return resp
         return error(404, f"nothing is being spoken on channel {channel}")
+
+    async def index(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(self.web_dir / "index.html")
 
     async def healthz(self, request: web.Request) -> web.Response:
         loads = await self._loads()
