@@ -9,6 +9,8 @@ HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ORT ?= $(if $(HAS_GPU),gpu,cpu)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
+comma := ,
+
 .PHONY: install test serve bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
@@ -17,7 +19,8 @@ $(BIN)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH)"
 	@# the two onnxruntime packages overwrite each other's files: keep only the one asked for
 	$(BIN)/pip uninstall -q -y $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu) 2>/dev/null || true
-	$(BIN)/pip install -q -e ".[$(ORT),test]"
+	@# Pipecat (its integration's test) needs the CPU onnxruntime: only where that is the one installed
+	$(BIN)/pip install -q -e ".[$(ORT),test$(if $(filter cpu,$(ORT)),$(comma)pipecat)]"
 	@touch $@
 
 install: $(BIN)/.installed

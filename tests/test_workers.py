@@ -123,6 +123,42 @@ def test_talk_whip_whep_and_limits_through_the_front(front, voice):
     assert len(helps) == len(set(helps))  # one HELP and TYPE per family
 
 
+def test_programs_drive_channels_through_the_front(front, voice):
+    """The WebSocket audio API and /speak reach the worker that holds the channel, events come back."""
+    from streamer.client import Speaker, SpeakerError
+    from tests.test_push import wav_bytes
+
+    proc, url = front
+    speech = voice[24000 : 24000 + 48000 * 2]
+
+    async def main():
+        async with await Speaker.connect(url, "prog", sample_rate=48000, token=TOKEN) as s:
+            await s.send(speech)
+            await s.end()
+            started, finished = await s.event(timeout=10), await s.event(timeout=10)
+            try:
+                await Speaker.connect(url, "prog", token=TOKEN)
+                conflict = None
+            except SpeakerError as e:
+                conflict = str(e)
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+            async with http.post(f"{url}/speak/file", data=wav_bytes(speech, 48000)) as r:
+                spoke = r.status, await r.json()
+            await asyncio.sleep(0.5)
+            async with http.delete(f"{url}/speak/file") as r:
+                stopped = r.status, await r.json()
+            async with http.get(f"{url}/openapi.json") as r:
+                doc = await r.json()
+        return started, finished, conflict, spoke, stopped, doc
+
+    started, finished, conflict, spoke, stopped, doc = asyncio.run(main())
+    assert started["type"] == "playback_started" and finished["type"] == "playback_finished"
+    assert not finished["interrupted"] and abs(finished["position"] - 2.0) < 0.01, finished
+    assert conflict and "409" in conflict
+    assert spoke[0] == 202 and stopped[0] == 200 and stopped[1]["interrupted"], (spoke, stopped)
+    assert "/ws/{channel}" in doc["paths"]
+
+
 def test_a_killed_worker_ends_its_sessions_only(tmp_path, voice):
     proc, url = start_front(tmp_path)
     try:

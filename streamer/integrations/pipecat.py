@@ -1,0 +1,107 @@
+"""Pipecat: a frame processor that gives a voice agent streamer's face.
+
+Put `StreamerAvatar` after the TTS service. It sends the agent's speech (`TTSAudioRawFrame`) to a
+streamer channel over the WebSocket audio API, ends an utterance at `TTSStoppedFrame`, and on an
+`InterruptionFrame` (the user barged in) stops the avatar's mouth and voice at once. People watch and
+hear the agent on the channel (talk page, WHEP, OBS page): the voice comes from there, delayed to
+match the lips, so by default the TTS audio does not go on down the pipeline (`forward_audio=True`
+passes it on too).
+
+    pipeline = Pipeline([transport.input(), stt, context_aggregator.user(), llm, tts,
+                         StreamerAvatar("http://127.0.0.1:8080", channel="agent"), ...])
+
+Install with `pip install "streamer[pipecat]"` (Pipecat itself brings the CPU onnxruntime: on a GPU
+server run the agent in its own environment; it only talks to the server over the network).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, StartFrame, TTSAudioRawFrame,
+                                   TTSStoppedFrame)
+from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
+
+from streamer.audio import StreamResampler
+from streamer.client import Speaker, SpeakerError
+from streamer.live.pushed import RATES
+
+log = logging.getLogger(__name__)
+
+
+class StreamerAvatar(FrameProcessor):
+    def __init__(self, url: str, channel: str = "default", token: str | None = None, forward_audio: bool = False,
+                 on_event=None, **kwargs):
+        """url: the streamer server (http://host:port); channel: the one to drive (one voice per channel);
+        on_event: called with each server event (playback_started, playback_finished, ...)."""
+        super().__init__(**kwargs)
+        self.url, self.channel, self.token = url, channel, token
+        self.forward_audio = forward_audio
+        self.on_event = on_event
+        self._speaker: Speaker | None = None
+        self._rate: int | None = None
+        self._resampler: StreamResampler | None = None
+        self._events: asyncio.Task | None = None
+        self._speaking = False
+
+    async def process_frame(self, frame: Frame, direction: FrameDirection):
+        await super().process_frame(frame, direction)
+        if isinstance(frame, TTSAudioRawFrame):
+            await self._send(frame)
+            if self.forward_audio:
+                await self.push_frame(frame, direction)
+            return
+        if isinstance(frame, TTSStoppedFrame) and self._speaker is not None and self._speaking:
+            self._speaking = False
+            await self._speaker.end()
+        elif isinstance(frame, InterruptionFrame) and self._speaker is not None:
+            self._speaking = False
+            await self._speaker.clear()
+        elif isinstance(frame, (EndFrame, CancelFrame)):
+            await self._close()
+        elif isinstance(frame, StartFrame):
+            pass
+        await self.push_frame(frame, direction)
+
+    async def _send(self, frame: TTSAudioRawFrame) -> None:
+        pcm = np.frombuffer(frame.audio, np.int16)
+        if frame.num_channels > 1:
+            pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
+        if self._speaker is None:
+            # the socket's rate is the TTS's when the server takes it, else 48 kHz
+            self._rate = frame.sample_rate if frame.sample_rate in RATES else 48000
+            try:
+                self._speaker = await Speaker.connect(self.url, self.channel, self._rate, self.token)
+            except (SpeakerError, OSError) as e:
+                await self.push_error(f"streamer: cannot drive channel {self.channel}: {e}")
+                return
+            self._events = self.create_task(self._read_events())
+        if frame.sample_rate != self._rate:
+            if self._resampler is None or self._resampler.rate != frame.sample_rate:
+                self._resampler = StreamResampler(frame.sample_rate, target=self._rate)
+            pcm = self._resampler.push(pcm.astype(np.float32) / 32768)
+        self._speaking = True
+        await self._speaker.send(pcm)
+
+    async def _read_events(self) -> None:
+        try:
+            while True:
+                ev = await self._speaker.event()
+                if self.on_event is not None:
+                    self.on_event(ev)
+        except SpeakerError as e:
+            log.info("streamer channel %s: %s", self.channel, e)
+
+    async def _close(self) -> None:
+        if self._events is not None:
+            await self.cancel_task(self._events)
+            self._events = None
+        if self._speaker is not None:
+            await self._speaker.close()
+            self._speaker = None
+
+    async def cleanup(self):
+        await super().cleanup()
+        await self._close()
