@@ -69,8 +69,8 @@ class Metrics:
             out.append(f"# TYPE {name} {kind}")
             out.extend(samples)
 
-        kinds = ("talk", "whip", "whep")
-        metric("streamer_sessions", "gauge", "live WebRTC sessions by kind",
+        kinds = ("talk", "whip", "whep", "ws", "speak")
+        metric("streamer_sessions", "gauge", "live sessions by kind (ws: a program's WebSocket voice; speak: a file)",
                [f'streamer_sessions{{kind="{k}"}} {s.count(lambda x, k=k: x.kind == k)}' for k in kinds])
         metric("streamer_channels", "gauge", "open channels", [f"streamer_channels {len(s.channels)}"])
         chans = list(s.channels.values())
@@ -88,6 +88,8 @@ class Metrics:
         metric("streamer_frames_held_total", "counter", "late speech frames shown with the previous mouth "
                "(the rest showed the idle mouth)",
                [f"streamer_frames_held_total{{{lab}}} {c.held}" for lab, c in zip(label, chans)])
+        metric("streamer_interrupts_total", "counter", "barge-ins: voice and mouths dropped at a program's clear",
+               [f"streamer_interrupts_total{{{lab}}} {c.interrupts}" for lab, c in zip(label, chans)])
         metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
                [f"streamer_inference_queue_depth {w.depth()}"])
         metric("streamer_inference_frames_total", "counter", "frames inferred", [f"streamer_inference_frames_total {w.frames}"])
