@@ -26,6 +26,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 install: $(BIN)/.installed
 
 test: install
+	@scripts/system-packages
 	$(BIN)/python -m pytest -q
 
 serve: install

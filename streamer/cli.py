@@ -142,7 +142,7 @@ def _serve(args) -> int:
     from aiohttp import web
 
     from streamer.lipsync.engine import load_engine
-    from streamer.server.app import Server
+    from streamer.server.app import Server, shown_host, warn_if_open
 
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
@@ -192,7 +192,8 @@ def _serve(args) -> int:
         if os.environ.get("STREAMER_PORT_FILE"):  # a media worker tells its front where it listens
             _tell_front(bound)
         else:
-            shown = "localhost" if host in ("127.0.0.1", "::1") else host
+            warn_if_open(host, cfg.server.token)
+            shown = shown_host(host)
             print(f"streamer: open http://{shown}:{bound}/ and press Start (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

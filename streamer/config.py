@@ -69,6 +69,8 @@ class ServerConfig:
                                       "two cores); 1: everything in one process; auto: one per two cores",
                               min=1, max=64, auto=True)
     token: str | None = _opt(None, "when set, signalling and /metrics need 'Authorization: Bearer <token>'")
+    cors_origins: str | None = _opt(None, "web origins whose pages may call the API from a browser, comma-separated "
+                                          "(e.g. https://app.example.com), or *; none: only the pages this server serves")
     stun: str | None = _opt(None, "STUN server for clients behind NAT, e.g. stun:stun.example.org:3478 (none: host "
                                   "addresses only, nothing contacted)")
 

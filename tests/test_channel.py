@@ -198,3 +198,18 @@ def test_interrupt_drops_voice_and_mouths_not_yet_out_even_those_in_flight(avata
     assert np.abs(out[240:]).max() == 0 and np.abs(out[:240]).max() < 0.5  # silent after a 5 ms fade
     assert np.abs(np.concatenate([chunks[i] for i in range(j_cut)])).max() > 0.1
     assert ch.interrupts == 1
+
+
+def test_fps_stat_is_the_recent_rate_not_the_average_since_the_channel_opened(avatar):
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    now[0] = 200.0  # open, unwatched, for 100 s
+    for n in range(int(100 * FPS), int(103 * FPS)):
+        now[0] = ch.start + n / FPS
+        ch.video_frame(n)
+    assert abs(ch.stats()["fps"] - FPS) < 0.1, ch.stats()
+    now[0] += 2
+    assert ch.stats()["fps"] == 0.0  # nothing sent lately
+    worker.close()
+    ch.close()

@@ -64,10 +64,12 @@ def test_whip_publisher_drives_a_channel_a_whep_viewer_watches(avatar, voice):  
 def test_whip_whep_protocol_details(avatar):  # noqa: F811
     async def main():
         out = {}
-        async with serving(avatar) as (server, url):
+        async with serving(avatar, **{"server.cors_origins": "https://player.example"}) as (server, url):
             async with aiohttp.ClientSession() as http:
-                async with http.options(f"{url}/whep/x") as r:
+                async with http.options(f"{url}/whep/x", headers={"Origin": "https://player.example"}) as r:
                     out["options"] = r.status, dict(r.headers)
+                async with http.options(f"{url}/whep/x", headers={"Origin": "https://evil.example"}) as r:
+                    out["foreign"] = dict(r.headers)
                 async with http.patch(f"{url}/whip/x/abc", data="a=candidate") as r:
                     out["patch"] = r.status, r.headers.get("Allow")
                 async with http.post(f"{url}/whip/x", data="v=0", headers={"Content-Type": "text/plain"}) as r:
@@ -91,8 +93,9 @@ def test_whip_whep_protocol_details(avatar):  # noqa: F811
 
     out = asyncio.run(main())
     status, headers = out["options"]
-    assert status == 204 and headers["Access-Control-Allow-Origin"] == "*" and "Location" in headers[
+    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://player.example" and "Location" in headers[
         "Access-Control-Expose-Headers"]
+    assert "Access-Control-Allow-Origin" not in out["foreign"]  # a site not configured gets no CORS
     assert out["patch"] == (405, "POST, DELETE")
     assert out["type"] == 415 and out["name"] in (400, 404) and out["delete"] == 404
     assert out["busy"] == (201, 409) and out["end"] == 200 and out["channels"] == {}

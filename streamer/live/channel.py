@@ -130,6 +130,7 @@ class Channel:
         self.speaking = False
         self.resyncs = 0
         self.interrupts = 0
+        self._sent_at: deque[float] = deque(maxlen=51)  # when the last frames were made (fps over ~2 s)
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
@@ -341,6 +342,7 @@ class Channel:
         self.frames.release(step - 2)  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1
+        self._sent_at.append(self.clock())
         self._measure(step)
         self._video_memo[step] = out
         for k in [k for k in self._video_memo if k < step - 4]:
@@ -388,10 +390,17 @@ class Channel:
             del self._voice_memo[k]
         return out
 
+    def fps(self) -> float:
+        """Frames a second over the last two seconds (0 when none came in the last second)."""
+        t = self._sent_at
+        if len(t) < 2 or self.clock() - t[-1] > 1.0:
+            return 0.0
+        return round((len(t) - 1) / max(1e-9, t[-1] - t[0]), 2)
+
     def stats(self) -> dict:
         d = np.array(self.delays) * 1000 if self.delays else np.zeros(0)
         return {"channel": self.name, "frames_sent": self.sent, "viewers": self.viewers,
-                "fps": round(self.sent / max(1e-9, self.clock() - self.start), 2),
+                "fps": self.fps(),
                 "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "held_frames": self.held,
                 "speaking": self.speaking,
                 "delay_ms_p50": round(float(np.percentile(d, 50)), 1) if d.size else None,

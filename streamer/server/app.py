@@ -36,10 +36,10 @@ from streamer.server.openapi import document
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # package data: found in an installed wheel too
 MAX_BODY = 256 * 1024  # an SDP offer is a few kB
-CONNECT_TIMEOUT_S = 30
-CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, DELETE, PATCH, OPTIONS",
+CONNECT_TIMEOUT_S = 10  # a peer not connected by then is dropped: half-open offers must not hold slots long
+CORS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Expose-Headers": "Location"}
 
 
@@ -65,11 +65,70 @@ class Session:
 
 
 def error(status: int, message: str, headers: dict | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers={**CORS, **(headers or {})})
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
+    """A file of web/, nothing outside it (no '..', no symbolic link out), a JSON 404 otherwise."""
+    root = web_dir.resolve()
+    path = (root / request.match_info["page"]).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return error(404, "no such page or endpoint (see /openapi.json)")
+    return web.FileResponse(path)
+
+
+def shown_host(host: str) -> str:
+    """The address to tell the user to open (0.0.0.0 is where we listen, not a place to go)."""
+    return "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::", "") else host
+
+
+def warn_if_open(host: str, token: str | None) -> None:
+    if host not in ("127.0.0.1", "::1", "localhost") and not token:
+        log.warning("listening on %s without a token: anyone who can reach this machine can talk, watch and "
+                    "read /metrics; set server.token (--config) to require one", host or "every address")
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(document(), headers=CORS)
+    return web.json_response(document())
+
+
+def allow_origin(response: web.StreamResponse, request: web.Request, origins: str | None) -> web.StreamResponse:
+    """CORS headers for a page from another site only when `server.cors_origins` names it (or is *):
+    pages this server serves need none, and no other site's page may drive or watch a local server."""
+    origin = request.headers.get("Origin")
+    allowed = [o.strip() for o in (origins or "").split(",") if o.strip()]
+    if origin and not response.prepared and ("*" in allowed or origin in allowed):
+        response.headers.update({**CORS, "Access-Control-Allow-Origin": origin, "Vary": "Origin"})
+    return response
+
+
+async def guarded(request: web.Request, handler, origins: str | None = None) -> web.StreamResponse:
+    """Run `handler` (or answer the Response given instead): every error is a JSON body, the router's
+    404 and 405 too, and a defect is a 500 with one line, never a traceback to the client."""
+    return allow_origin(await _guarded(request, handler), request, origins)
+
+
+async def _guarded(request: web.Request, handler) -> web.StreamResponse:
+    if isinstance(handler, web.StreamResponse):
+        return handler
+    try:
+        response = await handler(request)
+        if response.status >= 400 and not response.prepared and response.content_type != "application/json":
+            allow = {"Allow": response.headers["Allow"]} if "Allow" in response.headers else None
+            text = "no such page or endpoint (see /openapi.json)" if response.status == 404 else response.reason
+            return error(response.status, text, allow)  # the static handler's bare 404, a plain 405
+        return response
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        text = "no such page or endpoint (see /openapi.json)" if e.status == 404 else e.reason
+        return error(e.status, text, allow)
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:  # noqa: BLE001 - logged here, answered plainly
+        log.exception("%s %s failed", request.method, request.path)
+        return error(500, "internal error (logged by the server)")
 
 
 def refuse(token: str | None, request: web.Request) -> web.Response | None:
@@ -78,10 +137,23 @@ def refuse(token: str | None, request: web.Request) -> web.Response | None:
     open_paths = request.path in ("/healthz", "/openapi.json") or request.method == "OPTIONS" or (
         request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/", "/ws/")))
     if token and not open_paths:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        given = request.headers.get("Authorization", "")  # may hold any bytes (surrogate-escaped)
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
             return error(401, "a valid 'Authorization: Bearer <token>' header is required", {"WWW-Authenticate": "Bearer"})
     return None
+
+
+class OfferError(ValueError):
+    """An offer the server cannot use, said in words for the client."""
+
+
+def offer_problem(e: Exception) -> str:
+    """What to tell a client about an offer that failed: our own words, or aiortc's when they are words
+    (a bare AssertionError or 'None is not in list' would only puzzle)."""
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, OfferError) or (type(e) is ValueError and first and "not in list" not in first):
+        return first
+    return "malformed or unsupported SDP"
 
 
 class Server:
@@ -120,7 +192,7 @@ class Server:
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", openapi)
         r.add_get("/", self.index)
-        r.add_static("/", self.web_dir, follow_symlinks=False)
+        r.add_get("/{page:.+}", self.page)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -129,7 +201,7 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        return refuse(self.cfg.server.token, request) or await handler(request)
+        return await guarded(request, refuse(self.cfg.server.token, request) or handler, self.cfg.server.cors_origins)
 
     async def _on_startup(self, app) -> None:
         self._spawn(self._report(), "stats-report")
@@ -229,7 +301,7 @@ class Server:
                 video = AvatarVideoTrack(ch)
                 pc.addTrack(video)
                 if not any(t.kind == "video" and t.sender.track is video for t in pc.getTransceivers()):
-                    raise ValueError("the offer does not receive video")
+                    raise OfferError("the offer does not receive video")
             else:
                 for t in pc.getTransceivers():
                     if t.kind == "video":  # a WHIP publisher's camera is not used: don't receive it
@@ -243,18 +315,20 @@ class Server:
             await pc.setLocalDescription(answer)
         except Exception as e:  # noqa: BLE001 - a bad offer fails this session only
             await self.close_session(sid)
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            return None, error(400, f"cannot use this offer: {first}")
+            log.info("[%s] offer refused: %r", sid, e)
+            return None, error(400, f"cannot use this offer: {offer_problem(e)}")
         session.tasks.add(self._spawn(self._watch(sid), f"watch-{sid}"))
         log.info("[%s] %s session started on channel %s (%d sessions)", sid, kind, channel_name, len(self.sessions))
         return session, None
 
     async def offer(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":  # a form post from any web page needs no preflight
+            return error(415, "send the offer as Content-Type: application/json")
         try:
-            body = await request.json()
+            body = json.loads(await request.read())
         except web.HTTPRequestEntityTooLarge:
             return error(413, f"offer larger than {MAX_BODY} bytes")
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, nested past Python's limit
             body = None
         if not isinstance(body, dict) or not isinstance(body.get("sdp"), str) or body.get("type") != "offer":
             return error(400, "body must be JSON: {\"sdp\": ..., \"type\": \"offer\", \"channel\": optional}")
@@ -269,9 +343,11 @@ class Server:
         if request.content_type != "application/sdp":
             return None, error(415, "send the offer as Content-Type: application/sdp")
         try:
-            return await request.text(), None
+            return (await request.read()).decode("utf-8"), None  # SDP is UTF-8 whatever the charset says
         except web.HTTPRequestEntityTooLarge:
             return None, error(413, f"offer larger than {MAX_BODY} bytes")
+        except UnicodeDecodeError:
+            return None, error(400, "the offer is not UTF-8 text")
 
     async def _whxp(self, request: web.Request, kind: str) -> web.Response:
         sdp, err = await self._sdp_body(request)
@@ -282,7 +358,7 @@ class Server:
         if err:
             return err
         return web.Response(status=201, text=session.pc.localDescription.sdp, content_type="application/sdp",
-                            headers={**CORS, "Location": f"/{kind}/{name}/{session.id}"})
+                            headers={"Location": f"/{kind}/{name}/{session.id}"})
 
     async def whip(self, request: web.Request) -> web.Response:
         return await self._whxp(request, "whip")
@@ -296,14 +372,14 @@ class Server:
         if s is None or s.kind != kind or s.channel.name != request.match_info["channel"]:
             return error(404, "no such session")
         await self.close_session(s.id)
-        return web.Response(status=200, headers=CORS)
+        return web.Response(status=200)
 
     async def patch(self, request: web.Request) -> web.Response:
         # Trickle ICE is not supported: our answers carry every candidate.
-        return web.Response(status=405, headers={**CORS, "Allow": "POST, DELETE"})
+        return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
     async def options(self, request: web.Request) -> web.Response:
-        return web.Response(status=204, headers={**CORS, "Accept-Post": "application/sdp"})
+        return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
 
     async def _watch(self, sid: str) -> None:
         """Close a session whose peer never connects."""
@@ -335,6 +411,9 @@ class Server:
         self._release(ch)
 
     # pages and stats
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return await page(self.web_dir, request)
 
     async def index(self, request: web.Request) -> web.StreamResponse:
         return web.FileResponse(self.web_dir / "index.html")

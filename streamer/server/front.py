@@ -36,7 +36,7 @@ from aiohttp import web
 
 from streamer.config import Config
 from streamer.errors import UserError
-from streamer.server.app import MAX_BODY, WEB_DIR, error, openapi, refuse
+from streamer.server.app import MAX_BODY, WEB_DIR, error, guarded, openapi, page, refuse, shown_host, warn_if_open
 from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin
 
 log = logging.getLogger(__name__)
@@ -271,12 +271,12 @@ class Front:
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", openapi)
         r.add_get("/", self.index)
-        r.add_static("/", self.web_dir, follow_symlinks=False)
+        r.add_get("/{page:.+}", self.page)
         return app
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        return refuse(self.cfg.server.token, request) or await handler(request)
+        return await guarded(request, refuse(self.cfg.server.token, request) or handler, self.cfg.server.cors_origins)
 
     async def _forward(self, request: web.Request, w: Worker, body: bytes) -> tuple[web.Response, bytes]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
@@ -289,6 +289,8 @@ class Front:
             return error(502, "the media worker did not answer; try again"), b""
 
     async def offer(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return error(415, "send the offer as Content-Type: application/json")
         body = await request.read()
         try:
             data = json.loads(body)
@@ -428,6 +430,9 @@ class Front:
                 return resp
         return error(404, f"nothing is being spoken on channel {channel}")
 
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return await page(self.web_dir, request)
+
     async def index(self, request: web.Request) -> web.FileResponse:
         return web.FileResponse(self.web_dir / "index.html")
 
@@ -521,7 +526,8 @@ async def serve_front(cfg: Config, count: int) -> None:
         await front.stop()
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     port = site._server.sockets[0].getsockname()[1]
-    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    warn_if_open(host, cfg.server.token)
+    shown = shown_host(host)
     print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops); {count} media workers",
           flush=True)
     await stop.wait()

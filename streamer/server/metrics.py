@@ -77,7 +77,7 @@ class Metrics:
         label = [f'channel="{_escape(c.name)}"' for c in chans]
         metric("streamer_viewers", "gauge", "viewers per channel",
                [f"streamer_viewers{{{lab}}} {c.viewers}" for lab, c in zip(label, chans)])
-        metric("streamer_fps_out", "gauge", "video frames sent per second since the channel opened",
+        metric("streamer_fps_out", "gauge", "video frames sent per second over the last two seconds",
                [f"streamer_fps_out{{{lab}}} {c.stats()['fps']}" for lab, c in zip(label, chans)])
         metric("streamer_frames_sent_total", "counter", "video frames sent",
                [f"streamer_frames_sent_total{{{lab}}} {c.sent}" for lab, c in zip(label, chans)])

@@ -99,8 +99,11 @@ def document() -> dict:
                 "200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {
                 "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
-            "/": {"get": {"summary": "the talk page (web/index.html); viewer.html, the OBS page, beside it",
+            "/": {"get": {"summary": "the talk page (web/index.html)",
                           "security": [], "responses": {"200": {"description": "HTML"}}}},
+            "/{page}": {"parameters": [{"name": "page", "in": "path", "required": True, "schema": {"type": "string"}}],
+                        "get": {"summary": "a file of web/: viewer.html is the OBS and viewer page", "security": [],
+                                "responses": {"200": {"description": "the file"}, **_errors(404)}}},
         },
         "security": [{"bearer": []}],
     }

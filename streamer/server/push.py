@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 from streamer.audio import to_mono_float
 from streamer.live.channel import VOICE_RATE
 from streamer.live.pushed import RATES, PushedVoice
-from streamer.server.app import CORS, Server, error
+from streamer.server.app import Server, error
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Drive:
         log.info("[%s] speaking %.1f s of uploaded audio on channel %s", session.id, audio.size / VOICE_RATE,
                  session.channel.name)
         return web.json_response({"session": session.id, "channel": session.channel.name,
-                                  "seconds": round(audio.size / VOICE_RATE, 3)}, status=202, headers=CORS)
+                                  "seconds": round(audio.size / VOICE_RATE, 3)}, status=202)
 
     async def _until_done(self, sid: str, done: asyncio.Future) -> None:
         await done
@@ -142,8 +142,7 @@ class Drive:
         s.voice.clear()
         ev = s.finished.result() if s.finished.done() else {"position": 0.0, "interrupted": True}
         await self.server.close_session(s.id)
-        return web.json_response({"session": s.id, "position": ev["position"], "interrupted": ev["interrupted"]},
-                                 headers=CORS)
+        return web.json_response({"session": s.id, "position": ev["position"], "interrupted": ev["interrupted"]})
 
 
 async def _start(ws: web.WebSocketResponse, events: asyncio.Queue) -> int | None:

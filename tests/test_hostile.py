@@ -1,0 +1,135 @@
+"""Hostile and malformed requests get a 4xx JSON error, never a 500 or a traceback; fuzzed with
+hypothesis against a running server (one process, token set)."""
+
+import asyncio
+import http.client
+import json
+import threading
+
+import pytest
+from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streamer.avatar.cache import demo_avatar
+from streamer.config import load_config
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.server.app import Server
+
+TOKEN = "t0k"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(host, port, Server) of a server running on its own event loop thread."""
+    cfg = load_config(None, {"server.token": TOKEN})
+    srv = Server(cfg, BuiltinEngine(), demo_avatar(tmp_path_factory.mktemp("avatars")))
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box = {}
+
+    async def start():
+        runner = web.AppRunner(srv.app())
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["runner"], box["port"] = runner, site._server.sockets[0].getsockname()[1]
+        ready.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    yield "127.0.0.1", box["port"], srv
+    asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None, auth: bool = True):
+    """(status, parsed JSON body or raw bytes); headers may hold any bytes (sent as they are)."""
+    host, port, _ = server
+    conn = http.client.HTTPConnection(host, port, timeout=20)
+    conn.putrequest(method, path, skip_accept_encoding=True)
+    for k, v in {**({"Authorization": f"Bearer {TOKEN}"} if auth else {}), **(headers or {})}.items():
+        conn.putheader(k, v)
+    conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders(body)
+    r = conn.getresponse()
+    data = r.read()
+    conn.close()
+    try:
+        return r.status, json.loads(data)
+    except ValueError:
+        return r.status, data
+
+
+def assert_clean(status, body, *allowed):
+    assert 400 <= status < 500 and (not allowed or status in allowed), (status, body)
+    assert isinstance(body, dict) and isinstance(body.get("error"), str), body
+    assert "Traceback" not in body["error"] and "/streamer/" not in body["error"], body
+
+
+def test_each_known_hostile_request_is_a_json_4xx(server):
+    sdp = {"Content-Type": "application/sdp"}
+    jsn = {"Content-Type": "application/json"}
+    cases = [
+        ("POST", "/offer", b"[" * 100000, jsn, (400,)),  # nested past Python's recursion limit
+        ("POST", "/offer", json.dumps({"sdp": "v=0", "type": "offer"}).encode(), {"Content-Type": "text/plain"}, (415,)),
+        ("POST", "/offer", json.dumps({"sdp": "v=0", "type": "offer"}).encode(),
+         {"Content-Type": "application/json; charset=x-nonsense"}, (400,)),
+        ("POST", "/offer", b"\xff\xfe\xfa", jsn, (400,)),
+        ("POST", "/offer", json.dumps({"sdp": "v=0\r\nm=audio garbage", "type": "offer"}).encode(), jsn, (400,)),
+        ("POST", "/whip/x", b"\xff\xfe v=0", sdp, (400,)),
+        ("POST", "/whip/x", b"v=0\r\nm=audio 9 x", {"Content-Type": "application/sdp; charset=x-nonsense"}, (400,)),
+        ("POST", "/whep/abc%0A", b"v=0", sdp, (400, 404)),  # a newline at the end of a channel name
+        ("POST", "/whip/" + "a" * 65, b"v=0\r\nm=audio", sdp, (400,)),
+        ("GET", "/no/such/page", b"", {}, (404,)),
+        ("PUT", "/offer", b"", {}, (405,)),
+        ("GET", "/session/nosuch", b"", {}, (404,)),
+        ("GET", "/metrics", b"", {"Authorization": "Bearer \xff\xfe"}, (401,)),  # not UTF-8
+    ]
+    for method, path, body, headers, allowed in cases:
+        auth = "Authorization" not in headers
+        status, got = request(server, method, path, body, headers, auth=auth)
+        assert_clean(status, got, *allowed)
+        if status == 400 and path == "/offer" and b"m=audio" in body:
+            assert "AssertionError" not in got["error"] and "not in list" not in got["error"], got
+    assert not server[2].sessions  # nothing half-open left behind
+    status, got = request(server, "PUT", "/offer")
+    assert "POST" in http_allow(server, "PUT", "/offer")
+
+
+def http_allow(server, method, path):
+    host, port, _ = server
+    conn = http.client.HTTPConnection(host, port, timeout=10)
+    conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+    r = conn.getresponse()
+    r.read()
+    return r.headers.get("Allow", "")
+
+
+names = st.text(st.characters(min_codepoint=1, max_codepoint=0x2FF), min_size=0, max_size=80)
+bodies = st.one_of(st.binary(max_size=3000), st.text(max_size=2000).map(str.encode),
+                   st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                                lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
+                                max_leaves=30).map(lambda v: json.dumps(v).encode()))
+types = st.sampled_from(["application/json", "application/sdp", "text/plain", "application/json; charset=latin-1",
+                         "application/sdp; charset=\xe9", "multipart/form-data", ""])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["offer", "whip", "whep", "speak", "session"]), name=names, body=bodies, ctype=types,
+       auth=st.sampled_from([None, f"Bearer {TOKEN}", "Bearer \udcff", "Basic x"]))
+def test_fuzzed_requests_never_crash_the_server(server, kind, name, body, ctype, auth):
+    from urllib.parse import quote
+
+    path = "/offer" if kind == "offer" else f"/{kind}/{quote(name, safe='')}"
+    headers = {"Content-Type": ctype} if ctype else {}
+    if auth is not None:
+        headers["Authorization"] = auth.encode("utf-8", "surrogateescape").decode("latin-1")
+    status, got = request(server, "POST", path, body, headers, auth=False)
+    if status < 400:  # a well-formed request may pass: end what it opened
+        for sid in list(server[2].sessions):
+            request(server, "DELETE", f"/session/{sid}")
+        return
+    assert_clean(status, got)
