@@ -102,7 +102,8 @@ def _render(args) -> int:
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop())
     log.info("engine: %s", engine.name)
     summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
-                     vad=cfg.audio.voice_activity(avatar.fps), force=args.force, progress=not args.quiet, crf=cfg.render.crf)
+                     vad=cfg.audio.voice_activity(25), force=args.force, progress=not args.quiet, crf=cfg.render.crf,
+                     fade=cfg.live.fade_frames)
     print(f"wrote {args.out}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['seconds']:.2f} s, "
           f"mouth animated in {summary['speech_frames']} frames")
     return 0

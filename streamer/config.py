@@ -32,7 +32,8 @@ class ModelConfig:
 class AudioConfig:
     vad_aggressiveness: int = _opt(2, "webrtcvad aggressiveness, 0 (least) to 3 (most)", min=0, max=3)
     vad_frame_ms: int = _opt(20, "webrtcvad analysis frame", choices=(10, 20, 30))
-    vad_preroll_ms: int = _opt(120, "speech starts this much before the detector says so", min=0, max=1000)
+    vad_preroll_ms: int = _opt(40, "speech starts this much before the detector says so (the mouth also fades in "
+                                   "over live.fade_frames before that)", min=0, max=1000)
     vad_hangover_ms: int = _opt(240, "speech lasts this much after the detector stops", min=0, max=3000)
     vad_min_snr_db: float = _opt(9.0, "speech must be this much louder than the noise floor of the last 2 s "
                                       "(0: off; steady noise then counts as speech)", min=0.0, max=40.0)

@@ -1,5 +1,6 @@
 """`streamer render`: an audio file to a lip-synced mp4, offline, batched, with the live path's parts
-(mel windows, voice activity, the engine, blending)."""
+(mel windows, voice activity, the mouth's strength, crop and blend in streamer/mouth.py, the engine):
+the same frames a live channel makes of the same voice, at the same 25 fps."""
 
 from __future__ import annotations
 
@@ -11,14 +12,13 @@ from pathlib import Path
 import numpy as np
 
 from streamer.audio import VoiceActivity, mel_windows, melspectrogram, resample
-from streamer.avatar.blend import blend
-from streamer.avatar.cache import Avatar, crop
+from streamer.avatar.cache import Avatar
 from streamer.errors import UserError
+from streamer.mouth import FADE_FRAMES, FPS, face_crop, loop_step, speech_strength, with_mouth
 
 log = logging.getLogger(__name__)
 
 AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
-FADE_FRAMES = 2  # frames over which the mouth fades into and out of speech
 
 
 def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
@@ -49,27 +49,40 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.concatenate(parts, axis=1).astype(np.float32), int(rate)
 
 
-def speech_strength(speech: np.ndarray, fade: int = FADE_FRAMES) -> np.ndarray:
-    """Per-frame mouth strength: 1 in speech, fading linearly to 0 over `fade` frames around it."""
-    s = speech.astype(np.float32)
-    if fade <= 0 or not s.any():
-        return s
-    out = s.copy()
-    for d in range(1, fade + 1):
-        w = 1 - d / (fade + 1)
-        out[d:] = np.maximum(out[d:], s[:-d] * w)
-        out[:-d] = np.maximum(out[:-d], s[d:] * w)
-    return out
-
-
-def plan(audio16: np.ndarray, frames: int, fps: float, vad: VoiceActivity) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, 80, 16) mel windows and (frames,) strengths for an audio clip."""
-    windows = mel_windows(melspectrogram(audio16), fps)
+def plan(audio16: np.ndarray, frames: int, vad: VoiceActivity, fade: int = FADE_FRAMES) -> tuple[np.ndarray, np.ndarray]:
+    """(frames, 80, 16) mel windows and (frames,) mouth strengths for an audio clip, at 25 fps."""
+    windows = mel_windows(melspectrogram(audio16), FPS)
     if len(windows) < frames:  # the original rule stops ~0.1 s short of the audio's end
         windows = np.concatenate([windows, np.repeat(windows[-1:], frames - len(windows), axis=0)])
     decided = dict(vad.push(audio16) + vad.flush())
     speech = np.array([decided.get(i, False) for i in range(frames)])
-    return windows[:frames], speech_strength(speech)
+    return windows[:frames], speech_strength(speech, fade)
+
+
+def avatar_frames(avatar: Avatar, count: int):
+    """(output frame, source index, image) for output frames 0..count-1 at 25 fps, the avatar's own
+    frames picked by time (a 30 fps avatar plays at its speed, not 17% slow)."""
+    reader = avatar.read_frames(0)
+    try:
+        step, src, frame = next(reader)
+        for n in range(count):
+            want = loop_step(n, avatar)
+            while step < want:
+                step, src, frame = next(reader)
+            yield n, src, frame
+    finally:
+        reader.close()
+
+
+def render_frames(avatar: Avatar, windows: np.ndarray, strength: np.ndarray, engine, batch_size: int = 16):
+    """The output images for a clip's `plan`, batched through the engine: what `render` encodes."""
+    frames = len(strength)
+    batch = []
+    for n, src, frame in avatar_frames(avatar, frames):
+        batch.append((n, src, frame))
+        if len(batch) == batch_size or n == frames - 1:
+            yield from _animate(batch, avatar, engine, windows, strength)
+            batch = []
 
 
 def check_output(out: str | Path, force: bool) -> Path:
@@ -82,7 +95,8 @@ def check_output(out: str | Path, force: bool) -> Path:
 
 
 def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batch_size: int = 16,
-           vad: VoiceActivity | None = None, force: bool = False, progress: bool = True, crf: int = 18) -> dict:
+           vad: VoiceActivity | None = None, force: bool = False, progress: bool = True, crf: int = 18,
+           fade: int = FADE_FRAMES) -> dict:
     """Write `out` (H.264 + AAC mp4); returns a summary. The file appears only when complete."""
     import av
     from tqdm import tqdm
@@ -93,16 +107,16 @@ def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batc
     audio, rate = read_audio(audio_path)
     mono = audio.mean(axis=0)
     seconds = mono.size / rate
-    fps = avatar.fps
-    frames = max(1, round(seconds * fps))
+    fps = FPS
     audio16 = resample(mono, rate)
-    windows, strength = plan(audio16, frames, fps, vad or VoiceActivity(fps=fps))
-    if not strength.any():
+    frames = max(1, round(audio16.size / 16000 * FPS))
+    windows, strength = plan(audio16, frames, vad or VoiceActivity(fps=FPS), fade)
+    speech_frames = int((strength > 0).sum())
+    if not speech_frames:
         log.warning("no speech found in %s: the avatar will not move its mouth", audio_path)
 
     rate_out = rate if rate in AAC_RATES else 48000
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    size = engine.face_size
     width, height = avatar.size
     try:
         with av.open(str(tmp), "w", format="mp4") as container:
@@ -114,36 +128,30 @@ def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batc
             _write_audio(container, aud, audio, rate, rate_out, layout)
 
             bar = tqdm(total=frames, desc="render", unit="frame", disable=not progress)
-            batch = []
-            for step, src, frame in avatar.read_frames(0, count=frames):
-                batch.append((step, src, frame))
-                if len(batch) == batch_size or step == frames - 1:
-                    for image in _animate(batch, avatar, engine, windows, strength, size):
-                        vf = av.VideoFrame.from_ndarray(image, format="bgr24")
-                        for packet in vs.encode(vf):
-                            container.mux(packet)
-                    bar.update(len(batch))
-                    batch = []
+            for image in render_frames(avatar, windows, strength, engine, batch_size):
+                for packet in vs.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
+                    container.mux(packet)
+                bar.update(1)
             for packet in vs.encode():
                 container.mux(packet)
             bar.close()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"frames": frames, "fps": fps, "seconds": seconds, "speech_frames": int((strength > 0).sum())}
+    return {"frames": frames, "fps": fps, "seconds": seconds, "speech_frames": speech_frames}
 
 
-def _animate(batch, avatar: Avatar, engine, windows, strength, size):
-    todo = [k for k, (step, _, _) in enumerate(batch) if strength[step] > 0]
+def _animate(batch, avatar: Avatar, engine, windows, strength):
+    """One batch of output frames: the speech ones get their predicted mouth, as a live channel does."""
+    todo = [k for k, (n, _, _) in enumerate(batch) if strength[n] > 0]
     images = [frame for _, _, frame in batch]
     if not todo:
         return images
-    crops = np.stack([avatar.crops[batch[k][1]] if avatar.crops.shape[1] == size
-                      else crop(batch[k][2], avatar.boxes[batch[k][1]], size) for k in todo])
-    preds = engine.predict_crops(windows[[batch[k][0] for k in todo]], crops)
-    for k, pred, c in zip(todo, preds, crops):
-        step, src, frame = batch[k]
-        images[k] = blend(frame, avatar.boxes[src], pred, strength=float(strength[step]), crop=c)
+    crops = np.stack([face_crop(avatar, batch[k][1], batch[k][2], engine.face_size) for k in todo])
+    mouths = engine.predict_crops(windows[[batch[k][0] for k in todo]], crops)
+    for k, mouth, face in zip(todo, mouths, crops):
+        n, src, frame = batch[k]
+        images[k] = with_mouth(frame, avatar, src, mouth, float(strength[n]), face)
     return images
 
 

@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import signal
 
+from streamer.mouth import speech_strength
 from streamer.audio import (LOOKAHEAD_S, MelStream, StreamResampler, VoiceActivity, mel_windows, melspectrogram,
                             resample, to_mono_float)
 from streamer.audio.mel import LOOKAHEAD_SAMPLES, window_start
@@ -157,7 +158,8 @@ def test_voice_activity_speech_silence_and_noise(speech16k):
     end = (16000 + len(wav) - 8000) // 640
     assert speech[start + 3 : end - 3].mean() > 0.95  # words are speech
     assert not speech[: start - 4].any() and not speech[end + 10 :].any()  # silence is not
-    assert speech[start - 2]  # pre-roll: the onset is not cut
+    assert speech[start - 1]  # pre-roll: the onset is not cut ...
+    assert speech_strength(speech)[start - 3] > 0  # ... and the mouth fades in before it
     noisy = vad_frames(sig + rng.standard_normal(sig.size).astype(np.float32) * 0.02)
     assert noisy[start + 3 : end - 3].mean() > 0.9
     for level in (0.01, 0.1, 0.3):  # steady noise, quiet to loud, is not speech

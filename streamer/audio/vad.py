@@ -21,7 +21,7 @@ RATE = 16000
 
 
 class VoiceActivity:
-    def __init__(self, aggressiveness: int = 2, frame_ms: int = 20, preroll_ms: int = 120,
+    def __init__(self, aggressiveness: int = 2, frame_ms: int = 20, preroll_ms: int = 40,
                  hangover_ms: int = 240, fps: float = 25, min_snr_db: float = 9.0, floor_s: float = 2.0):
         if frame_ms not in (10, 20, 30):
             raise ValueError("webrtcvad takes 10, 20 or 30 ms frames")

@@ -26,14 +26,13 @@ import numpy as np
 
 from streamer.audio import MelStream, StreamResampler, VoiceActivity
 from streamer.audio.mel import LOOKAHEAD_S
-from streamer.avatar.blend import blend
-from streamer.avatar.cache import Avatar, crop, ping_pong
+from streamer.avatar.cache import Avatar
 from streamer.live.frames import FrameStore
 from streamer.live.worker import InferenceWorker, Request
+from streamer.mouth import FPS, face_crop, fade_strength, loop_step, source_frame, with_mouth
 
 log = logging.getLogger(__name__)
 
-FPS = 25  # Wav2Lip's rate: mel windows are cut for 25 video frames a second
 VOICE_RATE = 48000
 SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
@@ -48,7 +47,13 @@ AUTO_WINDOW = 25  # speech frames judged at least before widening again
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
 
 
-def auto_delay(worker: InferenceWorker) -> float:
+def cut_lookahead(vad: VoiceActivity, fade: int) -> float:
+    """How long after its start a frame can be cut: its mel window, and the speech decisions `fade`
+    frames ahead (the fade into speech starts before it), each decided `preroll` after its frame."""
+    return max(LOOKAHEAD_S, (fade + 1) / FPS + (vad.preroll + vad.frame) / 16000)
+
+
+def auto_delay(worker: InferenceWorker, min_delay: float = MIN_DELAY_S) -> float:
     """The least delay that leaves inference its room: the lookahead and one packet, then twice the time
     of the smallest batch at which the worker keeps up with 25 fps (a frame may wait for the call in
     flight, then its own), and a margin; at most AUTO_MAX_S. An engine slower than real time at
@@ -56,19 +61,7 @@ def auto_delay(worker: InferenceWorker) -> float:
     cost = worker.cost.estimate
     keeps_up = [n for n in worker.sizes if cost(n) <= n / FPS]
     n = keeps_up[0] if keeps_up else max(worker.sizes, key=lambda n: n / max(cost(n), 1e-9))
-    return min(AUTO_MAX_S, MIN_DELAY_S + 2 * cost(n) + AUTO_MARGIN_S)
-
-
-class Ramp:
-    """Mouth strength per frame from speech decisions, fading over `fade` frames in and out."""
-
-    def __init__(self, fade: int = 2):
-        self.step = 1 / (fade + 1)
-        self.level = 0.0
-
-    def next(self, speech: bool) -> float:
-        self.level = min(1.0, self.level + self.step) if speech else max(0.0, self.level - self.step)
-        return self.level
+    return min(max(AUTO_MAX_S, min_delay), min_delay + 2 * cost(n) + AUTO_MARGIN_S)
 
 
 class VoiceIn:
@@ -79,9 +72,10 @@ class VoiceIn:
         self.resampler = StreamResampler(VOICE_RATE)
         self.mel = MelStream(FPS)
         self.vad = vad
-        self.ramp = Ramp(fade)
+        self.fade = fade
+        self.level = 0.0  # mouth strength of the last frame cut
         self.windows: dict[int, np.ndarray] = {}
-        self.speech: dict[int, bool] = {}
+        self.speech: dict[int, bool] = {}  # decisions from frame next_i - fade on
         self.next_i = 0
         self.n0: int | None = None  # output frame of input frame 0
         self.buffer = np.zeros(0, np.float32)  # received voice from absolute sample buffer0 on
@@ -98,16 +92,19 @@ class Channel:
     def __init__(self, name: str, avatar: Avatar, worker: InferenceWorker, delay_s: float | None = 0.3,
                  vad_factory=None, fade: int = 2, clock=time.monotonic):
         """delay_s None: `auto_delay`, set anew when each voice starts."""
-        if delay_s is not None and delay_s < MIN_DELAY_S:
-            raise ValueError(f"delay must be at least {MIN_DELAY_S * 1000:.0f} ms (the model's lookahead)")
+        self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
+        self.min_delay_s = cut_lookahead(self._vad_factory(), fade) + (MIN_DELAY_S - LOOKAHEAD_S)
+        if delay_s is not None and delay_s < self.min_delay_s:
+            log.warning("delay %.0f ms is below what the voice activity settings need: %.0f ms used", 1000 * delay_s,
+                        1000 * self.min_delay_s)
+            delay_s = self.min_delay_s
         self.name = name
         self.avatar = avatar
         self.worker = worker
         self.auto = delay_s is None
-        self.delay_s = auto_delay(worker) if self.auto else delay_s
+        self.delay_s = auto_delay(worker, self.min_delay_s) if self.auto else delay_s
         self.clock = clock
         self.fade = fade
-        self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
         self.start = clock()
         self.closed = False
         self.frames = FrameStore(avatar)
@@ -148,7 +145,7 @@ class Channel:
             self.voice = VoiceIn(self._vad_factory(), self.fade)
             self.speaking = False
             if self.auto:
-                self.delay_s = auto_delay(self.worker)
+                self.delay_s = auto_delay(self.worker, self.min_delay_s)
                 self._recent.clear()
 
     def detach_voice(self, session: str) -> None:
@@ -197,12 +194,15 @@ class Channel:
             v.speech[i] = speech
         self._resync(v)
         self._widen(v)
-        while v.next_i in v.windows and v.next_i in v.speech:
+        # a frame is cut once its mel window and the speech decisions `fade` frames ahead are in (the
+        # fade into speech starts before it, as offline)
+        while v.next_i in v.windows and v.next_i + v.fade in v.speech:
             i = v.next_i
-            window, speech = v.windows.pop(i), v.speech.pop(i)
+            window = v.windows.pop(i)
             v.next_i += 1
-            self.speaking = speech
-            strength = v.ramp.next(speech)
+            self.speaking = v.speech[i]
+            strength = v.level = fade_strength([v.speech.get(i + d, False) for d in range(-v.fade, v.fade + 1)], v.fade)
+            v.speech.pop(i - v.fade, None)
             if strength <= 0 or self.viewers == 0:  # nobody watching: no inference
                 continue
             step = i + v.n0
@@ -244,13 +244,13 @@ class Channel:
         for i in v.speech:
             v.speech[i] = False
         v.vad.forget()
-        v.ramp.level = 0.0
+        v.level = 0.0
         self.speaking = False
         self.interrupts += 1
         log.info("[%s] interrupted on channel %s: voice and mouth rest from frame %d", self.session, self.name, step)
 
     def _resync(self, v: VoiceIn) -> None:
-        if len(v.lateness) < v.lateness.maxlen or self.speaking or v.ramp.level > 0:
+        if len(v.lateness) < v.lateness.maxlen or self.speaking or v.level > 0:
             return
         late = min(v.lateness)
         if abs(late) <= RESYNC_S:
@@ -268,7 +268,7 @@ class Channel:
         recent speech frames the worker took still missed their mouth (a loaded machine, a busy event
         loop; not an inference service that is away), the delay grows by one frame, in silence as a
         drift correction does, up to AUTO_MAX_S."""
-        if not self.auto or self.speaking or v.ramp.level > 0 or len(self._recent) < AUTO_WINDOW:
+        if not self.auto or self.speaking or v.level > 0 or len(self._recent) < AUTO_WINDOW:
             return
         if self._recent.count(False) <= AUTO_LATE_SHARE * len(self._recent) or self.delay_s + 1 / FPS > AUTO_MAX_S:
             return
@@ -279,14 +279,11 @@ class Channel:
         log.info("[%s] mouths came late: auto delay widened to %.0f ms in silence", self.session, 1000 * self.delay_s)
 
     def _crop(self, step: int) -> np.ndarray | None:
-        """The face crop inference needs for output frame `step`: from the avatar's cache when it holds
-        the engine's size, else cut from the decoded frame (None if the decoder is behind)."""
-        src = ping_pong(step, self.avatar.frames)
-        size = self.worker.engine.face_size
-        if self.avatar.crops.shape[1] == size:
-            return np.asarray(self.avatar.crops[src])
-        frame = self.frames.get(step)
-        return None if frame is None else crop(frame, self.avatar.boxes[src], size)
+        """The face crop inference needs for output frame `step` (None if the decoder is behind)."""
+        src = source_frame(step, self.avatar)
+        cached = self.avatar.crops.shape[1] == self.worker.engine.face_size
+        return face_crop(self.avatar, src, None if cached else self.frames.get(loop_step(step, self.avatar)),
+                         self.worker.engine.face_size)
 
     # worker thread
 
@@ -317,7 +314,8 @@ class Channel:
         want = self._expected.pop(step, None)
         if want is None:  # a mouth no frame waits for: in flight when the voice was interrupted
             face = None
-        frame = self.frames.get(step)
+        loop = loop_step(step, self.avatar)
+        frame = self.frames.get(loop)
         if frame is None:  # the decoder is behind: a mouth has no frame to go into
             face = None
         if want is not None:
@@ -335,11 +333,10 @@ class Channel:
             out = self._held if self._held is not None else self.frames.first
         elif face is not None:
             strength, crop_img, _ = want
-            src = ping_pong(step, self.avatar.frames)
-            out = blend(frame, self.avatar.boxes[src], face, strength=strength, crop=crop_img)
+            out = with_mouth(frame, self.avatar, source_frame(step, self.avatar), face, strength, crop_img)
         else:
             out = frame
-        self.frames.release(step - 2)  # a slower viewer may still ask for the last steps
+        self.frames.release(loop_step(step - 2, self.avatar))  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1
         self._sent_at.append(self.clock())
