@@ -185,6 +185,34 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
     assert loud[audio_t > audio_t[0] + 0.3 + speech_s - 0.5].max() > 0.05
 
 
+def test_a_publisher_that_stops_for_10_s_then_resumes_is_in_sync_again(avatar, voice):
+    """The sender sends nothing for 10 s (its timestamps jump 10 s), then speaks again: the voice is
+    pinned afresh, so the second phrase lip-syncs, in time, at the target delay (filling only part of
+    the gap used to place it seconds in the past)."""
+    wav, speech_s = voice
+    phrase = wav[: 48000 + int(speech_s * 48000)]  # 1 s silence and the phrase
+    pause_at = phrase.size / 48000 + 0.5
+    sent = np.concatenate([phrase, np.zeros(24000, np.float32), np.zeros(480000, np.float32), phrase,
+                           np.zeros(72000, np.float32)])
+    seconds = sent.size / 48000
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            return await talk(url, sent, seconds, pause=(pause_at, 10.0))
+
+    got, stats = asyncio.run(main())
+    t = np.array([a for a, _ in got.video]) - AIORTC_VIDEO_HOLD_S
+    source = next(iter(avatar.read_frames(0, count=1)))[2]
+    change = np.array([np.abs(mouth(f, avatar.boxes[0]) - mouth(source, avatar.boxes[0])).mean() for _, f in got.video])
+    second = (t > t[0] + pause_at + 10 + 1.3) & (t < t[0] + pause_at + 10 + 1.0 + speech_s - 0.4)
+    assert np.mean(change[second] > 8) > 0.3, change[second]  # the second phrase moves the lips
+    audio_t = np.array([a for a, _ in got.audio]) - AIORTC_AUDIO_HOLD_S
+    loud = np.array([np.abs(a).max() for _, a in got.audio])
+    assert loud[(audio_t > t[0] + pause_at + 10 + 1.3) & (audio_t < t[0] + pause_at + 10 + speech_s)].max() > 0.05
+    assert stats["late_frames"] <= 2 and stats["lipsync_frames"] > 80, stats  # both phrases, in time
+    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+
+
 class SlowToStart:
     """A video avatar whose frame decoder takes `delay` s to deliver its first frames (a cold disk, a
     long keyframe group)."""

@@ -148,6 +148,15 @@ class Channel:
                 self.delay_s = auto_delay(self.worker, self.min_delay_s)
                 self._recent.clear()
 
+    def resume_voice(self) -> None:
+        """The voice comes back after its sender paused longer than a gap we fill (its timestamps jumped):
+        pin it to the clock afresh, as a new voice, rather than place it seconds in the past."""
+        with self._lock:
+            if self.voice is not None:
+                self.voice = VoiceIn(self._vad_factory(), self.fade)
+                self.speaking = False
+        log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
+
     def detach_voice(self, session: str) -> None:
         with self._lock:
             if self.publisher == session:

@@ -20,18 +20,21 @@ class VoiceSource(MediaStreamTrack):
 
     kind = "audio"
 
-    def __init__(self, voice: np.ndarray, lose_every: int = 0):
+    def __init__(self, voice: np.ndarray, lose_every: int = 0, pause: tuple[float, float] | None = None):
         super().__init__()
         self.pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
         self.j = 0
         self.t0 = None
         self.lose_every = lose_every
+        self.pause = pause  # (from s, for s): nothing sent meanwhile, as a sender that stops; time runs on
 
     async def recv(self):
         if self.t0 is None:
             self.t0 = time.monotonic()
         if self.lose_every and self.j % self.lose_every == self.lose_every - 1:
             self.j += 1  # this packet is lost: the next one comes with a timestamp gap
+        if self.pause and self.pause[0] <= self.j * 0.02 < sum(self.pause):
+            self.j = round(sum(self.pause) / 0.02)  # the next packet comes after the pause, timestamps jumped
         wait = self.t0 + self.j * 0.02 - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
@@ -82,11 +85,12 @@ async def _stop(tasks: list[asyncio.Task]) -> None:
 
 
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
-               token: str | None = None, lose_every: int = 0) -> tuple[Received, dict]:
+               token: str | None = None, lose_every: int = 0,
+               pause: tuple[float, float] | None = None) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc)
-    pc.addTransceiver(VoiceSource(voice, lose_every), direction="sendrecv")
+    pc.addTransceiver(VoiceSource(voice, lose_every, pause), direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"Authorization": f"Bearer {token}"} if token else {}

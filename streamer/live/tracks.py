@@ -79,7 +79,7 @@ class VoiceTrack(MediaStreamTrack):
         return frame
 
 
-MAX_GAP = 5 * VOICE_RATE  # a longer silence from the sender is filled only this far
+MAX_GAP = 2 * VOICE_RATE  # a silence from the sender up to this long is filled; a longer one re-pins the voice
 
 
 async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
@@ -109,7 +109,9 @@ async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
                 gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
                 if gap >= 1 << 31:  # behind: a duplicate or a packet reordered past its turn
                     continue
-                if gap:
-                    channel.push_voice(np.zeros(min(gap, MAX_GAP), np.float32))
+                if gap > MAX_GAP:  # the sender paused: filling it would place what follows in the past
+                    channel.resume_voice()
+                elif gap:
+                    channel.push_voice(np.zeros(gap, np.float32))
             expected = (frame.pts + mono.size) % (1 << 32)
         channel.push_voice(mono)
