@@ -144,6 +144,7 @@ def _serve(args) -> int:
 
     from streamer.lipsync.engine import load_engine
     from streamer.server.app import Server, shown_host, warn_if_open
+    from streamer.server.guard import ConnectionGuard
 
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
@@ -183,6 +184,7 @@ def _serve(args) -> int:
     async def run() -> None:
         runner = web.AppRunner(Server(cfg, engine, avatar, worker=remote).app(), access_log=None, shutdown_timeout=5)
         await runner.setup()
+        ConnectionGuard.install(runner, cfg.server.max_connections_per_client, cfg.server.header_timeout_s)
         site = web.TCPSite(runner, host, port)
         try:
             await site.start()

@@ -70,6 +70,10 @@ class ServerConfig:
                                       "two cores); 1: everything in one process; auto: one per two cores",
                               min=1, max=64, auto=True)
     token: str | None = _opt(None, "when set, signalling and /metrics need 'Authorization: Bearer <token>'")
+    max_connections_per_client: int = _opt(256, "HTTP connections open at once from one address; more are closed",
+                                           min=1, max=100000)
+    header_timeout_s: float = _opt(10.0, "a new connection must send a complete request's headers within this",
+                                   min=0.5, max=300.0)
     cors_origins: str | None = _opt(None, "web origins whose pages may call the API from a browser, comma-separated "
                                           "(e.g. https://app.example.com), or *; none: only the pages this server serves")
     stun: str | None = _opt(None, "STUN server for clients behind NAT, e.g. stun:stun.example.org:3478 (none: host "

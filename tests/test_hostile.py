@@ -133,3 +133,51 @@ def test_fuzzed_requests_never_crash_the_server(server, kind, name, body, ctype,
             request(server, "DELETE", f"/session/{sid}")
         return
     assert_clean(status, got)
+
+
+def test_connections_are_bounded_per_client_and_must_send_headers_in_time(tmp_path):
+    """`streamer serve` as users run it: a client cannot hold more than its share of connections, a
+    connection that never finishes its headers is closed, malformed HTTP gets a JSON 400 and no traceback."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text("server:\n  max_connections_per_client: 4\n  header_timeout_s: 1.0\n")
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", "0", "--workers", "1", "--config",
+                             str(cfg), "--avatars", str(tmp_path / "av")], stdout=subprocess.PIPE,
+                            stderr=open(log, "w"), text=True)
+    try:
+        line = proc.stdout.readline()
+        port = int(line.split("localhost:")[1].split("/")[0])
+        partial = []
+        for _ in range(4):
+            s = socket.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+            partial.append(s)
+        time.sleep(0.2)
+        fifth = socket.create_connection(("127.0.0.1", port))
+        fifth.settimeout(3)
+        assert fifth.recv(100) == b""  # closed at once: four are open from this address
+        for s in partial:
+            s.settimeout(3)
+            assert s.recv(100) == b""  # closed once the header time ran out
+        bad = socket.create_connection(("127.0.0.1", port))
+        bad.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nNo colon here \xff\r\n\r\n")
+        bad.settimeout(3)
+        answer = b""
+        while chunk := bad.recv(4096):
+            answer += chunk
+        head, body = answer.split(b"\r\n\r\n", 1)
+        assert head.split(b" ")[1] == b"400" and b"application/json" in head, head
+        assert json.loads(body) == {"error": "malformed HTTP request"}
+        status, got = request(("127.0.0.1", port, None), "GET", "/healthz", auth=False)  # still serving
+        assert status == 200 and got["ok"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
+    assert "sent no complete request" in text and "more refused" in text

@@ -37,6 +37,7 @@ from aiohttp import web
 from streamer.config import Config
 from streamer.errors import UserError
 from streamer.server.app import MAX_BODY, WEB_DIR, error, guarded, openapi, page, refuse, shown_host, warn_if_open
+from streamer.server.guard import ConnectionGuard
 from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin
 
 log = logging.getLogger(__name__)
@@ -517,6 +518,7 @@ async def serve_front(cfg: Config, count: int) -> None:
     start.result()
     runner = web.AppRunner(front.app(), access_log=None, shutdown_timeout=5)
     await runner.setup()
+    ConnectionGuard.install(runner, cfg.server.max_connections_per_client, cfg.server.header_timeout_s)
     host, port = cfg.server.host, cfg.server.port
     try:
         site = web.TCPSite(runner, host, port)
