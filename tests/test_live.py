@@ -213,6 +213,48 @@ def test_a_publisher_that_stops_for_10_s_then_resumes_is_in_sync_again(avatar, v
     assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
 
 
+class FaultyEngine(BuiltinEngine):
+    """The builtin engine with faults by time since `start`: calls raise in [2, 4) s, take 0.4 s each
+    (ten times a frame's time) in [4, 9) s, then work again."""
+
+    start = None
+
+    def predict(self, mel, faces):
+        t = time.monotonic() - (self.start or time.monotonic())
+        if 2 <= t < 4:
+            raise RuntimeError("simulated inference failure")
+        if 4 <= t < 9:
+            time.sleep(0.4)
+        return super().predict(mel, faces)
+
+
+def test_inference_failing_then_10x_slow_keeps_the_video_and_recovers(avatar, voice, caplog):
+    wav, speech_s = voice
+    talk_wav = np.concatenate([wav[: 48000 + int(speech_s * 48000)]] * 4)  # speech all along, 4 phrases
+    seconds = talk_wav.size / 48000
+    engine = FaultyEngine()
+
+    async def main():
+        async with serving(avatar, engine=engine) as (server, url):
+            engine.start = time.monotonic()
+            got, stats = await talk(url, talk_wav, seconds)
+            return got, stats
+
+    with caplog.at_level("INFO"):
+        got, stats = asyncio.run(main())
+    t = np.array([a for a, _ in got.video])
+    steady = t[t > t[0] + 1]
+    assert 24 <= (len(steady) - 1) / (steady[-1] - steady[0]) <= 26  # the video never stops for inference
+    assert np.diff(steady).max() < 0.25, np.diff(steady).max()
+    source = next(iter(avatar.read_frames(0, count=1)))[2]
+    change = np.array([np.abs(mouth(f, avatar.boxes[0]) - mouth(source, avatar.boxes[0])).mean() for _, f in got.video])
+    after = t - engine.start > 10.5  # recovered: the mouth moves again in speech
+    assert np.mean(change[after] > 8) > 0.3, change[after]
+    text = caplog.text
+    assert text.count("inference failed for") == 1 and "inference works again after" in text
+    assert stats["lipsync_frames"] > 50, stats
+
+
 class SlowToStart:
     """A video avatar whose frame decoder takes `delay` s to deliver its first frames (a cold disk, a
     long keyframe group)."""

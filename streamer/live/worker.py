@@ -96,6 +96,8 @@ class InferenceWorker:
         self.batches = 0
         self.frames = 0
         self.dropped = 0
+        self.failed = 0  # batches whose call raised
+        self.failed_batches_run = 0  # ... in a row, now
         self.busy_s = 0.0  # in inference calls (with their host-side input and output conversion)
         self.on_batch = None  # called with each batch's size (metrics)
         self._open = 0  # requests submitted and not yet done or dropped
@@ -186,8 +188,17 @@ class InferenceWorker:
                 continue
             try:
                 self._infer(batch)
+                if self.failed_batches_run:
+                    log.warning("inference works again after %d failed batches", self.failed_batches_run)
+                    self.failed_batches_run = 0
             except Exception:  # noqa: BLE001 - one bad batch must not kill the worker: those frames go idle
-                log.exception("inference failed for %d frames; they are shown idle", len(batch))
+                self.failed += 1
+                self.failed_batches_run += 1
+                if self.failed_batches_run == 1:  # once per run of failures, not 25 tracebacks a second
+                    log.exception("inference failed for %d frames; frames are shown idle until it works again",
+                                  len(batch))
+                elif self.failed_batches_run % 250 == 0:
+                    log.error("inference still failing: %d batches in a row", self.failed_batches_run)
             finally:
                 self._finished(len(batch))
 
