@@ -44,9 +44,16 @@ def _bench(args) -> int:
         if args.pause_first < 0:
             raise UserError("--pause-first must be 0 or more seconds")
         title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms,
-                                                                    args.sessions, args.viewers, args.voice,
+                                                                    args.sessions or 1, args.viewers, args.voice,
                                                                     args.pause_first, args.workers,
                                                                     args.client_processes))
+    elif args.what == "soak":
+        from streamer.soak import soak_rows
+
+        if args.soak_minutes <= 0:
+            raise UserError("--soak-minutes must be more than 0")
+        title, table = "Soak", bench.kv_table(soak_rows(60 * args.soak_minutes, args.sessions or 4, args.churn,
+                                                        args.half_open, args.model, args.workers))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -274,13 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="engine: ms/frame and frames/s for every backend x dtype x batch available "
                                    "here. audio: CPU cost of resampling, streaming mel and voice activity. avatar: "
                                    "preparing and loading a long 1080p avatar (time, disk, RAM), blending. live: a real talk "
-                                   "session on this machine: fps, voice-in to lips-out delay, late frames.")
-    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live"), default="engine",
+                                   "session on this machine: fps, voice-in to lips-out delay, late frames. soak: "
+                                   "talkers for --soak-minutes with a viewer coming and going, connect/disconnect "
+                                   "churn and offers that never connect: memory, threads, files and gauges before "
+                                   "and after, fps and delay first and last minute.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak"), default="engine",
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
     b.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="live target delay in ms, or auto (default from the config: auto)")
-    b.add_argument("--sessions", type=int, default=1, help="live: concurrent talkers (default 1)")
+    b.add_argument("--sessions", type=int, help="live: concurrent talkers (default 1); soak: talkers (default 4)")
+    b.add_argument("--soak-minutes", type=float, default=60, help="soak: how long (default 60)")
+    b.add_argument("--churn", type=int, default=200, help="soak: connect/disconnect cycles (default 200)")
+    b.add_argument("--half-open", type=int, default=50, help="soak: offers that never connect (default 50)")
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
     b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
                                                     "speech)")

@@ -47,9 +47,11 @@ class VoiceSource(MediaStreamTrack):
 
 
 class Received:
-    def __init__(self):
-        self.video: list[tuple[float, np.ndarray]] = []  # (arrival, BGR frame)
-        self.audio: list[tuple[float, np.ndarray]] = []  # (arrival, mono float 48 kHz)
+    def __init__(self, keep: bool = True):
+        """keep False: only arrival times (long runs would hold gigabytes of frames)."""
+        self.keep = keep
+        self.video: list[tuple[float, np.ndarray | None]] = []  # (arrival, BGR frame)
+        self.audio: list[tuple[float, np.ndarray | None]] = []  # (arrival, mono float 48 kHz)
 
 
 async def _collect(track, sink, kind):
@@ -59,7 +61,9 @@ async def _collect(track, sink, kind):
         except MediaStreamError:
             return
         now = time.monotonic()
-        if kind == "video":
+        if not sink.keep:
+            (sink.video if kind == "video" else sink.audio).append((now, None))
+        elif kind == "video":
             sink.video.append((now, frame.to_ndarray(format="bgr24")))
         else:
             pcm = frame.to_ndarray().reshape(-1).astype(np.float32) / 32768
@@ -67,9 +71,9 @@ async def _collect(track, sink, kind):
             sink.audio.append((now, pcm.reshape(-1, channels).mean(axis=1)))
 
 
-def _receive(pc: RTCPeerConnection) -> tuple[Received, list[asyncio.Task]]:
+def _receive(pc: RTCPeerConnection, keep: bool = True) -> tuple[Received, list[asyncio.Task]]:
     """Collect every track `pc` receives; returns what arrives and the collecting tasks."""
-    got, tasks = Received(), []
+    got, tasks = Received(keep), []
 
     @pc.on("track")
     def on_track(track):
@@ -86,10 +90,10 @@ async def _stop(tasks: list[asyncio.Task]) -> None:
 
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
                token: str | None = None, lose_every: int = 0,
-               pause: tuple[float, float] | None = None) -> tuple[Received, dict]:
+               pause: tuple[float, float] | None = None, keep: bool = True) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    got, tasks = _receive(pc)
+    got, tasks = _receive(pc, keep)
     pc.addTransceiver(VoiceSource(voice, lose_every, pause), direction="sendrecv")
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
@@ -125,10 +129,11 @@ async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float
     return answer
 
 
-async def watch(base: str, channel: str, seconds: float, token: str | None = None) -> tuple[Received, str]:
+async def watch(base: str, channel: str, seconds: float, token: str | None = None,
+                keep: bool = True) -> tuple[Received, str]:
     """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-    got, tasks = _receive(pc)
+    got, tasks = _receive(pc, keep)
     pc.addTransceiver("video", direction="recvonly")
     pc.addTransceiver("audio", direction="recvonly")
     answer = await _whip_whep(pc, base, f"/whep/{channel}", seconds, token)
