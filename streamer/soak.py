@@ -109,7 +109,8 @@ def _churn(url: str, cycles: int, half_open: int, voice: np.ndarray) -> dict:
         await pc.close()  # the server's side waits for ICE that never comes
         return status
 
-    done = failed = opened = 0
+    done = opened = 0
+    failed: dict[str, int] = {}
     every = max(1, cycles // max(1, half_open))
     for k in range(cycles):
         if k % every == 0 and opened < half_open:
@@ -117,8 +118,9 @@ def _churn(url: str, cycles: int, half_open: int, voice: np.ndarray) -> dict:
         try:
             got, stats = asyncio.run(talk(url, voice[:48000], 1.0, offer_extra={"channel": "churn"}, keep=False))
             done += 1 if got.video else 0
-        except Exception:  # noqa: BLE001 - counted, the soak goes on
-            failed += 1
+        except Exception as e:  # noqa: BLE001 - counted, the soak goes on
+            why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__
+            failed[why] = failed.get(why, 0) + 1
     return {"cycles": done, "failed": failed, "half_open": opened}
 
 
@@ -188,7 +190,8 @@ def _rows(seconds, talkers, before, after, samples, talks, views, churned) -> li
     return [
         ("run", f"{seconds / 60:.0f} min, {talkers} talkers in back-to-back {SEGMENT_S:.0f} s sessions "
                 f"({len(talks)} sessions), a WHEP viewer coming and going ({len(views)} visits)"),
-        ("churn", f"{churned['cycles']} connect/disconnect cycles ({churned['failed']} failed), "
+        ("churn", f"{churned['cycles']} connect/disconnect cycles ({sum(churned['failed'].values())} failed"
+                  + "".join(f"; {n}x {why}" for why, n in churned['failed'].items()) + "), "
                   f"{churned['half_open']} offers that never complete ICE"),
         ("first minute", summary(first) if first else "-"),
         ("last minute", summary(last) if last else "-"),

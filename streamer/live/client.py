@@ -108,6 +108,8 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
         stats["session"] = body["session"]
+        async with http.delete(f"{url}/session/{body['session']}"):  # as the page does: the channel is free at once
+            pass
     await pc.close()
     await _stop(tasks)
     return got, stats
