@@ -49,7 +49,7 @@ def request(server, method: str, path: str, body: bytes = b"", headers: dict | N
     """(status, parsed JSON body or raw bytes); headers may hold any bytes (sent as they are)."""
     host, port, _ = server
     conn = http.client.HTTPConnection(host, port, timeout=20)
-    conn.putrequest(method, path, skip_accept_encoding=True)
+    conn.putrequest(method, path, skip_host="Host" in (headers or {}), skip_accept_encoding=True)
     for k, v in {**({"Authorization": f"Bearer {TOKEN}"} if auth else {}), **(headers or {})}.items():
         conn.putheader(k, v)
     conn.putheader("Content-Length", str(len(body)))
@@ -87,6 +87,8 @@ def test_each_known_hostile_request_is_a_json_4xx(server):
         ("PUT", "/offer", b"", {}, (405,)),
         ("GET", "/session/nosuch", b"", {}, (404,)),
         ("GET", "/metrics", b"", {"Authorization": "Bearer \xff\xfe"}, (401,)),  # not UTF-8
+        ("GET", "/healthz", b"", {"Host": "evil.example:8080"}, (421,)),  # DNS rebinding: a page's own name
+        ("POST", "/offer", b"{}", {**jsn, "Host": "attacker.example"}, (421,)),
     ]
     for method, path, body, headers, allowed in cases:
         auth = "Authorization" not in headers
@@ -94,6 +96,8 @@ def test_each_known_hostile_request_is_a_json_4xx(server):
         assert_clean(status, got, *allowed)
         if status == 400 and path == "/offer" and b"m=audio" in body:
             assert "AssertionError" not in got["error"] and "not in list" not in got["error"], got
+    for host in ("localhost:8080", "127.0.0.1", "[::1]:8080", "LOCALHOST"):
+        assert request(server, "GET", "/healthz", headers={"Host": host})[0] == 200, host
     assert not server[2].sessions  # nothing half-open left behind
     status, got = request(server, "PUT", "/offer")
     assert "POST" in http_allow(server, "PUT", "/offer")

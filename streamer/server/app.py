@@ -131,9 +131,24 @@ async def _guarded(request: web.Request, handler) -> web.StreamResponse:
         return error(500, "internal error (logged by the server)")
 
 
-def refuse(token: str | None, request: web.Request) -> web.Response | None:
-    """With a token set, every signalling endpoint and /metrics need `Authorization: Bearer <token>`:
-    the 401 to answer, or None."""
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def foreign_host(listen: str, request: web.Request) -> bool:
+    """A server listening on loopback answers only requests addressed to loopback: a page whose own
+    name was re-pointed at 127.0.0.1 (DNS rebinding) sends its own Host, and is refused."""
+    if listen not in LOOPBACK:
+        return False
+    host = (request.host or "").lower()
+    name = host[1:].split("]")[0] if host.startswith("[") else host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return name not in LOOPBACK
+
+
+def refuse(token: str | None, request: web.Request, listen: str | None = None) -> web.Response | None:
+    """With a token set, every signalling endpoint and /metrics need `Authorization: Bearer <token>`;
+    on loopback, the Host must be loopback too: the error to answer, or None."""
+    if listen is not None and foreign_host(listen, request):
+        return error(421, "this server answers requests for localhost only (see server.host)")
     open_paths = request.path in ("/healthz", "/openapi.json") or request.method == "OPTIONS" or (
         request.method == "GET" and not request.path.startswith(("/session/", "/metrics", "/internal/", "/ws/")))
     if token and not open_paths:
@@ -201,7 +216,8 @@ class Server:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        return await guarded(request, refuse(self.cfg.server.token, request) or handler, self.cfg.server.cors_origins)
+        return await guarded(request, refuse(self.cfg.server.token, request, self.cfg.server.host) or handler,
+                             self.cfg.server.cors_origins)
 
     async def _on_startup(self, app) -> None:
         self._spawn(self._report(), "stats-report")

@@ -277,7 +277,8 @@ class Front:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        return await guarded(request, refuse(self.cfg.server.token, request) or handler, self.cfg.server.cors_origins)
+        return await guarded(request, refuse(self.cfg.server.token, request, self.cfg.server.host) or handler,
+                             self.cfg.server.cors_origins)
 
     async def _forward(self, request: web.Request, w: Worker, body: bytes) -> tuple[web.Response, bytes]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
