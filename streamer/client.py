@@ -49,9 +49,13 @@ class Speaker:
             await http.close()
             raise
         self = cls(http, ws, sample_rate, max_ahead_s)
-        await ws.send_json({"type": "start", "sample_rate": sample_rate})
-        self._reader = asyncio.ensure_future(self._read())
-        self.ready = await self.wait("ready", timeout=10)
+        try:
+            await ws.send_json({"type": "start", "sample_rate": sample_rate})
+            self._reader = asyncio.ensure_future(self._read())
+            self.ready = await self.wait("ready", timeout=10)
+        except BaseException:
+            await self.close()
+            raise
         return self
 
     async def _read(self) -> None:

@@ -116,7 +116,7 @@ def _churn(url: str, cycles: int, half_open: int, voice: np.ndarray) -> dict:
         if k % every == 0 and opened < half_open:
             opened += asyncio.run(never_connects(k)) == 200
         try:
-            got, stats = asyncio.run(talk(url, voice[:48000], 1.0, offer_extra={"channel": "churn"}, keep=False))
+            got, _ = asyncio.run(talk(url, voice[:48000], 1.0, offer_extra={"channel": "churn"}, keep=False))
             done += 1 if got.video else 0
         except Exception as e:  # noqa: BLE001 - counted, the soak goes on
             why = str(e).splitlines()[0][:80] if str(e) else type(e).__name__

@@ -84,6 +84,7 @@ def test_each_known_hostile_request_is_a_json_4xx(server):
         ("POST", "/whep/abc%0A", b"v=0", sdp, (400, 404)),  # a newline at the end of a channel name
         ("POST", "/whip/" + "a" * 65, b"v=0\r\nm=audio", sdp, (400,)),
         ("GET", "/no/such/page", b"", {}, (404,)),
+        ("GET", "/%00", b"", {}, (404,)),
         ("PUT", "/offer", b"", {}, (405,)),
         ("GET", "/session/nosuch", b"", {}, (404,)),
         ("GET", "/metrics", b"", {"Authorization": "Bearer \xff\xfe"}, (401,)),  # not UTF-8

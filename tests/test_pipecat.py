@@ -47,16 +47,19 @@ def test_a_pipecat_agent_drives_the_avatar_and_barges_in(avatar, tts):
             interrupted_at = time.monotonic()
             await task.queue_frame(InterruptionFrame())
             assert await _until(lambda: len([e for e in events if e["type"] == "playback_finished"]) == 2, 5)
-            await task.queue_frame(EndFrame())
-            await asyncio.wait_for(run, 10)
+            await asyncio.sleep(1.0)
+            third_at = time.monotonic()
+            await task.queue_frames(tts_frames(tts[: RATE], RATE) + [EndFrame()])  # last words, then the end
+            await asyncio.wait_for(run, 15)
             got, _ = await viewer
             ended = await _until(lambda: not [s for s in server.sessions.values() if s.kind == "ws"], 5)
-            return events, interrupted_at, got, ended
+            return events, interrupted_at, third_at, got, ended
 
-    events, interrupted_at, got, ended = asyncio.run(main())
+    events, interrupted_at, third_at, got, ended = asyncio.run(main())
     kinds = [(e["type"], e.get("interrupted")) for e in events]
     assert kinds == [("playback_started", None), ("playback_finished", False),
-                     ("playback_started", None), ("playback_finished", True)], events
+                     ("playback_started", None), ("playback_finished", True),
+                     ("playback_started", None), ("playback_finished", False)], events  # the last words played out
     assert abs(events[1]["position"] - len(tts) / RATE) < 0.001
     assert 1.3 < events[3]["position"] < 1.8
     t, change = motion(got, avatar)
@@ -64,5 +67,6 @@ def test_a_pipecat_agent_drives_the_avatar_and_barges_in(avatar, tts):
     before = (t > interrupted_at - 1.0) & (t < interrupted_at)
     assert change[before].max() > 8 and rms[(at > interrupted_at - 0.5) & (at < interrupted_at)].max() > 0.02
     after = interrupted_at + 0.1
-    assert t[-1] > after + 1 and change[t > after].max() < 8 and rms[at > after].max() < 0.005
+    rest, quiet = (t > after) & (t < third_at), (at > after) & (at < third_at)
+    assert rest.sum() > 15 and change[rest].max() < 8 and rms[quiet].max() < 0.005
     assert ended

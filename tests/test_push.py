@@ -118,7 +118,8 @@ def test_bad_messages_get_an_error_event_and_a_close_and_the_server_goes_on(avat
                                     ("hello", None),
                                     ({"type": "start", "sample_rate": 16000}, b"\x00\x01\x02"),
                                     ({"type": "start", "sample_rate": 16000}, b"\x00" * (2 << 20)),
-                                    ({"type": "start", "sample_rate": 16000}, "{nope")]:
+                                    ({"type": "start", "sample_rate": 16000}, "{nope"),
+                                    ({"type": "start", "sample_rate": 16000.0}, None)]:
                     async with http.ws_connect(ws_url, max_msg_size=0) as ws:
                         await (ws.send_json(first) if isinstance(first, dict) else ws.send_str(first))
                         if then is not None:
@@ -135,6 +136,15 @@ def test_bad_messages_get_an_error_event_and_a_close_and_the_server_goes_on(avat
                             refused.append(None)
                     except aiohttp.WSServerHandshakeError as e:
                         refused.append(e.status)
+                async with await Speaker.connect(url, "demo", token="t0k") as s:  # ended from outside
+                    await s.send(np.zeros(0, np.int16))  # an empty message is nothing, not an utterance
+                    async with http.delete(f"{url}/session/{s.ready['session']}") as r:
+                        deleted = r.status
+                    try:
+                        await s.event(timeout=5)
+                        ended_by_delete = False
+                    except SpeakerError:
+                        ended_by_delete = True
                 async with await Speaker.connect(url, "demo", token="t0k") as s:  # still serving
                     try:
                         await Speaker.connect(url, "demo", token="t0k")
@@ -145,10 +155,11 @@ def test_bad_messages_get_an_error_event_and_a_close_and_the_server_goes_on(avat
                     # a client that vanishes mid-utterance: its session ends, the channel is free
                     s._ws._writer.transport.abort()  # noqa: SLF001 - a killed process sends no close
                 ended = await _until(lambda: not server.sessions and not server.channels, 5)
-                return results, refused, second, ended
+                return results, refused, second, ended, (deleted, ended_by_delete)
 
-    results, refused, second, ended = asyncio.run(main())
-    assert results == [("error", aiohttp.WSMsgType.CLOSE, 1008)] * 5, results
+    results, refused, second, ended, by_delete = asyncio.run(main())
+    assert by_delete == (204, True)  # DELETE /session/<id> ends the WebSocket too
+    assert results == [("error", aiohttp.WSMsgType.CLOSE, 1008)] * 6, results
     assert refused == [401, 401, 403]
     assert second and "409" in second
     assert ended
@@ -172,6 +183,11 @@ def test_speak_a_file_and_interrupt_it(avatar, tts):
         async with serving(avatar) as (server, url), aiohttp.ClientSession() as http:
             bad = await http.post(f"{url}/speak/demo", data=b"not audio at all")
             bad = (bad.status, (await bad.json())["error"])
+            # FFmpeg's concat demuxer would read a server file named in the upload: not an audio format
+            concat = await http.post(f"{url}/speak/demo", data=b"ffconcat version 1.0\nfile /etc/hostname\n")
+            foreign = await http.post(f"{url}/speak/demo", data=wav_bytes(tts, RATE),
+                                      headers={"Origin": "https://evil.example"})
+            bad = bad + (concat.status, foreign.status)
             r = await http.post(f"{url}/speak/demo", data=wav_bytes(tts, RATE))
             ok = (r.status, await r.json())
             busy = (await http.post(f"{url}/speak/demo", data=wav_bytes(tts, RATE))).status
@@ -183,7 +199,7 @@ def test_speak_a_file_and_interrupt_it(avatar, tts):
             return bad, ok, busy, stopped, gone, freed
 
     bad, ok, busy, stopped, gone, freed = asyncio.run(main())
-    assert bad[0] == 400 and "cannot read" in bad[1], bad
+    assert bad[0] == 400 and "cannot read" in bad[1] and bad[2:] == (400, 403), bad
     assert ok[0] == 202 and abs(ok[1]["seconds"] - tts.size / RATE) < 0.01, ok
     assert busy == 409
     assert stopped[0] == 200 and stopped[1]["interrupted"] and 0.5 < stopped[1]["position"] < 1.0, stopped

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import numpy as np
 from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, StartFrame, TTSAudioRawFrame,
@@ -29,6 +30,9 @@ from streamer.client import Speaker, SpeakerError
 from streamer.live.pushed import RATES
 
 log = logging.getLogger(__name__)
+
+RETRY_S = 5.0  # after a failed connection
+END_WAIT_S = 15.0  # at the pipeline's end, the last utterance may play this long
 
 
 class StreamerAvatar(FrameProcessor):
@@ -45,6 +49,10 @@ class StreamerAvatar(FrameProcessor):
         self._resampler: StreamResampler | None = None
         self._events: asyncio.Task | None = None
         self._speaking = False
+        self._finished = asyncio.Event()  # everything sent has played out (or was cleared)
+        self._finished.set()
+        self._unfinished = 0  # utterances sent that have not played out
+        self._retry_at = 0.0  # after a failed connection, frames are dropped until then
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
         await super().process_frame(frame, direction)
@@ -59,7 +67,17 @@ class StreamerAvatar(FrameProcessor):
         elif isinstance(frame, InterruptionFrame) and self._speaker is not None:
             self._speaking = False
             await self._speaker.clear()
-        elif isinstance(frame, (EndFrame, CancelFrame)):
+        elif isinstance(frame, EndFrame):  # let the last words play out (bounded), then leave
+            if self._speaker is not None:
+                if self._speaking:
+                    self._speaking = False
+                    await self._speaker.end()
+                try:
+                    await asyncio.wait_for(self._finished.wait(), END_WAIT_S)
+                except asyncio.TimeoutError:
+                    pass
+            await self._close()
+        elif isinstance(frame, CancelFrame):
             await self._close()
         elif isinstance(frame, StartFrame):
             pass
@@ -70,25 +88,40 @@ class StreamerAvatar(FrameProcessor):
         if frame.num_channels > 1:
             pcm = pcm.reshape(-1, frame.num_channels).mean(axis=1).astype(np.int16)
         if self._speaker is None:
+            if time.monotonic() < self._retry_at:
+                return
             # the socket's rate is the TTS's when the server takes it, else 48 kHz
             self._rate = frame.sample_rate if frame.sample_rate in RATES else 48000
             try:
                 self._speaker = await Speaker.connect(self.url, self.channel, self._rate, self.token)
-            except (SpeakerError, OSError) as e:
-                await self.push_error(f"streamer: cannot drive channel {self.channel}: {e}")
+            except (SpeakerError, OSError, asyncio.TimeoutError) as e:
+                self._retry_at = time.monotonic() + RETRY_S  # not a handshake per audio frame
+                await self.push_error(f"streamer: cannot drive channel {self.channel} (retrying in {RETRY_S:.0f} s): {e}")
                 return
             self._events = self.create_task(self._read_events())
         if frame.sample_rate != self._rate:
             if self._resampler is None or self._resampler.rate != frame.sample_rate:
                 self._resampler = StreamResampler(frame.sample_rate, target=self._rate)
             pcm = self._resampler.push(pcm.astype(np.float32) / 32768)
+        if not self._speaking:  # an utterance begins: it will get one playback_finished
+            self._unfinished += 1
+            self._finished.clear()
         self._speaking = True
-        await self._speaker.send(pcm)
+        try:
+            await self._speaker.send(pcm)
+        except (ConnectionError, RuntimeError, OSError) as e:  # the server went away: connect again later
+            await self.push_error(f"streamer: channel {self.channel} lost: {e}")
+            await self._close()
+            self._retry_at = time.monotonic() + RETRY_S
 
     async def _read_events(self) -> None:
         try:
             while True:
                 ev = await self._speaker.event()
+                if ev["type"] == "playback_finished":
+                    self._unfinished = max(0, self._unfinished - 1)
+                    if not self._unfinished:
+                        self._finished.set()
                 if self.on_event is not None:
                     self.on_event(ev)
         except SpeakerError as e:
@@ -101,6 +134,8 @@ class StreamerAvatar(FrameProcessor):
         if self._speaker is not None:
             await self._speaker.close()
             self._speaker = None
+        self._speaking, self._unfinished = False, 0
+        self._finished.set()
 
     async def cleanup(self):
         await super().cleanup()

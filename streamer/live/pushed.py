@@ -59,7 +59,8 @@ class PushedVoice:
             self._count += 1
             self._open = Utterance(self._count)
             self._queue.append(("begin", self._open))
-        self._put(self._resampler.push(pcm.astype(np.float32) / 32768))
+        for i in range(0, pcm.size, 4800):  # the resampler's work arrays grow with the piece: keep them small
+            self._put(self._resampler.push(pcm[i : i + 4800].astype(np.float32) / 32768))
         if self.queued >= self.max_queue:
             self._room.clear()
 

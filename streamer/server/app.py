@@ -71,7 +71,10 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
 async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
     """A file of web/, nothing outside it (no '..', no symbolic link out), a JSON 404 otherwise."""
     root = web_dir.resolve()
-    path = (root / request.match_info["page"]).resolve()
+    try:
+        path = (root / request.match_info["page"]).resolve()
+    except (ValueError, OSError):  # a NUL byte, a name too long
+        path = root
     if not path.is_relative_to(root) or not path.is_file():
         return error(404, "no such page or endpoint (see /openapi.json)")
     return web.FileResponse(path)
@@ -202,6 +205,8 @@ class Server:
         from streamer.server.push import Drive  # push builds on this module
 
         Drive(self).add_routes(r)
+        for path in ("/offer", "/session/{id}", "/speak/{channel}"):
+            r.add_route("OPTIONS", path, self.options)  # CORS preflight, for the origins configured
         r.add_get("/metrics", self.metrics.handle)
         r.add_get("/internal/load", self.load)
         r.add_get("/healthz", self.healthz)
@@ -277,6 +282,11 @@ class Server:
         ch = await self.channel(channel_name)
         if publishes and ch.publisher is not None:
             return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+        # opening the channel awaited: others may have been admitted meanwhile
+        if publishes and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions or (
+                not publishes and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers):
+            self._release(ch)
+            return None, error(503, "server is full; try again later")
         session = Session(secrets.token_urlsafe(8), kind, None, ch)
         self.sessions[session.id] = session
         if session.publishes:

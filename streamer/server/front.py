@@ -261,7 +261,7 @@ class Front:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
         r = app.router
-        r.add_post("/offer", self.offer)
+        r.add_route("*", "/offer", self.offer)
         r.add_route("*", "/session/{id}", self.session)
         for kind in ("whip", "whep"):
             r.add_route("*", f"/{kind}/{{channel}}", self.whip_whep)
@@ -291,6 +291,10 @@ class Front:
             return error(502, "the media worker did not answer; try again"), b""
 
     async def offer(self, request: web.Request) -> web.Response:
+        if request.method == "OPTIONS":
+            return web.Response(status=204)
+        if request.method != "POST":
+            return error(405, "POST the offer", {"Allow": "POST, OPTIONS"})
         if request.content_type != "application/json":
             return error(415, "send the offer as Content-Type: application/json")
         body = await request.read()
@@ -312,6 +316,8 @@ class Front:
         return w if w is not None and w.alive else None
 
     async def session(self, request: web.Request) -> web.Response:
+        if request.method == "OPTIONS":
+            return web.Response(status=204)
         sid = request.match_info["id"]
         w = self._holder(sid)
         if w is None:
@@ -387,7 +393,8 @@ class Front:
                         await client.send_str(msg.data)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         await client.send_bytes(msg.data)
-                await client.close(code=upstream.close_code or 1000)
+                code = upstream.close_code or 1000
+                await client.close(code=1011 if code in (1005, 1006, 1015) else code)  # codes never sent
 
             relay = asyncio.ensure_future(down())
             try:
@@ -411,7 +418,11 @@ class Front:
     async def speak(self, request: web.Request) -> web.Response:
         """An uploaded file to speak (placed like a voice), or its interruption (where its channel is)."""
         channel = request.match_info["channel"]
+        if request.method == "OPTIONS":
+            return web.Response(status=204)
         if request.method == "POST":
+            if foreign_origin(request):
+                return error(403, f"requests from another site ({request.headers['Origin']}) refused")
             if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:
                 return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
             body = bytearray()

@@ -31,7 +31,7 @@ class ConnectionGuard:
     def install(cls, runner: web.AppRunner, per_client: int, header_s: float = HEADER_S) -> ConnectionGuard:
         """Put a guard in front of a set-up runner's protocol factory (before its sites start)."""
         guard = cls(runner.server, per_client, header_s)
-        runner._server = guard  # noqa: SLF001 - aiohttp has no public hook for its protocol factory
+        runner._server = guard  # aiohttp has no public hook for its protocol factory
         return guard
 
     def __getattr__(self, name):  # the runner asks its server for connections, shutdown, ...
@@ -39,7 +39,7 @@ class ConnectionGuard:
 
     def __call__(self) -> web.RequestHandler:
         s = self._server
-        return GuardedHandler(self, s, loop=s._loop, **s._kwargs)  # noqa: SLF001 - as web.Server does
+        return GuardedHandler(self, s, loop=s._loop, **s._kwargs)  # as web.Server does
 
 
 class GuardedHandler(web.RequestHandler):

@@ -9,6 +9,8 @@ CHANNEL = {"name": "channel", "in": "path", "required": True, "description": "1-
            "schema": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"}}
 ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 SDP = {"content": {"application/sdp": {"schema": {"type": "string"}}}}
+PREFLIGHT = {"summary": "CORS preflight (pages of server.cors_origins)", "security": [],
+             "responses": {"204": {"description": "allowed"}}}
 
 
 def _errors(*codes: int) -> dict:
@@ -25,14 +27,14 @@ def _whxp(kind: str, what: str) -> dict:
                                    **_errors(400, 401, 409, 413, 415, 503)}},
             "patch": {"summary": "trickle ICE: not supported (answers carry every candidate)",
                       "responses": {"405": {"description": "not supported"}}},
-            "options": {"summary": "CORS preflight", "responses": {"204": {"description": "allowed"}}},
+            "options": PREFLIGHT,
         },
         f"/{kind}/{{channel}}/{{id}}": {
             "parameters": [CHANNEL, ID],
             "delete": {"summary": f"end the {kind.upper()} session", "responses": {"200": {"description": "ended"},
                                                                                  **_errors(401, 404, 410)}},
             "patch": {"summary": "trickle ICE: not supported", "responses": {"405": {"description": "not supported"}}},
-            "options": {"summary": "CORS preflight", "responses": {"204": {"description": "allowed"}}},
+            "options": PREFLIGHT,
         },
     }
 
@@ -56,7 +58,7 @@ def document() -> dict:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/offer": {"post": {
+            "/offer": {"options": PREFLIGHT, "post": {
                 "summary": "talk session (the web page): your voice in, the avatar back",
                 "requestBody": {"required": True, "content": {"application/json": {"schema": {
                     "type": "object", "required": ["sdp", "type"],
@@ -73,7 +75,7 @@ def document() -> dict:
                 "description": ws_protocol,
                 "responses": {"101": {"description": "switching to the WebSocket protocol"},
                               **_errors(400, 401, 403, 409, 503)}}},
-            "/speak/{channel}": {"parameters": [CHANNEL],
+            "/speak/{channel}": {"parameters": [CHANNEL], "options": PREFLIGHT,
                 "post": {"summary": "speak an audio file (any format FFmpeg reads; at most 50 MB and 600 s)",
                          "requestBody": {"required": True, "content": {"application/octet-stream": {
                              "schema": {"type": "string", "format": "binary"}}}},
@@ -86,7 +88,7 @@ def document() -> dict:
                         "type": "object", "properties": {"session": {"type": "string"}, "position": {"type": "number"},
                                                          "interrupted": {"type": "boolean"}}}}}},
                     **_errors(401, 404)}}},
-            "/session/{id}": {"parameters": [ID],
+            "/session/{id}": {"parameters": [ID], "options": PREFLIGHT,
                 "get": {"summary": "a session's live stats (frames sent, lip-synced, late, delay)",
                         "responses": {"200": {"description": "stats", "content": {"application/json": {
                             "schema": {"type": "object"}}}}, **_errors(401, 404, 410)}},

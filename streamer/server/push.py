@@ -38,6 +38,7 @@ HARD_MAX_MESSAGE = 4 << 20  # beyond this the WebSocket layer itself closes with
 START_TIMEOUT_S = 10
 MAX_SPEAK_BYTES = 50 << 20
 MAX_SPEAK_S = 600.0
+AUDIO_FORMATS = "wav,mp3,flac,ogg,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,aac,aiff,caf,w64"
 
 
 def foreign_origin(request: web.Request) -> bool:
@@ -69,6 +70,7 @@ class Drive:
         if err:
             return err
         sid, ch = session.id, session.channel
+        session.tasks.add(asyncio.current_task())  # ending the session (DELETE, shutdown) ends this handler
         events: asyncio.Queue = asyncio.Queue()
         sender = feeder = None
         try:
@@ -80,6 +82,8 @@ class Drive:
             voice = PushedVoice(ch, rate, events.put_nowait)
             feeder = self.server._spawn(voice.run(), f"ws-{sid}")
             session.tasks.add(feeder)
+            handler = asyncio.current_task()
+            feeder.add_done_callback(lambda t: None if t.cancelled() else handler.cancel())  # it died: end
             events.put_nowait({"type": "ready", "session": sid, "channel": ch.name, "delay_ms": round(1000 * ch.delay_s)})
             log.info("[%s] program voice on channel %s over a WebSocket, %d Hz", sid, ch.name, rate)
             while not await _handle(await ws.receive(), voice, events):
@@ -100,20 +104,26 @@ class Drive:
     # uploaded file
 
     async def speak(self, request: web.Request) -> web.Response:
+        if foreign_origin(request):  # a plain cross-site POST needs no preflight: refuse other sites' pages
+            return error(403, f"requests from another site ({request.headers['Origin']}) refused")
         if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:
             return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
-        body = bytearray()
-        async for chunk in request.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > MAX_SPEAK_BYTES:
-                return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
-        try:
-            audio = await asyncio.get_running_loop().run_in_executor(None, decode_audio, bytes(body))
-        except ValueError as e:
-            return error(400, str(e))
+        # the channel's voice is taken before the upload is read: no one holds 50 MB waiting for a 409
         session, err = await self.server.admit("speak", request.match_info["channel"])
         if err:
             return err
+        try:
+            body = await read_limited(request, MAX_SPEAK_BYTES)
+            if body is None:
+                await self.server.close_session(session.id)
+                return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
+            audio = await asyncio.get_running_loop().run_in_executor(None, decode_audio, body)
+        except ValueError as e:
+            await self.server.close_session(session.id)
+            return error(400, str(e))
+        except BaseException:
+            await self.server.close_session(session.id)
+            raise
         done = session.finished = asyncio.get_running_loop().create_future()
 
         def on_event(ev: dict) -> None:
@@ -123,7 +133,10 @@ class Drive:
         voice = session.voice = PushedVoice(session.channel, VOICE_RATE, on_event, max_queue_s=MAX_SPEAK_S + 1)
         voice.feed(np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
         voice.end()
-        session.tasks.add(self.server._spawn(voice.run(), f"speak-{session.id}"))
+        feeder = self.server._spawn(voice.run(), f"speak-{session.id}")
+        feeder.add_done_callback(lambda t: None if t.cancelled() or done.done() else done.set_result(
+            {"position": 0.0, "interrupted": True}))  # it died: the session ends
+        session.tasks.add(feeder)
         session.tasks.add(self.server._spawn(self._until_done(session.id, done), f"speak-end-{session.id}"))
         log.info("[%s] speaking %.1f s of uploaded audio on channel %s", session.id, audio.size / VOICE_RATE,
                  session.channel.name)
@@ -145,20 +158,31 @@ class Drive:
         return web.json_response({"session": s.id, "position": ev["position"], "interrupted": ev["interrupted"]})
 
 
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None once it passes `limit` bytes."""
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 async def _start(ws: web.WebSocketResponse, events: asyncio.Queue) -> int | None:
     """The sample rate from the client's first message, or None after sending an error."""
     try:
         msg = await ws.receive(timeout=START_TIMEOUT_S)
     except asyncio.TimeoutError:
-        return _fail(events, f"send {{\"type\": \"start\", \"sample_rate\": ...}} within {START_TIMEOUT_S} s")
-    if msg.type != WSMsgType.TEXT:
-        return None if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED) else _fail(
-            events, "the first message must be JSON {\"type\": \"start\", \"sample_rate\": 16000|24000|48000}")
-    cmd = _json(msg.data)
+        _fail(events, f"send {{\"type\": \"start\", \"sample_rate\": ...}} within {START_TIMEOUT_S} s")
+        return None
+    if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
+        return None
+    cmd = _json(msg.data) if msg.type == WSMsgType.TEXT else None
     rate = cmd.get("sample_rate") if cmd else None
-    if not cmd or cmd.get("type") != "start" or rate not in RATES or isinstance(rate, bool):
-        return _fail(events, f"the first message must be JSON {{\"type\": \"start\", \"sample_rate\": "
-                             f"{'|'.join(map(str, RATES))}}}")
+    if not cmd or cmd.get("type") != "start" or type(rate) is not int or rate not in RATES:
+        _fail(events, f"the first message must be JSON {{\"type\": \"start\", \"sample_rate\": "
+                      f"{'|'.join(map(str, RATES))}}}")
+        return None
     return rate
 
 
@@ -166,10 +190,13 @@ async def _handle(msg, voice: PushedVoice, events: asyncio.Queue) -> bool:
     """One client message; True when the session is over."""
     if msg.type == WSMsgType.BINARY:
         if len(msg.data) > MAX_MESSAGE:
-            return _fail(events, f"audio messages are at most {MAX_MESSAGE} bytes; send smaller pieces") is None
+            _fail(events, f"audio messages are at most {MAX_MESSAGE} bytes; send smaller pieces")
+            return True
         if len(msg.data) % 2:
-            return _fail(events, "audio is 16-bit PCM: a message of an odd number of bytes") is None
-        voice.feed(np.frombuffer(msg.data, "<i2"))
+            _fail(events, "audio is 16-bit PCM: a message of an odd number of bytes")
+            return True
+        if msg.data:
+            voice.feed(np.frombuffer(msg.data, "<i2"))
         return False
     if msg.type == WSMsgType.TEXT:
         cmd = _json(msg.data)
@@ -179,9 +206,11 @@ async def _handle(msg, voice: PushedVoice, events: asyncio.Queue) -> bool:
         elif kind == "clear":
             voice.clear()
         elif kind == "start":
-            return _fail(events, "already started") is None
+            _fail(events, "already started")
+            return True
         else:
-            return _fail(events, "messages are JSON {\"type\": \"end\"|\"clear\"} or binary PCM") is None
+            _fail(events, "messages are JSON {\"type\": \"end\"|\"clear\"} or binary PCM")
+            return True
         return False
     if msg.type == WSMsgType.ERROR:
         log.info("WebSocket error: %s", msg.data)
@@ -197,8 +226,8 @@ def _json(text: str) -> dict | None:
 
 
 def _fail(events: asyncio.Queue, message: str) -> None:
+    """Tell the client what is wrong; the socket is closed after it (see _send_events)."""
     events.put_nowait({"type": "error", "message": message})
-    return None
 
 
 async def _send_events(ws: web.WebSocketResponse, events: asyncio.Queue) -> None:
@@ -217,7 +246,8 @@ async def _send_events(ws: web.WebSocketResponse, events: asyncio.Queue) -> None
 def decode_audio(data: bytes) -> np.ndarray:
     """Any audio file PyAV reads -> 48 kHz mono float32. ValueError with a clear line otherwise."""
     try:
-        with av.open(io.BytesIO(data)) as f:
+        # audio containers only: FFmpeg's concat or playlist demuxers would read files named inside the upload
+        with av.open(io.BytesIO(data), options={"format_whitelist": AUDIO_FORMATS}) as f:
             if not f.streams.audio:
                 raise ValueError("the file has no audio track")
             stream = f.streams.audio[0]
