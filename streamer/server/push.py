@@ -130,9 +130,16 @@ class Drive:
             if ev["type"] == "playback_finished" and not done.done():
                 done.set_result(ev)
 
-        voice = session.voice = PushedVoice(session.channel, VOICE_RATE, on_event, max_queue_s=MAX_SPEAK_S + 1)
-        voice.feed(np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
-        voice.end()
+        voice = PushedVoice(session.channel, VOICE_RATE, on_event, max_queue_s=MAX_SPEAK_S + 1)
+
+        def queue_all() -> None:  # up to 600 s of conversions: off the event loop, before `run` starts
+            voice.feed(np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16))
+            voice.end()
+
+        await asyncio.get_running_loop().run_in_executor(None, queue_all)
+        if session.id not in self.server.sessions:  # ended meanwhile (DELETE, shutdown)
+            return error(409, "interrupted before it started")
+        session.voice = voice
         feeder = self.server._spawn(voice.run(), f"speak-{session.id}")
         feeder.add_done_callback(lambda t: None if t.cancelled() or done.done() else done.set_result(
             {"position": 0.0, "interrupted": True}))  # it died: the session ends
@@ -152,8 +159,10 @@ class Drive:
         s = next((s for s in self.server.sessions.values() if s.kind == "speak" and s.channel.name == name), None)
         if s is None:
             return error(404, f"nothing is being spoken on channel {name}")
-        s.voice.clear()
-        ev = s.finished.result() if s.finished.done() else {"position": 0.0, "interrupted": True}
+        if s.voice is not None:  # else still being queued: nothing was heard
+            s.voice.clear()
+        ev = s.finished.result() if s.finished is not None and s.finished.done() else {"position": 0.0,
+                                                                                        "interrupted": True}
         await self.server.close_session(s.id)
         return web.json_response({"session": s.id, "position": ev["position"], "interrupted": ev["interrupted"]})
 
