@@ -142,3 +142,42 @@ def test_token_and_metrics(avatar, voice):  # noqa: F811
     assert MIN_DELAY_S < delay["streamer_delay_seconds_sum"] / delay["streamer_delay_seconds_count"] < 0.4
     batches = {s.name: s.value for s in families["streamer_inference_batch_size"].samples}
     assert batches["streamer_inference_batch_size_count"] > 10
+
+
+def test_a_viewer_that_never_reads_costs_the_others_nothing(avatar, voice):  # noqa: F811
+    """A WHEP viewer's process is frozen (SIGSTOP: it reads nothing, acknowledges nothing) while another
+    viewer watches the same channel and a talker speaks on another: both keep 25 fps and every mouth."""
+    import os
+    import signal as sig
+    import subprocess
+    import sys
+
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            publisher = asyncio.ensure_future(talk(url, wav, 1.0 + speech_s + 2.0, offer_extra={"channel": "a"}))
+            await _until(lambda: "a" in server.channels, 5)
+            frozen = subprocess.Popen([sys.executable, "-c", "import asyncio, sys; from streamer.live.client import watch; "
+                                       f"asyncio.run(watch('{url}', 'a', 60))"])
+            try:
+                assert await _until(lambda: any(s.kind == "whep" for s in server.sessions.values()), 20)
+                await asyncio.sleep(1.0)
+                os.kill(frozen.pid, sig.SIGSTOP)
+                other = asyncio.ensure_future(talk(url, wav, 1.0 + speech_s + 1.0, offer_extra={"channel": "b"}))
+                (seen, _), (got_b, stats_b), (got_a, stats_a) = await asyncio.gather(
+                    watch(url, "a", 1.0 + speech_s), other, publisher)
+                still = [s.kind for s in server.sessions.values()]
+            finally:
+                frozen.kill()
+                frozen.wait()
+            return seen, got_b, stats_b, got_a, stats_a, still
+
+    seen, got_b, stats_b, got_a, stats_a, still = asyncio.run(main())
+    assert "whep" in still  # the frozen viewer was still connected meanwhile (ICE consent ends it later)
+    for got in (seen, got_b, got_a):
+        t = np.array([a for a, _ in got.video])
+        t = t[t > t[0] + 1]
+        assert 24 <= (len(t) - 1) / (t[-1] - t[0]) <= 26
+    for stats in (stats_a, stats_b):
+        assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
