@@ -17,6 +17,7 @@ Workers listen on 127.0.0.1 only and take requests only with the front's secret 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -38,7 +39,7 @@ from streamer.config import Config
 from streamer.errors import UserError
 from streamer.server.app import MAX_BODY, WEB_DIR, error, guarded, openapi, page, refuse, shown_host, warn_if_open
 from streamer.server.guard import ConnectionGuard
-from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin
+from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin, read_limited, refuse_websocket
 
 log = logging.getLogger(__name__)
 
@@ -236,25 +237,44 @@ class Front:
                                           len(wl[1]["channels"]), wl[0].index))
         return w, None
 
-    async def _placed(self, request: web.Request, channel: str, kind: str, body: bytes):
-        """Place `channel`'s offer and forward it: (worker, response, body). Placement is serialised, the
-        forwarding is not: an offer placed but not yet answered counts on its worker and its limit.
-        The caller records the session it created in `admitted`."""
+    @contextlib.asynccontextmanager
+    async def _reserved(self, channel: str, kind: str):
+        """Place `channel` for a new session of `kind`: yields (worker, None) or (None, the error). Placement
+        is serialised, what follows is not: while inside, the session counts on its worker and its limit.
+        The caller records the session it created with `_note`."""
         async with self._place_lock:
             w, err = await self._place(channel, kind)
             if err:
-                return None, err, b""
-            role = "viewers" if kind == "whep" else "publishers"
-            w.placing[channel] = w.placing.get(channel, 0) + 1
-            self._pending[role] += 1
+                w = None
+            else:
+                role = "viewers" if kind == "whep" else "publishers"
+                w.placing[channel] = w.placing.get(channel, 0) + 1
+                self._pending[role] += 1
+        if w is None:
+            yield None, err
+            return
         try:
-            resp, data = await self._forward(request, w, body)
+            yield w, None
         finally:
             self._pending[role] -= 1
             w.placing[channel] -= 1
             if not w.placing[channel]:
                 del w.placing[channel]
+
+    async def _placed(self, request: web.Request, channel: str, kind: str, body: bytes):
+        """Place `channel`'s request and forward it: (worker, response, body)."""
+        async with self._reserved(channel, kind) as (w, err):
+            if err:
+                return None, err, b""
+            resp, data = await self._forward(request, w, body)
         return w, resp, data
+
+    def _note(self, w: Worker, answer: str | bytes, role: str = "publishers") -> None:
+        """Record the session a worker's JSON answer names as admitted there."""
+        try:
+            self.admitted[json.loads(answer)["session"]] = (w, role, time.monotonic())
+        except (ValueError, KeyError, TypeError):
+            pass
 
     # HTTP
 
@@ -305,10 +325,7 @@ class Front:
             channel = "default"  # the worker answers the right 400
         w, resp, data = await self._placed(request, channel if isinstance(channel, str) else "default", "talk", body)
         if w is not None and resp.status == 200:
-            try:
-                self.admitted[json.loads(data)["session"]] = (w, "publishers", time.monotonic())
-            except (ValueError, KeyError, TypeError):
-                pass
+            self._note(w, data)
         return resp
 
     def _holder(self, sid: str) -> Worker | None:
@@ -356,29 +373,20 @@ class Front:
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         """A program's WebSocket, relayed message by message to the worker that holds its channel."""
         client = web.WebSocketResponse(max_msg_size=HARD_MAX_MESSAGE, heartbeat=20)
-        if not client.can_prepare(request).ok:
-            return error(400, "connect with a WebSocket (see /openapi.json for the protocol)")
-        if foreign_origin(request):
-            return error(403, f"WebSocket from another site ({request.headers['Origin']}) refused")
+        refused = refuse_websocket(client, request)
+        if refused:
+            return refused
         channel = request.match_info["channel"]
-        async with self._place_lock:
-            w, err = await self._place(channel, "ws")
+        async with self._reserved(channel, "ws") as (w, err):
             if err:
                 return err
-            w.placing[channel] = w.placing.get(channel, 0) + 1
-            self._pending["publishers"] += 1
-        try:
-            upstream = await self._http.ws_connect(w.url(request.path_qs), max_msg_size=HARD_MAX_MESSAGE,
-                                                   timeout=aiohttp.ClientWSTimeout(ws_close=5))
-        except aiohttp.WSServerHandshakeError as e:
-            return error(e.status, WS_REFUSALS.get(e.status, "the media worker refused").format(channel=channel))
-        except (aiohttp.ClientError, asyncio.TimeoutError):
-            return error(502, "the media worker did not answer; try again")
-        finally:
-            self._pending["publishers"] -= 1
-            w.placing[channel] -= 1
-            if not w.placing[channel]:
-                del w.placing[channel]
+            try:
+                upstream = await self._http.ws_connect(w.url(request.path_qs), max_msg_size=HARD_MAX_MESSAGE,
+                                                       timeout=aiohttp.ClientWSTimeout(ws_close=5))
+            except aiohttp.WSServerHandshakeError as e:
+                return error(e.status, WS_REFUSALS.get(e.status, "the media worker refused").format(channel=channel))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return error(502, "the media worker did not answer; try again")
         async with upstream:
             await client.prepare(request)
 
@@ -386,10 +394,7 @@ class Front:
                 async for msg in upstream:
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         if '"ready"' in msg.data:
-                            try:
-                                self.admitted[json.loads(msg.data)["session"]] = (w, "publishers", time.monotonic())
-                            except (ValueError, KeyError, TypeError):
-                                pass
+                            self._note(w, msg.data)
                         await client.send_str(msg.data)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         await client.send_bytes(msg.data)
@@ -423,19 +428,12 @@ class Front:
         if request.method == "POST":
             if foreign_origin(request):
                 return error(403, f"requests from another site ({request.headers['Origin']}) refused")
-            if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:
+            body = await read_limited(request, MAX_SPEAK_BYTES)
+            if body is None:
                 return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
-            body = bytearray()
-            async for chunk in request.content.iter_chunked(1 << 16):
-                body += chunk
-                if len(body) > MAX_SPEAK_BYTES:
-                    return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
-            w, resp, data = await self._placed(request, channel, "speak", bytes(body))
+            w, resp, data = await self._placed(request, channel, "speak", body)
             if w is not None and resp.status == 202:
-                try:
-                    self.admitted[json.loads(data)["session"]] = (w, "publishers", time.monotonic())
-                except (ValueError, KeyError, TypeError):
-                    pass
+                self._note(w, data)
             return resp
         for w, load in await self._loads():
             if channel in load["channels"]:

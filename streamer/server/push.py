@@ -47,6 +47,27 @@ def foreign_origin(request: web.Request) -> bool:
     return origin is not None and urlsplit(origin).netloc.lower() != request.host.lower()
 
 
+def refuse_websocket(ws: web.WebSocketResponse, request: web.Request) -> web.Response | None:
+    """The error for a request that is not a WebSocket upgrade, or comes from another site's page."""
+    if not ws.can_prepare(request).ok:
+        return error(400, "connect with a WebSocket (see /openapi.json for the protocol)")
+    if foreign_origin(request):
+        return error(403, f"WebSocket from another site ({request.headers['Origin']}) refused")
+    return None
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The request body, or None when it is (or says it is) over `limit` bytes."""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(1 << 16):
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 class Drive:
     """The handlers, on a worker's Server."""
 
@@ -62,10 +83,9 @@ class Drive:
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=HARD_MAX_MESSAGE, heartbeat=20)
-        if not ws.can_prepare(request).ok:
-            return error(400, "connect with a WebSocket (see /openapi.json for the protocol)")
-        if foreign_origin(request):
-            return error(403, f"WebSocket from another site ({request.headers['Origin']}) refused")
+        refused = refuse_websocket(ws, request)
+        if refused:
+            return refused
         session, err = await self.server.admit("ws", request.match_info["channel"])
         if err:
             return err
@@ -106,7 +126,7 @@ class Drive:
     async def speak(self, request: web.Request) -> web.Response:
         if foreign_origin(request):  # a plain cross-site POST needs no preflight: refuse other sites' pages
             return error(403, f"requests from another site ({request.headers['Origin']}) refused")
-        if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:
+        if request.content_length is not None and request.content_length > MAX_SPEAK_BYTES:  # before any session
             return error(413, f"audio files are at most {MAX_SPEAK_BYTES >> 20} MB")
         # the channel's voice is taken before the upload is read: no one holds 50 MB waiting for a 409
         session, err = await self.server.admit("speak", request.match_info["channel"])
@@ -165,16 +185,6 @@ class Drive:
                                                                                         "interrupted": True}
         await self.server.close_session(s.id)
         return web.json_response({"session": s.id, "position": ev["position"], "interrupted": ev["interrupted"]})
-
-
-async def read_limited(request: web.Request, limit: int) -> bytes | None:
-    """The request body, or None once it passes `limit` bytes."""
-    body = bytearray()
-    async for chunk in request.content.iter_chunked(1 << 16):
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 async def _start(ws: web.WebSocketResponse, events: asyncio.Queue) -> int | None:
