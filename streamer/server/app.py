@@ -269,24 +269,29 @@ class Server:
 
     # sessions
 
+    def _full(self, publishes: bool) -> web.Response | None:
+        """The 503 when the voices (or the viewers) are at their limit."""
+        server = self.cfg.server
+        if publishes and self.count(lambda s: s.publishes) >= server.max_sessions:
+            return error(503, f"server is full ({server.max_sessions} live sessions); try again later")
+        if not publishes and self.count(lambda s: s.kind == "whep") >= server.max_viewers:
+            return error(503, f"server is full ({server.max_viewers} viewers); try again later")
+        return None
+
     async def admit(self, kind: str, channel_name) -> tuple[Session | None, web.Response | None]:
         """A new session of `kind` on `channel_name` within the limits, its voice attached if it
         publishes: (session, None) or (None, the error to answer)."""
         if not isinstance(channel_name, str) or not NAME_RE.fullmatch(channel_name):
             return None, error(400, "channel names are 1-64 letters, digits, '-' or '_'")
         publishes = kind != "whep"
-        if publishes and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions:
-            return None, error(503, f"server is full ({self.cfg.server.max_sessions} live sessions); try again later")
-        if not publishes and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers:
-            return None, error(503, f"server is full ({self.cfg.server.max_viewers} viewers); try again later")
+        if full := self._full(publishes):
+            return None, full
         ch = await self.channel(channel_name)
         if publishes and ch.publisher is not None:
             return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
-        # opening the channel awaited: others may have been admitted meanwhile
-        if publishes and self.count(lambda s: s.publishes) >= self.cfg.server.max_sessions or (
-                not publishes and self.count(lambda s: s.kind == "whep") >= self.cfg.server.max_viewers):
+        if full := self._full(publishes):  # opening the channel awaited: others may have come in meanwhile
             self._release(ch)
-            return None, error(503, "server is full; try again later")
+            return None, full
         session = Session(secrets.token_urlsafe(8), kind, None, ch)
         self.sessions[session.id] = session
         if session.publishes:
