@@ -3,10 +3,12 @@ BENCHMARKS.md. Benchmarks, not tests: they never fail on a number."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -308,17 +310,62 @@ def _espeak_voice() -> np.ndarray:
     return signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds used by process `pid` and its children (a server's media workers), 0 if gone."""
-    total = 0.0
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's media workers and inference service)."""
+    out = [pid]
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
         # children are listed by the thread that started them (a front starts its workers off its loop)
-        children = [c for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for c in (task / "children").read_text().split():
+                out += process_tree(int(c))
     except OSError:
-        return total
-    return total + sum(_cpu_seconds(int(c)) for c in children)
+        pass
+    return out
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds used by process `pid` and its descendants, 0 for those gone."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            pass
+    return total
+
+
+@contextlib.contextmanager
+def server_process(args: list[str]):
+    """`streamer serve ARGS` on a free loopback port, its avatars in a temporary folder, until ready:
+    yields (process, url, /healthz answer); stopped on the way out. Its log ends any start failure."""
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as tmp:
+        log = Path(tmp) / "serve.log"
+        with open(log, "w") as err:
+            server = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars",
+                                       tmp, "-q", *args], stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            for _ in range(900):
+                try:
+                    health = json.loads(urllib.request.urlopen(url + "/healthz", timeout=1).read())
+                    if health.get("ok", True):
+                        break
+                except OSError:
+                    pass
+                if server.poll() is not None:
+                    raise RuntimeError(log.read_text()[-3000:])
+                time.sleep(0.2)
+            yield server, url, health
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def _gpu_busy(samples: list[float], stop) -> None:
@@ -374,51 +421,29 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     processes) is measured apart from the clients' (which decode every frame)."""
     import multiprocessing
     import re
-    import socket
-    import subprocess
     import threading
     import urllib.request
 
     voice = _voice(voice_path, seconds, pause)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     procs = client_processes or max(1, min(8, sessions + viewers, cores // 2))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars", tmp, "-q"]
-        cmd += ["--model", model] if model else []
-        cmd += ["--delay-ms", str(delay_ms)] if delay_ms else []
-        cmd += ["--workers", str(workers)] if workers else []
-        server = subprocess.Popen(cmd + ["--max-sessions", str(max(sessions, 4))],
-                                  stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"))
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(900):
-                try:
-                    health = json.loads(urllib.request.urlopen(url + "/healthz", timeout=1).read())
-                    if health.get("ok", True):
-                        break
-                except OSError:
-                    pass
-                if server.poll() is not None:
-                    raise RuntimeError((Path(tmp) / "serve.log").read_text())
-                time.sleep(0.2)
-            channels = [f"bench{k}" for k in range(sessions)]
-            jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs))
-                    for p in range(procs)]
-            gpu, stop = [], threading.Event()
-            watcher = threading.Thread(target=_gpu_busy, args=(gpu, stop), daemon=True)
-            watcher.start()
-            cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
-            with multiprocessing.get_context("spawn").Pool(procs) as pool:
-                results = [r for part in pool.starmap(_clients, jobs) for r in part]
-            cpu = (_cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - t0)
-            stop.set()
-            metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    args = ["--max-sessions", str(max(sessions, 4))]
+    args += ["--model", model] if model else []
+    args += ["--delay-ms", str(delay_ms)] if delay_ms else []
+    args += ["--workers", str(workers)] if workers else []
+    with server_process(args) as (server, url, health):
+        channels = [f"bench{k}" for k in range(sessions)]
+        jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs))
+                for p in range(procs)]
+        gpu, stop = [], threading.Event()
+        watcher = threading.Thread(target=_gpu_busy, args=(gpu, stop), daemon=True)
+        watcher.start()
+        cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
+        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+            results = [r for part in pool.starmap(_clients, jobs) for r in part]
+        cpu = (_cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - t0)
+        stop.set()
+        metrics = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
     talks = [r for r in results if r["talker"]]
     fps = [r["fps"] for r in talks]
     stats = [r["stats"] for r in talks]

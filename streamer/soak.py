@@ -8,34 +8,21 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from streamer.bench import _espeak_voice, process_tree, server_process
+
 SEGMENT_S = 60.0  # a talker's session length: it reconnects after each
-
-
-def _tree(pid: int) -> list[int]:
-    out = [pid]
-    try:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            for c in (task / "children").read_text().split():
-                out += _tree(int(c))
-    except OSError:
-        pass
-    return out
 
 
 def resources(pid: int) -> dict:
     """RSS (MB), threads and open files of a server and its child processes."""
     rss = threads = fds = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -126,49 +113,29 @@ def _churn(url: str, cycles: int, half_open: int, voice: np.ndarray) -> dict:
 
 def soak_rows(seconds: float, talkers: int = 4, cycles: int = 200, half_open: int = 50, model: str | None = None,
               workers: int | str | None = None, voice: np.ndarray | None = None, log=print) -> list[tuple[str, str]]:
-    from streamer.bench import _espeak_voice
-
     voice = _espeak_voice() if voice is None else voice
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars", tmp, "-q",
-               "--max-sessions", str(talkers + 8)]
-        cmd += ["--model", model] if model else []
-        cmd += ["--workers", str(workers)] if workers else []
-        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(tmp) / "serve.log", "w"))
-        try:
-            for _ in range(900):
-                try:
-                    urllib.request.urlopen(url + "/healthz", timeout=1)
-                    break
-                except OSError:
-                    if server.poll() is not None:
-                        raise RuntimeError((Path(tmp) / "serve.log").read_text()[-3000:]) from None
-                    time.sleep(0.2)
-            time.sleep(2)
-            before = {**resources(server.pid), **gauges(url)}
-            until = time.time() + seconds
-            samples = []
-            with multiprocessing.get_context("spawn").Pool(talkers + 2) as pool:
-                talks = [pool.apply_async(_talker, (url, f"soak{k}", voice, until)) for k in range(talkers)]
-                view = pool.apply_async(_viewer, (url, "soak0", until))
-                churn = pool.apply_async(_churn, (url, cycles, half_open, voice))
-                t0 = time.time()
-                while time.time() < until or not churn.ready():
-                    time.sleep(min(60.0, max(1.0, until - time.time())) if time.time() < until else 2.0)
-                    samples.append({"minute": (time.time() - t0) / 60, **resources(server.pid)})
-                    log(f"soak: {samples[-1]['minute']:.1f} min, server RSS {samples[-1]['rss_mb']:.0f} MB, "
-                        f"{samples[-1]['threads']} threads, {samples[-1]['fds']} open files")
-                talks = [r for t in talks for r in t.get()]
-                views, churned = view.get(), churn.get()
-            time.sleep(12)  # half-open sessions time out, channels close
-            after = {**resources(server.pid), **gauges(url)}
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
+    args = ["--max-sessions", str(talkers + 8)]
+    args += ["--model", model] if model else []
+    args += ["--workers", str(workers)] if workers else []
+    with server_process(args) as (server, url, _):
+        time.sleep(2)
+        before = {**resources(server.pid), **gauges(url)}
+        until = time.time() + seconds
+        samples = []
+        with multiprocessing.get_context("spawn").Pool(talkers + 2) as pool:
+            talks = [pool.apply_async(_talker, (url, f"soak{k}", voice, until)) for k in range(talkers)]
+            view = pool.apply_async(_viewer, (url, "soak0", until))
+            churn = pool.apply_async(_churn, (url, cycles, half_open, voice))
+            t0 = time.time()
+            while time.time() < until or not churn.ready():
+                time.sleep(min(60.0, max(1.0, until - time.time())) if time.time() < until else 2.0)
+                samples.append({"minute": (time.time() - t0) / 60, **resources(server.pid)})
+                log(f"soak: {samples[-1]['minute']:.1f} min, server RSS {samples[-1]['rss_mb']:.0f} MB, "
+                    f"{samples[-1]['threads']} threads, {samples[-1]['fds']} open files")
+            talks = [r for t in talks for r in t.get()]
+            views, churned = view.get(), churn.get()
+        time.sleep(12)  # half-open sessions time out, channels close
+        after = {**resources(server.pid), **gauges(url)}
     return _rows(seconds, talkers, before, after, samples, talks, views, churned)
 
 
