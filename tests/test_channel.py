@@ -16,16 +16,23 @@ def avatar(tmp_path_factory):
     return demo_avatar(tmp_path_factory.mktemp("avatars"))
 
 
+def simulated_channel(avatar, viewers: int = 1, voice: bool = True):
+    """(clock cell, worker, channel) on a simulated clock (set now[0]; drain the worker yourself)."""
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch.viewers = viewers
+    if voice:
+        ch.attach_voice("s")
+    return now, worker, ch
+
+
 def test_channel_timeline_is_exact(avatar):
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     lead = 48000  # 1 s of silence first
     voice = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(2 * 48000, np.float32)])
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
-    ch.viewers = 1
-    ch.attach_voice("s")
+    now, worker, ch = simulated_channel(avatar)
     idle = next(iter(avatar.read_frames(0, count=1)))[2]
     frames, chunks = {}, {}
     n = j = 0
@@ -85,11 +92,7 @@ def test_sender_clock_drift_is_absorbed_in_silence(avatar, skew):
     """A sender whose clock runs 0.5% fast or slow (50 times a bad sound card, so the drift shows in
     seconds): the delay must stay at its target instead of moving 100 ms in 20 s."""
     voice = phrases_with_pauses(1.5, 5)
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
-    ch.viewers = 1
-    ch.attach_voice("s")
+    now, worker, ch = simulated_channel(avatar)
     n = 0
     for k in range(0, voice.size, CHUNK):
         now[0] = 100.0 + (k + CHUNK) / 48000 / (1 + skew)  # the sender's 48 kHz is (1 + skew) x 48 kHz
@@ -159,11 +162,7 @@ def test_interrupt_drops_voice_and_mouths_not_yet_out_even_those_in_flight(avata
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(48000, np.float32), speech, np.zeros(48000, np.float32), speech,
                             np.zeros(48000, np.float32)])
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
-    ch.viewers = 1
-    ch.attach_voice("s")
+    now, worker, ch = simulated_channel(avatar)
     idle = next(iter(avatar.read_frames(0, count=1)))[2]
     frames, chunks = {}, {}
     n = j = 0
@@ -201,9 +200,7 @@ def test_interrupt_drops_voice_and_mouths_not_yet_out_even_those_in_flight(avata
 
 
 def test_fps_stat_is_the_recent_rate_not_the_average_since_the_channel_opened(avatar):
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    now, worker, ch = simulated_channel(avatar, viewers=0, voice=False)
     now[0] = 200.0  # open, unwatched, for 100 s
     for n in range(int(100 * FPS), int(103 * FPS)):
         now[0] = ch.start + n / FPS

@@ -10,21 +10,16 @@ from scipy import signal
 from streamer.audio import VoiceActivity, resample
 from streamer.avatar.cache import demo_avatar, ping_pong, prepare
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.channel import CHUNK, FPS, Channel
-from streamer.live.worker import InferenceWorker
+from streamer.live.channel import CHUNK, FPS
 from streamer.mouth import loop_step
 from streamer.render import avatar_frames, plan, render_frames
 from tests.conftest import ASTRONAUT, speak, write_video
+from tests.test_channel import simulated_channel
 
 
 def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True):
     """Frames 0..steps-1 of a channel fed `voice48` in 20 ms packets on a simulated clock; and n0."""
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
-    ch.viewers = 1
-    if speaking:
-        ch.attach_voice("s")
+    now, worker, ch = simulated_channel(avatar, voice=speaking)
     frames, n = {}, 0
     for k in range(0, voice48.size + 48000, CHUNK):
         now[0] = 100.0 + (k + CHUNK) / 48000
