@@ -68,11 +68,10 @@ class VoiceIn:
     """What one voice source (a talk page or a WHIP publisher) brings to a channel: its packets, the
     features cut from them, and where they are pinned on the channel's clock."""
 
-    def __init__(self, vad: VoiceActivity, fade: int):
+    def __init__(self, vad: VoiceActivity):
         self.resampler = StreamResampler(VOICE_RATE)
         self.mel = MelStream(FPS)
         self.vad = vad
-        self.fade = fade
         self.level = 0.0  # mouth strength of the last frame cut
         self.windows: dict[int, np.ndarray] = {}
         self.speech: dict[int, bool] = {}  # decisions from frame next_i - fade on
@@ -142,7 +141,7 @@ class Channel:
         """A new voice source takes the channel: its timeline starts afresh at its first packet."""
         with self._lock:
             self.publisher = session
-            self.voice = VoiceIn(self._vad_factory(), self.fade)
+            self.voice = VoiceIn(self._vad_factory())
             self.speaking = False
             if self.auto:
                 self.delay_s = auto_delay(self.worker, self.min_delay_s)
@@ -153,7 +152,7 @@ class Channel:
         pin it to the clock afresh, as a new voice, rather than place it seconds in the past."""
         with self._lock:
             if self.voice is not None:
-                self.voice = VoiceIn(self._vad_factory(), self.fade)
+                self.voice = VoiceIn(self._vad_factory())
                 self.speaking = False
         log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
 
@@ -205,13 +204,14 @@ class Channel:
         self._widen(v)
         # a frame is cut once its mel window and the speech decisions `fade` frames ahead are in (the
         # fade into speech starts before it, as offline)
-        while v.next_i in v.windows and v.next_i + v.fade in v.speech:
+        fade = self.fade
+        while v.next_i in v.windows and v.next_i + fade in v.speech:
             i = v.next_i
             window = v.windows.pop(i)
             v.next_i += 1
             self.speaking = v.speech[i]
-            strength = v.level = fade_strength([v.speech.get(i + d, False) for d in range(-v.fade, v.fade + 1)], v.fade)
-            v.speech.pop(i - v.fade, None)
+            strength = v.level = fade_strength([v.speech.get(i + d, False) for d in range(-fade, fade + 1)], fade)
+            v.speech.pop(i - fade, None)
             if strength <= 0 or self.viewers == 0:  # nobody watching: no inference
                 continue
             step = i + v.n0
