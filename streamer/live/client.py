@@ -13,9 +13,11 @@ import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
+from streamer.live.tracks import OpusPackets
+
 
 class VoiceSource(MediaStreamTrack):
-    """48 kHz mono float voice as 20 ms s16 packets, paced in real time; silence after the end.
+    """48 kHz mono float voice as 20 ms Opus packets, paced in real time; silence after the end.
     With `lose_every=k`, every k-th packet is never sent, as on a lossy network."""
 
     kind = "audio"
@@ -27,6 +29,7 @@ class VoiceSource(MediaStreamTrack):
         self.t0 = None
         self.lose_every = lose_every
         self.pause = pause  # (from s, for s): nothing sent meanwhile, as a sender that stops; time runs on
+        self.opus = OpusPackets()  # as the server's voice: not aiortc's encoder and its thread pool
 
     async def recv(self):
         if self.t0 is None:
@@ -40,10 +43,30 @@ class VoiceSource(MediaStreamTrack):
             await asyncio.sleep(wait)
         chunk = self.pcm[self.j * 960 : (self.j + 1) * 960]
         chunk = np.pad(chunk, (0, 960 - chunk.size))
-        frame = av.AudioFrame.from_ndarray(chunk[None], format="s16", layout="mono")
-        frame.sample_rate, frame.pts, frame.time_base = 48000, self.j * 960, Fraction(1, 48000)
+        packet = self.opus.encode(chunk, self.j * 960)
         self.j += 1
-        return frame
+        return packet if packet is not None else await self.recv()
+
+
+class _CountingDecoder:
+    """A video "decoder" for load generation: one blank 16x16 frame per complete encoded frame the
+    jitter buffer hands over, no pixels decoded, so a box running many clients keeps its cores for
+    the server it measures. Arrival times stay real; picture content is not looked at."""
+
+    def decode(self, encoded_frame) -> list:
+        frame = av.VideoFrame(16, 16, "yuv420p")
+        frame.pts, frame.time_base = encoded_frame.timestamp, Fraction(1, 90000)
+        return [frame]
+
+
+def count_video_only() -> None:
+    """From now on, this process's peers count received video frames without decoding them
+    (`streamer bench live --no-decode`); audio is still decoded."""
+    import aiortc.rtcrtpreceiver as receiver
+    from aiortc.codecs import get_decoder
+
+    receiver.get_decoder = lambda codec: (_CountingDecoder() if codec.mimeType.lower().startswith("video/")
+                                          else get_decoder(codec))
 
 
 class Received:

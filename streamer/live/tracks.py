@@ -7,6 +7,7 @@ import logging
 from fractions import Fraction
 
 import av
+import cv2
 import numpy as np
 from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
@@ -31,6 +32,15 @@ async def _pace(ch: Channel, last: int | None, period: float) -> int:
     return n
 
 
+def encoder_frame(image: np.ndarray) -> av.VideoFrame:
+    """A BGR image as the I420 frame the encoder takes, converted here by OpenCV: given BGR, aiortc
+    has FFmpeg convert each frame through a new scaler whose thread pool is as large as the machine."""
+    h, w = image.shape[:2]
+    if h % 2 or w % 2:  # I420 needs even sizes: let the encoder's scaler handle odd ones
+        return av.VideoFrame.from_ndarray(image, format="bgr24")
+    return av.VideoFrame.from_ndarray(cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420), format="yuv420p")
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
@@ -51,14 +61,41 @@ class AvatarVideoTrack(MediaStreamTrack):
                 log.exception("[%s] frame %d failed; showing the avatar's first frame", self.channel.session, n)
             self._failed += 1
             image = self.channel.frames.first
-        frame = av.VideoFrame.from_ndarray(image, format="bgr24")
+        frame = encoder_frame(image)
         frame.pts = n * (VIDEO_CLOCK // FPS)
         frame.time_base = Fraction(1, VIDEO_CLOCK)
         return frame
 
 
+class OpusPackets:
+    """20 ms chunks of 48 kHz mono int16 in, one Opus packet each out, for a track to hand to aiortc
+    (which sends a packet as it is). aiortc's own encoder first pushes every chunk through an FFmpeg
+    resampling graph whose thread pool is as large as the machine, though the voice already has
+    Opus's rate and frame size: on 16 cores that was 16 more threads per voice, each woken 50 times
+    a second, the largest share of a media worker's CPU (BENCHMARKS.md)."""
+
+    def __init__(self):
+        self.codec = av.CodecContext.create("libopus", "w")
+        self.codec.bit_rate = 96000  # as aiortc's: stereo s16 at 48 kHz, tuned for voice
+        self.codec.format, self.codec.layout = "s16", "stereo"
+        self.codec.sample_rate, self.codec.time_base = VOICE_RATE, Fraction(1, VOICE_RATE)
+        self.codec.options = {"application": "voip"}
+        self.codec.thread_count = 1
+
+    def encode(self, pcm: np.ndarray, pts: int) -> av.Packet | None:
+        """One chunk of CHUNK samples, sent at `pts` (in samples): its packet."""
+        frame = av.AudioFrame.from_ndarray(np.repeat(pcm, 2)[None], format="s16", layout="stereo")
+        frame.sample_rate, frame.pts, frame.time_base = VOICE_RATE, pts, Fraction(1, VOICE_RATE)
+        packets = self.codec.encode(frame)
+        if not packets:
+            return None
+        packet = packets[0]
+        packet.pts, packet.time_base = pts, Fraction(1, VOICE_RATE)
+        return packet
+
+
 class VoiceTrack(MediaStreamTrack):
-    """The incoming voice, delayed to match the lips, as 20 ms chunks on the same clock as the video."""
+    """The incoming voice, delayed to match the lips, as 20 ms Opus packets on the same clock as the video."""
 
     kind = "audio"
 
@@ -66,17 +103,17 @@ class VoiceTrack(MediaStreamTrack):
         super().__init__()
         self.channel = channel
         self._last = None
+        self._opus = OpusPackets()
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
-        j = self._last = await _pace(self.channel, self._last, CHUNK / VOICE_RATE)
-        pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)[None]
-        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="mono")
-        frame.sample_rate = VOICE_RATE
-        frame.pts = j * CHUNK
-        frame.time_base = Fraction(1, VOICE_RATE)
-        return frame
+        while True:
+            j = self._last = await _pace(self.channel, self._last, CHUNK / VOICE_RATE)
+            pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)
+            packet = self._opus.encode(pcm, j * CHUNK)
+            if packet is not None:
+                return packet
 
 
 MAX_GAP = 2 * VOICE_RATE  # a silence from the sender up to this long is filled; a longer one re-pins the voice
