@@ -96,22 +96,31 @@ def engine_rows(model: str | None, batches: list[int], seconds: float, log=print
                     log(f"{eng.backend} {device} {dtype}: over 500 ms/frame, larger batches skipped")
                     break
                 mel, faces = sample_inputs(batch=b, size=eng.face_size)
+                crops = np.clip(faces[:, 3:].transpose(0, 2, 3, 1) * 255, 0, 255).astype(np.uint8)
                 eng.predict(mel, faces)
                 sec = time_call(lambda: eng.predict(mel, faces), seconds)
+                eng.predict_crops(mel[:, 0], crops)
+                crops_sec = time_call(lambda: eng.predict_crops(mel[:, 0], crops), seconds)
                 row = {"backend": eng.backend, "device": device, "dtype": dtype, "batch": b,
-                       "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec}
+                       "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec,
+                       "crops_fps": b / crops_sec}
                 rows.append(row)
                 log(f"{row['backend']:12s} {device:4s} {dtype} batch {b:4d}: "
-                    f"{row['ms_per_frame']:7.2f} ms/frame {row['fps']:8.1f} frames/s")
+                    f"{row['ms_per_frame']:7.2f} ms/frame {row['fps']:8.1f} frames/s; "
+                    f"uint8 crops {row['crops_fps']:8.1f} frames/s")
     return rows
 
 
 def engine_table(rows: list[dict]) -> str:
-    lines = ["| backend | device | dtype | batch | ms/call | ms/frame | frames/s | GFLOP/s |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["`predict`: fp32 arrays in and out (the original conventions); `predict_crops`: uint8 crops in, "
+             "uint8 mouths out (what live and render use).", "",
+             "| backend | device | dtype | batch | predict ms/call | ms/frame | frames/s | GFLOP/s "
+             "| predict_crops frames/s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['device']} | {r['dtype']} | {r['batch']} | {r['ms_per_call']:.1f} | "
-                     f"{r['ms_per_frame']:.2f} | {r['fps']:.1f} | {GFLOP_PER_FRAME * r['fps']:.0f} |")
+                     f"{r['ms_per_frame']:.2f} | {r['fps']:.1f} | {GFLOP_PER_FRAME * r['fps']:.0f} "
+                     f"| {r.get('crops_fps', float('nan')):.1f} |")
     return "\n".join(lines)
 
 
@@ -384,26 +393,34 @@ def _gpu_busy(samples: list[float], stop) -> None:
             return
 
 
-def _clients(url: str, voice: np.ndarray, seconds: float, channels: list[str], viewers: int) -> list[dict]:
+def _clients(url: str, voice: np.ndarray, seconds: float, channels: list[str], viewers: int,
+             decode: bool = True) -> list[dict]:
     """One client process: talkers on `channels` and `viewers` WHEP viewers of bench0. Returns a summary
-    per connection (frames are decoded here and dropped: only their arrival times travel back)."""
+    per connection (frames are decoded here, unless not `decode`, and dropped: only their arrival times
+    travel back)."""
     import asyncio
 
-    from streamer.live.client import talk, watch
+    from streamer.live.client import count_video_only, talk, watch
+
+    if not decode:
+        count_video_only()
 
     async def run():
-        jobs = [talk(url, voice, seconds, offer_extra={"channel": ch}) for ch in channels]
-        jobs += [watch(url, "bench0", seconds - 1.5) for _ in range(viewers)]
+        jobs = [talk(url, voice, seconds, offer_extra={"channel": ch}, keep=False) for ch in channels]
+        jobs += [watch(url, "bench0", seconds - 1.5, keep=False) for _ in range(viewers)]
         return await asyncio.gather(*jobs)
 
     out = []
-    for k, (got, extra) in enumerate(asyncio.run(run())):
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    answers = asyncio.run(run())
+    share = (time.process_time() - cpu0) / (time.perf_counter() - t0) / max(1, len(answers))
+    for k, (got, extra) in enumerate(answers):
         t = np.array([a for a, _ in got.video])
         steady = t[t > t[0] + 1] if len(t) > 1 else t  # after the first second (connection set-up)
         gaps = np.diff(steady) if len(steady) > 1 else np.zeros(1)
         out.append({"talker": k < len(channels), "frames": len(t), "stats": extra if k < len(channels) else None,
                     "fps": (len(steady) - 1) / (steady[-1] - steady[0]) if len(steady) > 1 else 0.0,
-                    "gap_p99_ms": 1000 * float(np.percentile(gaps, 99))})
+                    "gap_p99_ms": 1000 * float(np.percentile(gaps, 99)), "cpu": share})
     return out
 
 
@@ -414,7 +431,8 @@ def _sum_metric(metrics: str, name: str) -> float:
 
 def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, sessions: int = 1,
               viewers: int = 0, voice_path: str | None = None, pause: float = 1.0, workers: int | str | None = None,
-              client_processes: int | None = None) -> list[tuple[str, str]]:
+              client_processes: int | None = None, max_batch: int | None = None,
+              decode: bool = True) -> list[tuple[str, str]]:
     """Real sessions on this machine: `streamer serve` in its own process (and its media workers); aiortc
     clients (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel)
     in `client_processes` other processes, over the host address. The server's CPU (all its
@@ -431,9 +449,10 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     args += ["--model", model] if model else []
     args += ["--delay-ms", str(delay_ms)] if delay_ms else []
     args += ["--workers", str(workers)] if workers else []
+    args += ["--max-batch", str(max_batch)] if max_batch else []
     with server_process(args) as (server, url, health):
         channels = [f"bench{k}" for k in range(sessions)]
-        jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs))
+        jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs), decode)
                 for p in range(procs)]
         gpu, stop = [], threading.Event()
         watcher = threading.Thread(target=_gpu_busy, args=(gpu, stop), daemon=True)
@@ -463,7 +482,8 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     rows = [("engine", health["engine"]),
             ("sessions", f"{sessions} talkers for {seconds:g} s, voice after {pause:g} s of silence"
                          + (f", {viewers} WHEP viewers of the first" if viewers else "")
-                         + f"; clients in {procs} processes; server workers: {health.get('workers', 1)}"),
+                         + f"; clients in {procs} processes{'' if decode else ', video counted, not decoded'}; "
+                           f"server workers: {health.get('workers', 1)}"),
             ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps; frame gap p99 "
                                           f"worst {max(r['gap_p99_ms'] for r in talks):.0f} ms"),
             ("voice in -> lips out at the server", f"p50 {np.median(p50):.1f} ms, worst p95 {max(p95):.1f} ms "
@@ -476,6 +496,7 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
             ("mean inference batch", f"{mean_batch:.2f} frames"),
             ("server CPU, all its processes", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions):.1f}% "
                                               f"per talker)")]
+    rows.append(("client CPU, all client processes", f"{100 * sum(r['cpu'] for r in results):.0f}% of one core"))
     if gpu:
         rows.append(("GPU utilisation", f"mean {np.mean(gpu):.0f}%, max {max(gpu):.0f}%"))
     if viewers:

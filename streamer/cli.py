@@ -46,7 +46,8 @@ def _bench(args) -> int:
         title, table = "Live session", bench.kv_table(bench.live_rows(args.model, args.live_seconds, args.delay_ms,
                                                                     args.sessions or 1, args.viewers, args.voice,
                                                                     args.pause_first, args.workers,
-                                                                    args.client_processes))
+                                                                    args.client_processes, args.max_batch,
+                                                                    not args.no_decode))
     elif args.what == "soak":
         from streamer.soak import soak_rows
 
@@ -156,7 +157,8 @@ def _serve(args) -> int:
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
-                           "server.max_sessions": args.max_sessions, "server.workers": args.workers})
+                           "server.max_sessions": args.max_sessions, "server.workers": args.workers,
+                           "live.max_batch": args.max_batch})
     workers = cfg.server.workers
     if workers == "auto":
         from streamer.server.front import workers_for
@@ -176,7 +178,11 @@ def _serve(args) -> int:
         return _serve_inference(cfg, service)
     remote = None
     if service:  # a media worker: inference is the service's
+        import cv2
+
         from streamer.live.service import RemoteWorker
+
+        cv2.setNumThreads(1)  # one event loop's worth of work: a pool as large as the machine only spins
 
         remote = RemoteWorker(service, bytes.fromhex(os.environ["STREAMER_INFERENCE_KEY"]))
         engine = remote.engine
@@ -242,6 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="voice-in to lips-out delay in ms, or auto (default: auto, "
                                                        "the model's lookahead + what this machine's inference needs)")
     sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
+    sv.add_argument("--max-batch", type=int, metavar="N", help="most frames in one inference call, across all "
+                                                               "sessions (default 8; more for many talkers on a GPU)")
     sv.set_defaults(func=_serve)
     pr = sub.add_parser("prepare", parents=[common], help="turn a video or photo into an avatar (done once)",
                         description="Detect the face in every frame and cache what the live path needs under "
@@ -301,6 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live: the server's media worker processes (default: serve's own default, auto)")
     b.add_argument("--client-processes", type=int, metavar="K",
                    help="live: processes the clients run in (default: one per two cores, at most 8)")
+    b.add_argument("--max-batch", type=int, metavar="N", help="live: the server's --max-batch (default: its own)")
+    b.add_argument("--no-decode", action="store_true",
+                   help="live: clients count the video frames they receive without decoding them, so that many "
+                        "sessions on one box measure the server, not the clients (voice still decoded)")
     b.add_argument("--pause-first", type=float, default=1.0, metavar="S",
                    help="live: seconds of silence before the voice (default 1; 0 talks at once)")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
