@@ -96,7 +96,7 @@ def engine_rows(model: str | None, batches: list[int], seconds: float, log=print
                     log(f"{eng.backend} {device} {dtype}: over 500 ms/frame, larger batches skipped")
                     break
                 mel, faces = sample_inputs(batch=b, size=eng.face_size)
-                crops = np.clip(faces[:, 3:].transpose(0, 2, 3, 1) * 255, 0, 255).astype(np.uint8)
+                crops = np.ascontiguousarray(np.clip(faces[:, 3:].transpose(0, 2, 3, 1) * 255, 0, 255), np.uint8)
                 eng.predict(mel, faces)
                 sec = time_call(lambda: eng.predict(mel, faces), seconds)
                 eng.predict_crops(mel[:, 0], crops)
