@@ -167,6 +167,39 @@ def test_bad_offers_get_clear_errors_and_the_server_keeps_serving(avatar, voice)
     assert frames > 30 and health[0] == 200
 
 
+def test_a_talker_gone_without_goodbye_gives_its_channel_to_the_next_one(avatar, voice):
+    """A killed or reloaded page sends no DELETE, and its peer lingers until ICE gives up (~30 s), so
+    its user coming back used to get 409 for that long. Its voice stops on the wire at once: a
+    newcomer is still refused while the voice is fresh, and gets the channel once it has been silent
+    on the wire for TAKEOVER_S; the lingering session is closed."""
+    from streamer.server.app import TAKEOVER_S
+
+    wav, _ = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            # the first talker sends 1.5 s of voice, then nothing, and never closes: a killed tab
+            first = asyncio.ensure_future(talk(url, wav, 60, offer_extra={"channel": "x"}, pause=(1.5, 600)))
+            await _until(lambda: "x" in server.channels and server.channels["x"].heard_at is not None, 10)
+            old = server.channels["x"].publisher
+            await asyncio.sleep(2.0)
+            async with aiohttp.ClientSession() as http:
+                async with http.post(f"{url}/offer", json={"sdp": await _offer_sdp(), "type": "offer",
+                                                          "channel": "x"}) as r:
+                    early = r.status
+            await _until(lambda: server.channels["x"].silent_for() > TAKEOVER_S + 0.2, 10)
+            got, stats = await talk(url, wav, 6.0, offer_extra={"channel": "x"})
+            old_gone = old not in server.sessions
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            return early, got, stats, old_gone
+
+    early, got, stats, old_gone = asyncio.run(main())
+    assert early == 409
+    assert old_gone
+    assert len(got.video) > 100 and stats["lipsync_frames"] > 60 and stats["late_frames"] <= 2, stats
+
+
 def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
     """10% of the voice packets never arrive: their time is silence, and everything after them stays
     on its slot (counting samples instead would pull the voice 20 ms earlier per loss, until late)."""

@@ -109,6 +109,7 @@ class Channel:
         self.frames = FrameStore(avatar)
         self.voice: VoiceIn | None = None
         self.publisher: str | None = None  # session id of the voice source
+        self.heard_at: float | None = None  # clock time of its last packet from the network
         self.viewers = 0
         self._faces: dict[int, np.ndarray] = {}  # step -> mouth from the worker, not yet shown
         self._last_face: tuple[int, np.ndarray] | None = None  # (step, mouth) last shown
@@ -137,9 +138,18 @@ class Channel:
 
     # voice in (event loop; light work only)
 
+    def heard(self) -> None:
+        """A packet of the voice came off the wire (whatever it holds): the sender is alive."""
+        self.heard_at = self.clock()
+
+    def silent_for(self) -> float:
+        """Seconds since the voice's last packet; 0 while none has come yet (still connecting)."""
+        return 0.0 if self.heard_at is None else self.clock() - self.heard_at
+
     def attach_voice(self, session: str) -> None:
         """A new voice source takes the channel: its timeline starts afresh at its first packet."""
         with self._lock:
+            self.heard_at = None
             self.publisher = session
             self.voice = VoiceIn(self._vad_factory())
             self.speaking = False

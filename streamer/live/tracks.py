@@ -134,6 +134,7 @@ async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
             frame = await track.recv()
         except MediaStreamError:
             return
+        channel.heard()
         if frame.sample_rate != VOICE_RATE:
             if not warned:
                 log.warning("[%s] voice at %d Hz ignored: only 48 kHz (Opus) is used", channel.session,

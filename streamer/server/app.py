@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # package data: found in an installed wheel too
 MAX_BODY = 256 * 1024  # an SDP offer is a few kB
 CONNECT_TIMEOUT_S = 10  # a peer not connected by then is dropped: half-open offers must not hold slots long
+TAKEOVER_S = 3.0  # a talk page or WHIP voice silent on the wire this long gives its channel to a newcomer
 CORS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Expose-Headers": "Location"}
 
@@ -288,7 +289,18 @@ class Server:
             return None, full
         ch = await self.channel(channel_name)
         if publishes and ch.publisher is not None:
-            return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+            old = self.sessions.get(ch.publisher)
+            if old is None or old.kind not in ("talk", "whip") or ch.silent_for() < TAKEOVER_S:
+                self._release(ch)
+                return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+            # A WebRTC sender sends packets even in silence; none for seconds: a page killed or reloaded
+            # without saying goodbye, which ICE would notice only after ~30 s. Its user is back.
+            log.info("[%s] %s on %s has sent nothing for %.1f s: closed, the channel goes to a new %s", old.id,
+                     old.kind, channel_name, ch.silent_for(), kind)
+            await self.close_session(old.id)
+            ch = await self.channel(channel_name)  # closed with it if nobody else watched: opened afresh
+            if ch.publisher is not None:  # another newcomer was quicker
+                return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
         if full := self._full(publishes):  # opening the channel awaited: others may have come in meanwhile
             self._release(ch)
             return None, full
