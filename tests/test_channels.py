@@ -181,3 +181,31 @@ def test_a_viewer_that_never_reads_costs_the_others_nothing(avatar, voice):  # n
         assert 24 <= (len(t) - 1) / (t[-1] - t[0]) <= 26
     for stats in (stats_a, stats_b):
         assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
+
+
+def test_a_viewer_losing_10_percent_of_its_packets_still_sees_the_avatar(avatar, voice):  # noqa: F811
+    """10% of the video packets to one WHEP viewer are lost (retransmissions too): NACKs and keyframe
+    requests keep its picture going and lip-synced; the channel's talker and a clean viewer of it are
+    unaffected, and the server keeps sending 25 fps."""
+    wav, speech_s = voice
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            talker = asyncio.ensure_future(talk(url, wav, 1.5 + speech_s + 1.5, offer_extra={"channel": "a"}))
+            await _until(lambda: "a" in server.channels, 5)
+            (lossy, _), (clean, _) = await asyncio.gather(watch(url, "a", 1.0 + speech_s + 0.5, lose=0.1),
+                                                          watch(url, "a", 1.0 + speech_s + 0.5))
+            got, stats = await talker
+        return lossy, clean, got, stats
+
+    lossy, clean, got, stats = asyncio.run(main())
+
+    def fps(seen):
+        t = np.array([a for a, _ in seen.video])
+        t = t[t > t[0] + 1]
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    assert 24 <= fps(clean) <= 26 and 24 <= fps(got) <= 26
+    assert fps(lossy) >= 20, fps(lossy)  # most frames recovered; a lost one is repaired, not frozen on
+    assert np.mean(mouth_activity(lossy.video, avatar) > 8) > 0.2  # and the lips move for it too
+    assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats

@@ -154,12 +154,30 @@ async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float
     return answer
 
 
+def _lossy(receiver, share: float, seed: int = 0) -> None:
+    """Drop `share` of the RTP packets `receiver` gets (retransmissions too) as they arrive, as a lossy
+    network would: what the receiver's NACKs and PLIs must make up for."""
+    import random
+
+    rng = random.Random(seed)
+    handle = receiver._handle_rtp_packet  # aiortc's entry point for each packet the transport routes here
+
+    async def lossy(packet, arrival_time_ms):
+        if rng.random() >= share:
+            await handle(packet, arrival_time_ms)
+
+    receiver._handle_rtp_packet = lossy
+
+
 async def watch(base: str, channel: str, seconds: float, token: str | None = None,
-                keep: bool = True) -> tuple[Received, str]:
-    """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP)."""
+                keep: bool = True, lose: float = 0.0) -> tuple[Received, str]:
+    """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP).
+    `lose`: share of the video packets lost on the way to this viewer."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc, keep)
-    pc.addTransceiver("video", direction="recvonly")
+    video = pc.addTransceiver("video", direction="recvonly")
+    if lose:
+        _lossy(video.receiver, lose)
     pc.addTransceiver("audio", direction="recvonly")
     answer = await _whip_whep(pc, base, f"/whep/{channel}", seconds, token)
     await _stop(tasks)
