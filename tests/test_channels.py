@@ -209,3 +209,24 @@ def test_a_viewer_losing_10_percent_of_its_packets_still_sees_the_avatar(avatar,
     assert fps(lossy) >= 20, fps(lossy)  # most frames recovered; a lost one is repaired, not frozen on
     assert np.mean(mouth_activity(lossy.video, avatar) > 8) > 0.2  # and the lips move for it too
     assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
+
+
+def test_channels_are_bounded_by_the_voice_and_viewer_limits(avatar):  # noqa: F811
+    """Every channel is opened by a voice or a viewer, so `max_sessions` + `max_viewers` bound the
+    channels (each holds an avatar's frames): viewers and voices of ever new channel names past the
+    limits get 503 and open nothing."""
+
+    async def main():
+        async with serving(avatar, **{"server.max_sessions": 1, "server.max_viewers": 2}) as (server, url):
+            statuses = {"whep": [], "whip": []}
+            async with aiohttp.ClientSession() as http:
+                for kind in ("whep", "whip"):
+                    for k in range(4):
+                        async with http.post(f"{url}/{kind}/{kind}{k}", data=await _offer_sdp(),
+                                             headers={"Content-Type": "application/sdp"}) as r:
+                            statuses[kind].append(r.status)
+            return statuses, sorted(server.channels)
+
+    statuses, channels = asyncio.run(main())
+    assert statuses == {"whep": [201, 201, 503, 503], "whip": [201, 503, 503, 503]}, statuses
+    assert channels == ["whep0", "whep1", "whip0"]
