@@ -38,11 +38,20 @@ def color_match(pred: np.ndarray, crop: np.ndarray) -> np.ndarray:
     return np.clip(pred.astype(np.float32) + offset, 0, 255).astype(np.uint8)
 
 
+DETAIL_FROM = 1.25  # box this much larger than the prediction: it lacks detail the source has
+DETAIL_CHANGE = 20.0  # local change (levels) at which the prediction's own pixels win entirely
+
+
 def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match_color: bool = True,
-          crop: np.ndarray | None = None) -> np.ndarray:
+          crop: np.ndarray | None = None, detail: bool = True) -> np.ndarray:
     """A copy of `frame` with the predicted face `pred` (S, S, 3 uint8) blended into `box`.
 
     strength in [0, 1] scales the mask: 0 gives the source frame, used to fade in and out of speech.
+    detail: where the box is larger than the prediction, keep the source's fine detail wherever the
+    prediction left the face as it was. A model's 96 or 256 px face blown up to a close-up is soft:
+    skin, stubble and lip texture go all over the lower face, though the model only meant to move the
+    mouth. What the source holds beyond the prediction's resolution is added back, weighted down where
+    the prediction changed the face at its own resolution (an opening mouth has no source detail).
     """
     out = frame.copy()
     if strength <= 0:
@@ -53,11 +62,23 @@ def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match
         return out
     if match_color and crop is not None:
         pred = color_match(pred, crop)
+    size = pred.shape[0]
     region = out[y1:y2, x1:x2]
-    big = cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    m = cv2.resize(lower_face_mask(pred.shape[0]), (w, h), interpolation=cv2.INTER_LINEAR)
-    m = (m * strength)[..., None]
-    src = region.astype(np.float32)
+    mask = cv2.resize(lower_face_mask(size), (w, h), interpolation=cv2.INTER_LINEAR)
+    rows, cols = np.flatnonzero(mask.max(axis=1) > 0), np.flatnonzero(mask.max(axis=0) > 0)
+    if rows.size == 0:
+        return out
+    sy, sx = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)  # only where the mask reaches
+    part = region[sy, sx]
+    src = part.astype(np.float32)
+    big = cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR)[sy, sx].astype(np.float32)
+    if detail and w >= DETAIL_FROM * size:
+        small = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)  # the source as the model sees it
+        low = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[sy, sx].astype(np.float32)
+        change = np.abs(pred.astype(np.float32) - small).mean(axis=2)
+        keep = cv2.resize(np.clip(1 - change * (1 / DETAIL_CHANGE), 0, 1), (w, h), interpolation=cv2.INTER_LINEAR)
+        big += (src - low) * keep[sy, sx, None]
+    m = (mask[sy, sx] * strength)[..., None]
     mixed = src + m * (big - src)
-    region[...] = np.where(m > 0, np.clip(mixed + 0.5, 0, 255), src).astype(np.uint8)
+    part[...] = np.where(m > 0, np.clip(mixed + 0.5, 0, 255), src).astype(np.uint8)
     return out
