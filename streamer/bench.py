@@ -502,3 +502,105 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     if viewers:
         rows.append(("frames received per viewer", f"min {min(r['frames'] for r in results if not r['talker'])}"))
     return rows
+
+
+def _fine(img: np.ndarray, where: np.ndarray) -> float:
+    """Mean power of the detail finer than about 2 px (grey) over the pixels `where`."""
+    import cv2
+
+    g = img.astype(np.float32).mean(axis=2)
+    return float(((g - cv2.GaussianBlur(g, (0, 0), 2.0))[where] ** 2).mean())
+
+
+def sharpness_rows(seconds: float = 3.0, log=print) -> list[tuple[str, str]]:
+    """How much of a 1080p close-up's fine detail (a face ~600 px tall, with skin texture) the lower face
+    keeps outside the mouth in speech frames of a render, against the source frame, with the blend's
+    detail keeping and without, for the builtin engine and Wav2Lip (reference weights, CPU)."""
+    import functools
+    import wave
+
+    import av
+    import cv2
+    import torch
+
+    import streamer.mouth as mouth_mod
+    from streamer.audio import VoiceActivity
+    from streamer.avatar.blend import blend, lower_face_mask
+    from streamer.avatar.cache import DEMO_IMAGE, prepare
+    from streamer.lipsync.checkpoint import reference_state_dict
+    from streamer.lipsync.engine import load_engine
+    from streamer.lipsync.export import export_onnx
+    from streamer.mouth import FPS, source_frame
+    from streamer.render import plan, read_audio, render, resample
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        big = cv2.resize(cv2.imread(str(DEMO_IMAGE)), (2360, 2360), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        rng = np.random.default_rng(0)
+        skin = cv2.GaussianBlur(rng.normal(0, 12, big.shape[:2]).astype(np.float32), (0, 0), 0.8)[..., None]
+        big = np.clip(big + skin, 0, 255).astype(np.uint8)
+        src = tmp / "closeup.mp4"
+        with av.open(str(src), "w") as c:
+            s = c.add_stream("libx264", rate=25)
+            s.width, s.height, s.pix_fmt, s.options = 1920, 1080, "yuv420p", {"crf": "12", "preset": "veryfast"}
+            for i in range(int(seconds * 25)):
+                x, y = 80 + int(6 * np.sin(i / 9)), 30 + int(4 * np.sin(i / 13))
+                for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(big[y : y + 1080, x : x + 1920]),
+                                                             format="bgr24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+        avatar = prepare(src, "closeup", tmp / "avatars", progress=False)
+        face_h = float(np.median(avatar.boxes[:, 3] - avatar.boxes[:, 1]))
+        rows.append(("source", f"{avatar.size[0]}x{avatar.size[1]}, {avatar.frames} frames, face box {face_h:.0f} px tall, "
+                               "skin texture"))
+        voice = tmp / "voice.wav"
+        pcm = np.round(_espeak_voice()[: int(48000 * seconds)] * 32767).astype(np.int16)
+        with wave.open(str(voice), "wb") as w:
+            w.setnchannels(1)
+            w.setsampwidth(2)
+            w.setframerate(48000)
+            w.writeframes(pcm.tobytes())
+        audio, rate = read_audio(voice)
+        audio16 = resample(audio.mean(axis=0), rate)
+        frames = max(1, round(audio16.size / 16000 * FPS))
+        _, strength = plan(audio16, frames, VoiceActivity(fps=FPS))
+        originals = {k: f for _, k, f in avatar.read_frames(0, count=avatar.frames)}
+        ckpt = tmp / "wav2lip.pth"
+        torch.save({"state_dict": reference_state_dict()}, ckpt)
+        export_onnx(ckpt, tmp / "wav2lip.onnx", dtype="fp32")
+        real_blend = mouth_mod.blend
+        for engine_name, model in (("builtin", None), ("Wav2Lip (reference weights)", tmp / "wav2lip.onnx")):
+            engine = load_engine(model, device="cpu", mouth=avatar.mouth_in_crop())
+            kept = {}
+            for detail in (False, True):
+                mouth_mod.blend = functools.partial(blend, detail=detail)
+                try:
+                    out = tmp / f"out_{detail}.mp4"
+                    render(avatar, voice, out, engine, progress=False, force=True)
+                finally:
+                    mouth_mod.blend = real_blend
+                ratios, still = [], []
+                with av.open(str(out)) as c:
+                    for k, frame in enumerate(c.decode(video=0)):
+                        if k >= len(strength):
+                            break
+                        j = source_frame(k, avatar)
+                        x1, y1, x2, y2 = (int(v) for v in avatar.boxes[j])
+                        where = cv2.resize(lower_face_mask(96), (x2 - x1, y2 - y1)) > 0.5
+                        cx, cy = avatar.landmarks[j, 3:5].mean(axis=0) - (x1, y1)
+                        zone = np.zeros(where.shape, np.uint8)
+                        cv2.ellipse(zone, (int(cx), int(cy)), (int(0.3 * (x2 - x1)), int(0.15 * (y2 - y1))), 0, 0, 360, 1, -1)
+                        where &= zone == 0
+                        got = frame.to_ndarray(format="bgr24")[y1:y2, x1:x2]
+                        ratio = _fine(got, where) / _fine(originals[j][y1:y2, x1:x2], where)
+                        (ratios if strength[k] >= 1 else still).append(ratio)
+                kept[detail] = (np.mean(ratios), np.mean(still) if still else float("nan"), len(ratios))
+            rows.append((f"{engine_name}: detail kept outside the mouth, speech frames",
+                         f"{100 * kept[False][0]:.0f}% without detail keeping, {100 * kept[True][0]:.0f}% with "
+                         f"({kept[True][2]} frames)"))
+            rows.append((f"{engine_name}: the same in silent frames (the H.264 round trip alone)",
+                         f"{100 * kept[True][1]:.0f}%"))
+            log(rows[-2][1])
+    return rows

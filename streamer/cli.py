@@ -55,6 +55,8 @@ def _bench(args) -> int:
             raise UserError("--soak-minutes must be more than 0")
         title, table = "Soak", bench.kv_table(soak_rows(60 * args.soak_minutes, args.sessions or 4, args.churn,
                                                         args.half_open, args.model, args.workers))
+    elif args.what == "sharpness":
+        title, table = "Close-up sharpness", bench.kv_table(bench.sharpness_rows())
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -292,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "session on this machine: fps, voice-in to lips-out delay, late frames. soak: "
                                    "talkers for --soak-minutes with a viewer coming and going, connect/disconnect "
                                    "churn and offers that never connect: memory, threads, files and gauges before "
-                                   "and after, fps and delay first and last minute.")
-    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak"), default="engine",
+                                   "and after, fps and delay first and last minute. sharpness: how much of a 1080p close-up's "
+                                   "fine detail a render keeps around the mouth, with each engine.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak", "sharpness"),
+                   default="engine",
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
