@@ -71,8 +71,8 @@ class OpusPackets:
     """20 ms chunks of 48 kHz mono int16 in, one Opus packet each out, for a track to hand to aiortc
     (which sends a packet as it is). aiortc's own encoder first pushes every chunk through an FFmpeg
     resampling graph whose thread pool is as large as the machine, though the voice already has
-    Opus's rate and frame size: on 16 cores that was 16 more threads per voice, each woken 50 times
-    a second, the largest share of a media worker's CPU (BENCHMARKS.md)."""
+    Opus's rate and frame size: threads woken 50 times a second for nothing (on a 16-core GPU box,
+    40% -> 31% of a core per talker without them, BENCHMARKS.md)."""
 
     def __init__(self):
         self.codec = av.CodecContext.create("libopus", "w")
