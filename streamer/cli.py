@@ -295,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "talkers for --soak-minutes with a viewer coming and going, connect/disconnect "
                                    "churn and offers that never connect: memory, threads, files and gauges before "
                                    "and after, fps and delay first and last minute. sharpness: how much of a 1080p close-up's "
-                                   "fine detail a render keeps around the mouth, with each engine.")
+                                   "fine detail a render keeps around the mouth (builtin engine).")
     b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak", "sharpness"),
                    default="engine",
                    help="what to measure (default engine)")

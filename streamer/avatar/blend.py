@@ -39,7 +39,10 @@ def color_match(pred: np.ndarray, crop: np.ndarray) -> np.ndarray:
 
 
 DETAIL_FROM = 1.25  # box this much larger than the prediction: it lacks detail the source has
-DETAIL_CHANGE = 20.0  # local change (levels) at which the prediction's own pixels win entirely
+# How much the prediction changed the face, in levels at its own resolution: below the first, it only
+# re-rendered it (a model's reconstruction differs by 5-10 levels where nothing moved) and the
+# source's detail is kept whole; from the second on (an opening mouth), the prediction's pixels win.
+DETAIL_KEPT, DETAIL_GONE = 12.0, 40.0
 
 
 def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match_color: bool = True,
@@ -75,8 +78,9 @@ def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match
     if detail and w >= DETAIL_FROM * size:
         small = cv2.resize(region, (size, size), interpolation=cv2.INTER_AREA)  # the source as the model sees it
         low = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)[sy, sx].astype(np.float32)
-        change = np.abs(pred.astype(np.float32) - small).mean(axis=2)
-        keep = cv2.resize(np.clip(1 - change * (1 / DETAIL_CHANGE), 0, 1), (w, h), interpolation=cv2.INTER_LINEAR)
+        change = cv2.GaussianBlur(np.abs(pred.astype(np.float32) - small).mean(axis=2), (0, 0), 1.0)
+        keep = np.clip((DETAIL_GONE - change) * (1 / (DETAIL_GONE - DETAIL_KEPT)), 0, 1)
+        keep = cv2.resize(keep, (w, h), interpolation=cv2.INTER_LINEAR)
         big += (src - low) * keep[sy, sx, None]
     m = (mask[sy, sx] * strength)[..., None]
     mixed = src + m * (big - src)
