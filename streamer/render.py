@@ -29,12 +29,15 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     if not path.is_file():
         raise UserError(f"audio {path} does not exist")
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), metadata_errors="replace") as container:  # a damaged tag is no reason to fail
             if not container.streams.audio:
                 raise UserError(f"{path} has no audio stream")
+            ctx = container.streams.audio[0].codec_context
+            rate = ctx.sample_rate if ctx is not None else 0  # a damaged header may leave no codec
+            if not rate:
+                raise UserError(f"{path} is not a readable audio file (no codec or sample rate)")
             stream = container.streams.audio[0]
-            rate = stream.rate or stream.codec_context.sample_rate
-            channels = min(2, stream.codec_context.channels or 1)
+            channels = min(2, ctx.channels or 1)
             resampler = av.AudioResampler(format="fltp", layout="stereo" if channels == 2 else "mono", rate=rate)
             parts = []
             for frame in container.decode(stream):

@@ -241,12 +241,15 @@ def _open_video(path: Path):
     import av
 
     try:
-        container = av.open(str(path))
+        container = av.open(str(path), metadata_errors="replace")  # a damaged tag is no reason to fail
     except (av.FFmpegError, OSError) as e:
         raise UserError(f"{path} is not a readable video or image ({type(e).__name__})") from None
     if not container.streams.video:
         container.close()
         raise UserError(f"{path} has no video stream")
+    if container.streams.video[0].codec_context is None:  # a damaged header may leave no codec
+        container.close()
+        raise UserError(f"{path} is not a readable video (no codec for its video stream)")
     return container
 
 

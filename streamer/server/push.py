@@ -266,7 +266,8 @@ def decode_audio(data: bytes) -> np.ndarray:
     """Any audio file PyAV reads -> 48 kHz mono float32. ValueError with a clear line otherwise."""
     try:
         # audio containers only: FFmpeg's concat or playlist demuxers would read files named inside the upload
-        with av.open(io.BytesIO(data), options={"format_whitelist": AUDIO_FORMATS}) as f:
+        with av.open(io.BytesIO(data), options={"format_whitelist": AUDIO_FORMATS},
+                     metadata_errors="replace") as f:  # a damaged tag is no reason to fail
             if not f.streams.audio:
                 raise ValueError("the file has no audio track")
             stream = f.streams.audio[0]
