@@ -504,7 +504,7 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     return rows
 
 
-def _fine(img: np.ndarray, where: np.ndarray) -> float:
+def fine_detail(img: np.ndarray, where: np.ndarray) -> float:
     """Mean power of the detail finer than about 2 px (grey) over the pixels `where`."""
     import cv2
 
@@ -566,37 +566,35 @@ def sharpness_rows(seconds: float = 4.0, log=print) -> list[tuple[str, str]]:
         frames = max(1, round(audio16.size / 16000 * FPS))
         _, strength = plan(audio16, frames, VoiceActivity(fps=FPS))
         originals = {k: f for _, k, f in avatar.read_frames(0, count=avatar.frames)}
+        engine = load_engine(None, mouth=avatar.mouth_in_crop())
         real_blend = mouth_mod.blend
-        for engine_name, model in (("builtin", None),):
-            engine = load_engine(model, device="cpu", mouth=avatar.mouth_in_crop())
-            kept = {}
-            for detail in (False, True):
-                mouth_mod.blend = functools.partial(blend, detail=detail)
-                try:
-                    out = tmp / f"out_{detail}.mp4"
-                    render(avatar, voice, out, engine, progress=False, force=True)
-                finally:
-                    mouth_mod.blend = real_blend
-                ratios, still = [], []
-                with av.open(str(out)) as c:
-                    for k, frame in enumerate(c.decode(video=0)):
-                        if k >= len(strength):
-                            break
-                        j = source_frame(k, avatar)
-                        x1, y1, x2, y2 = (int(v) for v in avatar.boxes[j])
-                        where = cv2.resize(lower_face_mask(96), (x2 - x1, y2 - y1)) > 0.5
-                        cx, cy = avatar.landmarks[j, 3:5].mean(axis=0) - (x1, y1)
-                        zone = np.zeros(where.shape, np.uint8)
-                        cv2.ellipse(zone, (int(cx), int(cy)), (int(0.3 * (x2 - x1)), int(0.15 * (y2 - y1))), 0, 0, 360, 1, -1)
-                        where &= zone == 0
-                        got = frame.to_ndarray(format="bgr24")[y1:y2, x1:x2]
-                        ratio = _fine(got, where) / _fine(originals[j][y1:y2, x1:x2], where)
-                        (ratios if strength[k] >= 1 else still).append(ratio)
-                kept[detail] = (np.mean(ratios), np.mean(still) if still else float("nan"), len(ratios))
-            rows.append((f"{engine_name}: detail kept outside the mouth, speech frames",
-                         f"{100 * kept[False][0]:.0f}% without detail keeping, {100 * kept[True][0]:.0f}% with "
-                         f"({kept[True][2]} frames)"))
-            rows.append((f"{engine_name}: the same in silent frames (the H.264 round trip alone)",
-                         f"{100 * kept[True][1]:.0f}%"))
-            log(rows[-2][1])
+        kept = {}
+        for detail in (False, True):
+            mouth_mod.blend = functools.partial(blend, detail=detail)
+            try:
+                out = tmp / f"out_{detail}.mp4"
+                render(avatar, voice, out, engine, progress=False, force=True)
+            finally:
+                mouth_mod.blend = real_blend
+            ratios, still = [], []
+            with av.open(str(out)) as c:
+                for k, frame in enumerate(c.decode(video=0)):
+                    if k >= len(strength):
+                        break
+                    j = source_frame(k, avatar)
+                    x1, y1, x2, y2 = (int(v) for v in avatar.boxes[j])
+                    where = cv2.resize(lower_face_mask(96), (x2 - x1, y2 - y1)) > 0.5
+                    cx, cy = avatar.landmarks[j, 3:5].mean(axis=0) - (x1, y1)
+                    zone = np.zeros(where.shape, np.uint8)
+                    cv2.ellipse(zone, (int(cx), int(cy)), (int(0.3 * (x2 - x1)), int(0.15 * (y2 - y1))), 0, 0, 360, 1, -1)
+                    where &= zone == 0
+                    got = frame.to_ndarray(format="bgr24")[y1:y2, x1:x2]
+                    ratio = fine_detail(got, where) / fine_detail(originals[j][y1:y2, x1:x2], where)
+                    (ratios if strength[k] >= 1 else still).append(ratio)
+            kept[detail] = (np.mean(ratios), np.mean(still) if still else float("nan"), len(ratios))
+        rows.append(("builtin: detail kept outside the mouth, speech frames",
+                     f"{100 * kept[False][0]:.0f}% without detail keeping, {100 * kept[True][0]:.0f}% with "
+                     f"({kept[True][2]} frames)"))
+        rows.append(("builtin: the same in silent frames (the H.264 round trip alone)", f"{100 * kept[True][1]:.0f}%"))
+        log(rows[-2][1])
     return rows

@@ -32,11 +32,11 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
         with av.open(str(path), metadata_errors="replace") as container:  # a damaged tag is no reason to fail
             if not container.streams.audio:
                 raise UserError(f"{path} has no audio stream")
-            ctx = container.streams.audio[0].codec_context
+            stream = container.streams.audio[0]
+            ctx = stream.codec_context
             rate = ctx.sample_rate if ctx is not None else 0  # a damaged header may leave no codec
             if not rate:
                 raise UserError(f"{path} is not a readable audio file (no codec or sample rate)")
-            stream = container.streams.audio[0]
             channels = min(2, ctx.channels or 1)
             resampler = av.AudioResampler(format="fltp", layout="stereo" if channels == 2 else "mono", rate=rate)
             parts = []

@@ -159,17 +159,12 @@ def test_builtin_mouth_follows_the_avatar_landmarks(video_avatar):
     assert rows[0] < rows[1]  # the opening is drawn where the mouth is
 
 
-def _fine_energy(img: np.ndarray, where: np.ndarray) -> float:
-    """Mean power of the detail finer than about 2 px (grey), over the pixels `where`."""
-    g = img.astype(np.float32).mean(axis=2)
-    return float(((g - cv2.GaussianBlur(g, (0, 0), 2.0))[where] ** 2).mean())
-
-
 def test_blend_keeps_a_close_ups_detail_outside_the_mouth():
     """A 600 px face from a 96 px prediction (a 1080p close-up): the lower face outside the mouth keeps
     >= 90% of the source's fine detail (skin texture), where pasting the upscaled prediction kept far
     less; the mouth the prediction opened is still the prediction's."""
     from streamer.avatar.cache import DEMO_IMAGE
+    from streamer.bench import fine_detail
 
     rng = np.random.default_rng(1)
     face = cv2.resize(cv2.imread(str(DEMO_IMAGE)), (600, 600), interpolation=cv2.INTER_CUBIC).astype(np.float32)
@@ -184,11 +179,11 @@ def test_blend_keeps_a_close_ups_detail_outside_the_mouth():
     cv2.ellipse(mouth_zone, (300, 437), (14 * 25 // 4 + 40, 6 * 25 // 4 + 40), 0, 0, 360, 1, -1)
     lower = cv2.resize(lower_face_mask(96), (600, 600)) > 0.5
     where = lower & (mouth_zone == 0)
-    source = _fine_energy(frame[240:840, 240:840], where)
-    kept = {d: _fine_energy(blend(frame, box, pred, crop=crop, detail=d)[240:840, 240:840], where) / source
-            for d in (False, True)}
+    outs = {d: blend(frame, box, pred, crop=crop, detail=d)[240:840, 240:840] for d in (False, True)}
+    source = fine_detail(frame[240:840, 240:840], where)
+    kept = {d: fine_detail(out, where) / source for d, out in outs.items()}
     assert kept[True] >= 0.9 and kept[False] < 0.6, kept
-    out = blend(frame, box, pred, crop=crop)[240:840, 240:840]
+    out = outs[True]  # the default
     core = np.zeros((600, 600), bool)
     cv2.ellipse(core.view(np.uint8), (300, 437), (60, 20), 0, 0, 360, 1, -1)
     assert out[core].mean() < 0.5 * frame[240:840, 240:840][core].mean()  # the open mouth is shown

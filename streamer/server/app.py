@@ -287,12 +287,13 @@ class Server:
         publishes = kind != "whep"
         if full := self._full(publishes):
             return None, full
+        busy = f"channel {channel_name} already has a voice; use another channel name"
         ch = await self.channel(channel_name)
         if publishes and ch.publisher is not None:
             old = self.sessions.get(ch.publisher)
             if old is None or old.kind not in ("talk", "whip") or ch.silent_for() < TAKEOVER_S:
                 self._release(ch)
-                return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+                return None, error(409, busy)
             # A WebRTC sender sends packets even in silence; none for seconds: a page killed or reloaded
             # without saying goodbye, which ICE would notice only after ~30 s. Its user is back.
             log.info("[%s] %s on %s has sent nothing for %.1f s: closed, the channel goes to a new %s", old.id,
@@ -300,7 +301,7 @@ class Server:
             await self.close_session(old.id)
             ch = await self.channel(channel_name)  # closed with it if nobody else watched: opened afresh
             if ch.publisher is not None:  # another newcomer was quicker
-                return None, error(409, f"channel {channel_name} already has a voice; use another channel name")
+                return None, error(409, busy)
         if full := self._full(publishes):  # opening the channel awaited: others may have come in meanwhile
             self._release(ch)
             return None, full
