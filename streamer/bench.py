@@ -494,6 +494,9 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
             ("engine speed in the server (median call)", ", ".join(
                 f"batch {n}: {1000 * np.mean(v) / n:.1f} ms/frame" for n, v in sorted(calls.items()))),
             ("mean inference batch", f"{mean_batch:.2f} frames"),
+            ("inference work", f"{_sum_metric(metrics, 'streamer_inference_frames_total'):.0f} frames run, "
+                               f"{_sum_metric(metrics, 'streamer_inference_dropped_total'):.0f} skipped; in calls "
+                               f"{_sum_metric(metrics, 'streamer_inference_seconds_total'):.1f} s"),
             ("server CPU, all its processes", f"{100 * cpu:.0f}% of one core ({100 * cpu / max(1, sessions):.1f}% "
                                               f"per talker)")]
     rows.append(("client CPU, all client processes", f"{100 * sum(r['cpu'] for r in results):.0f}% of one core"))
