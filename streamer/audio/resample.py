@@ -20,7 +20,10 @@ def to_mono_float(samples: np.ndarray, channels: int = 1) -> np.ndarray:
     """Interleaved int16 (or float) samples -> mono float32 in [-1, 1]."""
     x = np.asarray(samples)
     scale = 1 / 32768 if x.dtype == np.int16 else 1.0
-    x = x.reshape(-1, channels).astype(np.float32)
+    x = x.reshape(-1, channels)
+    if channels == 2:  # the live voice (Opus decodes to stereo): a fifth of the time of a mean
+        return (x[:, 0].astype(np.float32) + x[:, 1]) * np.float32(scale / 2)
+    x = x.astype(np.float32)
     mono = x.mean(axis=1) if channels > 1 else x[:, 0]
     return mono * np.float32(scale)
 
@@ -83,6 +86,8 @@ class StreamResampler:
     def _produce(self, count: int) -> np.ndarray:
         if count <= 0:
             return np.zeros(0, np.float32)
+        if self.up == 1:
+            return self._decimate(count)
         up, down, half, h = self.up, self.down, self._half, self._h
         m = np.arange(self._m, self._m + count)
         centre = m * down + half  # position in the upsampled, filtered signal
@@ -99,6 +104,26 @@ class StreamResampler:
         y = vals.sum(axis=1)
         self._m += count
         keep = max(0, -(-(self._m * down + half - taps + 1) // up))
+        if keep > self._x0:
+            self._x = self._x[keep - self._x0 :]
+            self._x0 = keep
+        return y.astype(np.float32)
+
+    def _decimate(self, count: int) -> np.ndarray:
+        """`_produce` for a whole-number ratio (48 kHz -> 16 kHz, the live voice): output m is input
+        window m * down + half - taps + 1 .. m * down + half against the reversed filter; a fifth of
+        the time of the general gather."""
+        down, half, h = self.down, self._half, self._h
+        taps = len(h)
+        lo = self._m * down + half - taps + 1  # first input index used (negative: before the start)
+        hi = (self._m + count - 1) * down + half + 1  # one past the last
+        seg = np.zeros(hi - lo, np.float64)  # inputs outside [0, n) are zeros, as the offline form pads
+        a, b = max(lo, self._x0), min(hi, self._n)
+        if b > a:
+            seg[a - lo : b - lo] = self._x[a - self._x0 : b - self._x0]
+        y = np.lib.stride_tricks.sliding_window_view(seg, taps)[::down] @ h[::-1]
+        self._m += count
+        keep = max(0, self._m * down + half - taps + 1)
         if keep > self._x0:
             self._x = self._x[keep - self._x0 :]
             self._x0 = keep
