@@ -29,6 +29,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from streamer.avatar.cache import NAME_RE
 from streamer.config import Config
 from streamer.live.channel import FPS, Channel
+from streamer.live import vp8
 from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
 from streamer.live.worker import InferenceWorker
 from streamer.server.metrics import Metrics
@@ -183,6 +184,7 @@ class Server:
         self.engine = engine
         self.avatar = avatar
         self.web_dir = web_dir
+        vp8.install()  # avatar frames are clean: no denoiser
         self.worker = worker or InferenceWorker(engine, max_batch=cfg.live.max_batch)
         self.channels: dict[str, Channel] = {}
         self.delay_s = None if cfg.live.delay_ms == "auto" else cfg.live.delay_ms / 1000  # None: auto
