@@ -86,8 +86,17 @@ class StreamResampler:
     def _produce(self, count: int) -> np.ndarray:
         if count <= 0:
             return np.zeros(0, np.float32)
-        if self.up == 1:
-            return self._decimate(count)
+        y = self._decimate(count) if self.up == 1 else self._gather(count)
+        self._m += count
+        # inputs no later output needs go
+        keep = max(0, -(-(self._m * self.down + self._half - len(self._h) + 1) // self.up))
+        if keep > self._x0:
+            self._x = self._x[keep - self._x0 :]
+            self._x0 = keep
+        return y.astype(np.float32)
+
+    def _gather(self, count: int) -> np.ndarray:
+        """Outputs _m .. _m + count - 1, any ratio: each gathers its inputs and filter taps."""
         up, down, half, h = self.up, self.down, self._half, self._h
         m = np.arange(self._m, self._m + count)
         centre = m * down + half  # position in the upsampled, filtered signal
@@ -101,16 +110,10 @@ class StreamResampler:
         valid = (k >= 0) & (k < taps) & (j >= 0) & (j < self._n)
         xi = np.clip(j - self._x0, 0, max(0, self._x.size - 1))
         vals = np.where(valid, self._x[xi] if self._x.size else 0.0, 0.0) * np.where(valid, h[np.clip(k, 0, taps - 1)], 0)
-        y = vals.sum(axis=1)
-        self._m += count
-        keep = max(0, -(-(self._m * down + half - taps + 1) // up))
-        if keep > self._x0:
-            self._x = self._x[keep - self._x0 :]
-            self._x0 = keep
-        return y.astype(np.float32)
+        return vals.sum(axis=1)
 
     def _decimate(self, count: int) -> np.ndarray:
-        """`_produce` for a whole-number ratio (48 kHz -> 16 kHz, the live voice): output m is input
+        """`_gather` for a whole-number ratio (48 kHz -> 16 kHz, the live voice): output m is input
         window m * down + half - taps + 1 .. m * down + half against the reversed filter; a fifth of
         the time of the general gather."""
         down, half, h = self.down, self._half, self._h
@@ -121,10 +124,4 @@ class StreamResampler:
         a, b = max(lo, self._x0), min(hi, self._n)
         if b > a:
             seg[a - lo : b - lo] = self._x[a - self._x0 : b - self._x0]
-        y = np.lib.stride_tricks.sliding_window_view(seg, taps)[::down] @ h[::-1]
-        self._m += count
-        keep = max(0, self._m * down + half - taps + 1)
-        if keep > self._x0:
-            self._x = self._x[keep - self._x0 :]
-            self._x0 = keep
-        return y.astype(np.float32)
+        return np.lib.stride_tricks.sliding_window_view(seg, taps)[::down] @ h[::-1]
