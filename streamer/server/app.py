@@ -28,8 +28,8 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from streamer.avatar.cache import NAME_RE
 from streamer.config import Config
-from streamer.live.channel import FPS, Channel
 from streamer.live import vp8
+from streamer.live.channel import FPS, Channel
 from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
 from streamer.live.worker import InferenceWorker
 from streamer.server.metrics import Metrics
@@ -294,8 +294,7 @@ class Server:
         if publishes and ch.publisher is not None:
             old = self.sessions.get(ch.publisher)
             if old is None or old.kind not in ("talk", "whip") or ch.silent_for() < TAKEOVER_S:
-                self._release(ch)
-                return None, error(409, busy)
+                return None, error(409, busy)  # the channel stays: its voice holds it
             # A WebRTC sender sends packets even in silence; none for seconds: a page killed or reloaded
             # without saying goodbye, which ICE would notice only after ~30 s. Its user is back.
             log.info("[%s] %s on %s has sent nothing for %.1f s: closed, the channel goes to a new %s", old.id,
