@@ -20,7 +20,7 @@ $(BIN)/.installed: pyproject.toml Makefile
 	@# the two onnxruntime packages overwrite each other's files: keep only the one asked for
 	$(BIN)/pip uninstall -q -y $(if $(filter gpu,$(ORT)),onnxruntime,onnxruntime-gpu) 2>/dev/null || true
 	@# Pipecat (its integration's test) needs the CPU onnxruntime: only where that is the one installed
-	$(BIN)/pip install -q -e ".[$(ORT),test$(if $(filter cpu,$(ORT)),$(comma)pipecat)]"
+	$(BIN)/pip install -q -e ".[$(ORT),musetalk,test$(if $(filter cpu,$(ORT)),$(comma)pipecat)]"
 	@touch $@
 
 install: $(BIN)/.installed

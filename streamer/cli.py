@@ -107,9 +107,10 @@ def _render(args) -> int:
     check_output(args.out, args.force)
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype,
-                           "render.batch_size": args.batch_size})
+                           "render.batch_size": args.batch_size, "musetalk.audio_pe": args.audio_pe})
     avatar = _avatar(cfg, cfg.avatar.name)
-    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop())
+    engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop(),
+                         musetalk=cfg.musetalk)
     log.info("engine: %s", engine.name)
     summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
                      vad=cfg.audio.voice_activity(25), force=args.force, progress=not args.quiet, crf=cfg.render.crf,
@@ -135,7 +136,7 @@ def _serve_inference(cfg, path: str) -> int:
     from streamer.live.service import run_service
 
     if cfg.model.path is not None:
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
     else:
         engine = load_engine(None, mouth=_avatar(cfg, cfg.avatar.name).mouth_in_crop())
     stop = threading.Event()
@@ -160,7 +161,7 @@ def _serve(args) -> int:
                            "model.device": args.device, "model.dtype": args.dtype, "server.host": args.host,
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
                            "server.max_sessions": args.max_sessions, "server.workers": args.workers,
-                           "live.max_batch": args.max_batch})
+                           "live.max_batch": args.max_batch, "musetalk.audio_pe": args.audio_pe})
     workers = cfg.server.workers
     if workers == "auto":
         from streamer.server.front import workers_for
@@ -186,10 +187,13 @@ def _serve(args) -> int:
 
         cv2.setNumThreads(1)  # one event loop's worth of work: a pool as large as the machine only spins
 
+        from streamer.lipsync.engine import load_features
+
         remote = RemoteWorker(service, bytes.fromhex(os.environ["STREAMER_INFERENCE_KEY"]))
         engine = remote.engine
+        engine.features = load_features(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
     elif cfg.model.path is not None:  # a missing or bad model fails before any avatar work
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype)
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
     avatar = _avatar(cfg, cfg.avatar.name)
     if cfg.model.path is None and remote is None:
         engine = load_engine(None, mouth=avatar.mouth_in_crop())
@@ -239,7 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", parents=[common], help="serve the live avatar: open the page, talk, watch it lip-sync",
                         description="Serve web/ and WebRTC sessions: the browser sends your voice, the server "
                                     "returns the avatar lip-synced to it at 25 fps with your voice delayed to match.")
-    sv.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    sv.add_argument("--model", help="Wav2Lip .onnx/.pth (a path or a name in models/), or musetalk:DIR, a MuseTalk "
+                                    "v1.5 folder in the released layout (default: builtin engine)")
+    sv.add_argument("--audio-pe", choices=("on", "off"), help="MuseTalk: add the released inference's positional "
+                                                              "encoding to its audio features (default on; off: as trained)")
     sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free one, printed)")
@@ -270,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--audio", required=True, help="speech to lip-sync: wav, mp3, m4a, ogg, ...")
     r.add_argument("--out", required=True, help="mp4 to write")
     r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
-    r.add_argument("--model", help="Wav2Lip .onnx/.pth, a path or a name in models/ (default: builtin engine)")
+    r.add_argument("--model", help="Wav2Lip .onnx/.pth (a path or a name in models/), or musetalk:DIR, a MuseTalk "
+                                   "v1.5 folder in the released layout (default: builtin engine)")
+    r.add_argument("--audio-pe", choices=("on", "off"), help="MuseTalk: add the released inference's positional "
+                                                             "encoding to its audio features (default on; off: as trained)")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     r.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
     r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")

@@ -23,9 +23,21 @@ def _opt(default, help: str, choices=None, min=None, max=None, auto=False):  # n
 
 @dataclass
 class ModelConfig:
-    path: str | None = _opt(None, "Wav2Lip .onnx or .pth (a path, or a file name in models/); none: builtin engine")
+    path: str | None = _opt(None, "Wav2Lip .onnx or .pth (a path, or a file name in models/), or musetalk:DIR (a "
+                                  "MuseTalk v1.5 folder in the released layout); none: builtin engine")
     device: str = _opt("auto", "where inference runs", choices=("auto", "cuda", "cpu"))
     dtype: str = _opt("auto", "fp16 on CUDA and fp32 on CPU when auto", choices=("auto", "fp16", "fp32"))
+
+
+@dataclass
+class MuseTalkConfig:
+    audio_pe: str = _opt("on", "add the positional encoding the released inference adds to the whisper features "
+                               "(on: as the authors run their weights) or not (off: as the model was trained)",
+                         choices=("on", "off"))
+    block_ms: int = _opt(80, "whisper features are computed in blocks of this many ms (a multiple of 20): smaller "
+                             "blocks, less delay, more encoder runs", min=20, max=1000)
+    context_ms: int = _opt(160, "audio the whisper encoder hears past each block (a multiple of 20): more, features "
+                                "closer to the offline release's, and more delay", min=0, max=5000)
 
 
 @dataclass
@@ -92,6 +104,7 @@ class LiveConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    musetalk: MuseTalkConfig = field(default_factory=MuseTalkConfig)
     audio: AudioConfig = field(default_factory=AudioConfig)
     avatar: AvatarConfig = field(default_factory=AvatarConfig)
     render: RenderConfig = field(default_factory=RenderConfig)

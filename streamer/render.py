@@ -1,5 +1,5 @@
 """`streamer render`: an audio file to a lip-synced mp4, offline, batched, with the live path's parts
-(mel windows, voice activity, the mouth's strength, crop and blend in streamer/mouth.py, the engine):
+(the engine's audio windows, voice activity, the mouth's strength, crop and blend in streamer/mouth.py, the engine):
 the same frames a live channel makes of the same voice, at the same 25 fps."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.audio import VoiceActivity, mel_windows, melspectrogram, resample
+from streamer.audio import VoiceActivity, resample
+from streamer.audio.features import MelFeatures
 from streamer.avatar.cache import Avatar
 from streamer.errors import UserError
 from streamer.mouth import FADE_FRAMES, FPS, face_crop, loop_step, speech_strength, with_mouth
@@ -52,14 +53,14 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.concatenate(parts, axis=1).astype(np.float32), int(rate)
 
 
-def plan(audio16: np.ndarray, frames: int, vad: VoiceActivity, fade: int = FADE_FRAMES) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, 80, 16) mel windows and (frames,) mouth strengths for an audio clip, at 25 fps."""
-    windows = mel_windows(melspectrogram(audio16), FPS)
-    if len(windows) < frames:  # the original rule stops ~0.1 s short of the audio's end
-        windows = np.concatenate([windows, np.repeat(windows[-1:], frames - len(windows), axis=0)])
+def plan(audio16: np.ndarray, frames: int, vad: VoiceActivity, fade: int = FADE_FRAMES,
+         features=None) -> tuple[np.ndarray, np.ndarray]:
+    """(frames, *window) audio windows of the engine's `features` (default: Wav2Lip's 80x16 mel) and
+    (frames,) mouth strengths for an audio clip, at 25 fps."""
+    windows = (features or MelFeatures(FPS)).offline(audio16, frames)
     decided = dict(vad.push(audio16) + vad.flush())
     speech = np.array([decided.get(i, False) for i in range(frames)])
-    return windows[:frames], speech_strength(speech, fade)
+    return windows, speech_strength(speech, fade)
 
 
 def avatar_frames(avatar: Avatar, count: int):
@@ -113,7 +114,7 @@ def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batc
     fps = FPS
     audio16 = resample(mono, rate)
     frames = max(1, round(audio16.size / 16000 * FPS))
-    windows, strength = plan(audio16, frames, vad or VoiceActivity(fps=FPS), fade)
+    windows, strength = plan(audio16, frames, vad or VoiceActivity(fps=FPS), fade, engine.features)
     speech_frames = int((strength > 0).sum())
     if not speech_frames:
         log.warning("no speech found in %s: the avatar will not move its mouth", audio_path)

@@ -12,6 +12,7 @@ import functools
 import cv2
 import numpy as np
 
+from streamer.audio.features import MelFeatures
 from streamer.audio.mel import FMAX, FMIN, N_MELS, _hz_to_mel
 from streamer.lipsync.engine import check_inputs, predict_crops
 
@@ -36,6 +37,7 @@ class BuiltinEngine:
     backend = "builtin"
     device = "cpu"
     dtype = "fp32"
+    features = MelFeatures()
 
     def __init__(self, face_size: int = 96, mouth: tuple[float, float] = MOUTH):
         self.face_size = face_size

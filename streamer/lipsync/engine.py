@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streamer.audio.features import MelFeatures
 from streamer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class Wav2LipInfer:
     dtype:  'auto' (fp16 on CUDA, fp32 on CPU), 'fp16' or 'fp32'. An fp16 ONNX file on the CPU
             with dtype 'auto' is widened to fp32 at load: faster there and supported everywhere.
     """
+
+    features = MelFeatures()  # what it hears: 80x16 mel windows
 
     def __init__(self, path: str | Path, device: str = "auto", dtype: str = "auto", warmup: bool = True,
                  threads: int | None = None):
@@ -281,18 +284,50 @@ class Wav2LipInfer:
 
 
 def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "auto",
-                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None):
-    """The engine for `model`: a path, or a file name in `models_dir`; None gives the builtin engine,
-    which animates the mouth at `mouth` (crop fractions, from the avatar's landmarks) when given."""
+                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None, musetalk=None):
+    """The engine for `model`: a path, or a file name in `models_dir`, or musetalk:DIR; None gives the
+    builtin engine, which animates the mouth at `mouth` (crop fractions, from the avatar's landmarks)
+    when given. musetalk: a MuseTalkConfig (default settings when None)."""
     if model is None:
         from streamer.lipsync.builtin import MOUTH, BuiltinEngine
 
         return BuiltinEngine(mouth=mouth or MOUTH)
+    from streamer.lipsync.musetalk import MuseTalkInfer, is_musetalk
+
+    if is_musetalk(model):
+        from streamer.config import MuseTalkConfig
+
+        mt = musetalk or MuseTalkConfig()
+        return MuseTalkInfer(resolve_model(model, models_dir), device=device, dtype=dtype, audio_pe=mt.audio_pe == "on",
+                             block_ms=mt.block_ms, context_ms=mt.context_ms)
     return Wav2LipInfer(resolve_model(model, models_dir), device=device, dtype=dtype)
 
 
+def load_features(model: str | Path | None, device: str = "auto", dtype: str = "auto", models_dir: str | Path = "models",
+                  musetalk=None):
+    """The audio front end of `model`'s engine, without the engine: for a media worker, whose inference
+    runs in the inference service."""
+    from streamer.lipsync.musetalk import is_musetalk, load_features as musetalk_features
+
+    if model is not None and is_musetalk(model):
+        from streamer.config import MuseTalkConfig
+
+        mt = musetalk or MuseTalkConfig()
+        return musetalk_features(resolve_model(model, models_dir), device, dtype, mt.block_ms, mt.context_ms)
+    return MelFeatures()
+
+
 def resolve_model(model: str | Path, models_dir: str | Path = "models") -> Path:
-    """The file `model` names: a path, or a file name in `models_dir`."""
+    """The file `model` names: a path, or a file name in `models_dir`; for musetalk:DIR, the folder
+    (checked to hold the released layout)."""
+    from streamer.lipsync.musetalk import PREFIX, check_layout, is_musetalk
+
+    if is_musetalk(model):
+        folder = Path(str(model)[len(PREFIX) :])
+        if not folder.exists() and not folder.is_absolute() and (Path(models_dir) / folder).is_dir():
+            folder = Path(models_dir) / folder
+        check_layout(folder)
+        return folder
     path = Path(model)
     if not path.exists() and not path.is_absolute() and (Path(models_dir) / path).exists():
         path = Path(models_dir) / path

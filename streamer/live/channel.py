@@ -24,7 +24,7 @@ from collections import deque
 
 import numpy as np
 
-from streamer.audio import MelStream, StreamResampler, VoiceActivity
+from streamer.audio import StreamResampler, VoiceActivity
 from streamer.audio.mel import LOOKAHEAD_S
 from streamer.avatar.cache import Avatar
 from streamer.live.frames import FrameStore
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 VOICE_RATE = 48000
 SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
-MIN_DELAY_S = LOOKAHEAD_S + 0.02  # lookahead plus one packet
+PACKET_S = 0.02
+MIN_DELAY_S = LOOKAHEAD_S + PACKET_S  # Wav2Lip's lookahead plus one packet
 RESYNC_S = 0.03
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
@@ -47,10 +48,11 @@ AUTO_WINDOW = 25  # speech frames judged at least before widening again
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
 
 
-def cut_lookahead(vad: VoiceActivity, fade: int) -> float:
-    """How long after its start a frame can be cut: its mel window, and the speech decisions `fade`
-    frames ahead (the fade into speech starts before it), each decided `preroll` after its frame."""
-    return max(LOOKAHEAD_S, (fade + 1) / FPS + (vad.preroll + vad.frame) / 16000)
+def cut_lookahead(vad: VoiceActivity, fade: int, lookahead_s: float = LOOKAHEAD_S) -> float:
+    """How long after its start a frame can be cut: its audio window (the engine's `lookahead_s`), and
+    the speech decisions `fade` frames ahead (the fade into speech starts before it), each decided
+    `preroll` after its frame."""
+    return max(lookahead_s, (fade + 1) / FPS + (vad.preroll + vad.frame) / 16000)
 
 
 def auto_delay(worker: InferenceWorker, min_delay: float = MIN_DELAY_S) -> float:
@@ -68,9 +70,9 @@ class VoiceIn:
     """What one voice source (a talk page or a WHIP publisher) brings to a channel: its packets, the
     features cut from them, and where they are pinned on the channel's clock."""
 
-    def __init__(self, vad: VoiceActivity):
+    def __init__(self, vad: VoiceActivity, features):
         self.resampler = StreamResampler(VOICE_RATE)
-        self.mel = MelStream(FPS)
+        self.features = features.stream()  # the engine's audio windows
         self.vad = vad
         self.level = 0.0  # mouth strength of the last frame cut
         self.windows: dict[int, np.ndarray] = {}
@@ -92,7 +94,8 @@ class Channel:
                  vad_factory=None, fade: int = 2, clock=time.monotonic):
         """delay_s None: `auto_delay`, set anew when each voice starts."""
         self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
-        self.min_delay_s = cut_lookahead(self._vad_factory(), fade) + (MIN_DELAY_S - LOOKAHEAD_S)
+        self.features = worker.engine.features
+        self.min_delay_s = cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s) + PACKET_S
         if delay_s is not None and delay_s < self.min_delay_s:
             log.warning("delay %.0f ms is below what the voice activity settings need: %.0f ms used", 1000 * delay_s,
                         1000 * self.min_delay_s)
@@ -151,7 +154,7 @@ class Channel:
         with self._lock:
             self.heard_at = None
             self.publisher = session
-            self.voice = VoiceIn(self._vad_factory())
+            self.voice = VoiceIn(self._vad_factory(), self.features)
             self.speaking = False
             if self.auto:
                 self.delay_s = auto_delay(self.worker, self.min_delay_s)
@@ -162,7 +165,7 @@ class Channel:
         pin it to the clock afresh, as a new voice, rather than place it seconds in the past."""
         with self._lock:
             if self.voice is not None:
-                self.voice = VoiceIn(self._vad_factory())
+                self.voice = VoiceIn(self._vad_factory(), self.features)
                 self.speaking = False
         log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
 
@@ -206,13 +209,13 @@ class Channel:
                 cut = min(sent - v.buffer0, v.buffer.size)
                 v.buffer, v.buffer0 = v.buffer[cut:], v.buffer0 + cut
         audio16 = v.resampler.push(mono48)
-        for i, w in v.mel.push(audio16):
+        for i, w in v.features.push(audio16):
             v.windows[i] = w
         for i, speech in v.vad.push(audio16):
             v.speech[i] = speech
         self._resync(v)
         self._widen(v)
-        # a frame is cut once its mel window and the speech decisions `fade` frames ahead are in (the
+        # a frame is cut once its audio window and the speech decisions `fade` frames ahead are in (the
         # fade into speech starts before it, as offline)
         fade = self.fade
         while v.next_i in v.windows and v.next_i + fade in v.speech:

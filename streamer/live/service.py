@@ -31,16 +31,16 @@ REPORT_S = 0.5
 class Slots:
     """A media worker's shared memory: windows, crops and mouths, SLOTS of each."""
 
-    def __init__(self, size: int, name: str | None = None):
+    def __init__(self, size: int, shape: tuple[int, ...], name: str | None = None):
         self.size = size
-        window, face = 80 * 16 * 4, size * size * 3
+        window, face = int(np.prod(shape)) * 4, size * size * 3
         self.shm = SharedMemory(name=name, create=name is None, size=SLOTS * (window + 2 * face))
         if name is not None:  # attached, not owned: Python < 3.13 would unlink it when this process exits
             from multiprocessing import resource_tracker
 
             resource_tracker.unregister(self.shm._name, "shared_memory")
         buf = self.shm.buf
-        self.windows = np.ndarray((SLOTS, 80, 16), np.float32, buf, 0)
+        self.windows = np.ndarray((SLOTS, *shape), np.float32, buf, 0)
         self.crops = np.ndarray((SLOTS, size, size, 3), np.uint8, buf, SLOTS * window)
         self.mouths = np.ndarray((SLOTS, size, size, 3), np.uint8, buf, SLOTS * (window + face))
 
@@ -100,8 +100,8 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
     def serve(conn: Connection) -> None:
         try:
             conn.send({"name": engine.name, "face_size": engine.face_size, "sizes": worker.sizes,
-                       "cost": worker.cost.known()})
-            slots = Slots(engine.face_size, name=conn.recv()["shm"])
+                       "cost": worker.cost.known(), "window": engine.features.shape})
+            slots = Slots(engine.face_size, engine.features.shape, name=conn.recv()["shm"])
         except (EOFError, OSError, KeyError, TypeError):
             conn.close()
             return
@@ -147,12 +147,14 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
 
 
 class RemoteEngine:
-    """What a media worker knows of the service's engine."""
+    """What a media worker knows of the service's engine; `features` (the audio front end, which runs
+    in the media worker) is set by whoever loads it."""
 
     backend = "service"
 
     def __init__(self, name: str, face_size: int):
         self.name, self.face_size = name, face_size
+        self.features = None
 
 
 class RemoteWorker:
@@ -192,7 +194,7 @@ class RemoteWorker:
         if self.slots is None:
             self.engine = RemoteEngine(info["name"], info["face_size"])
             self.sizes = tuple(info["sizes"])
-            self.slots = Slots(info["face_size"])
+            self.slots = Slots(info["face_size"], tuple(info["window"]))
         for n, sec in info["cost"].items():
             self.cost.add(n, sec)
         conn.send({"shm": self.slots.shm.name})

@@ -34,7 +34,7 @@ class ResultSink(Protocol):
 class Request:
     sink: ResultSink
     step: int  # output video frame
-    window: np.ndarray  # (80, 16) mel window
+    window: np.ndarray  # the engine's audio window, e.g. (80, 16) mel
     crop: np.ndarray  # (S, S, 3) uint8 BGR face crop of the avatar frame
     deadline: float  # clock time the frame is sent
 
@@ -116,7 +116,7 @@ class InferenceWorker:
         t0 = time.perf_counter()
         size = self.engine.face_size
         for n in self.sizes:
-            mel = np.zeros((n, 80, 16), np.float32)
+            mel = np.zeros((n, *self.engine.features.shape), np.float32)
             crops = np.full((n, size, size, 3), 128, np.uint8)
             self.engine.predict_crops(mel, crops)  # the slow one, not measured
             for _ in range(2):

@@ -1,0 +1,232 @@
+"""MuseTalk's audio features: whisper encoder hidden states, cut per video frame, offline and streaming.
+
+As released (MuseTalk v1.5 `AudioProcessor`): 16 kHz audio -> whisper log-mel over a 30 s input ->
+encoder hidden states of every layer (embedding + each block), one position per 20 ms; frame i
+(25 fps) sees positions 2i-4 .. 2i+5 (2 frames either side), zeros before the start and past the
+audio's end: a (10 * layers, d_model) window, 50 x 384 for whisper-tiny.
+
+The encoder attends over its whole 30 s input, so a position's features depend on the audio after
+it. The release encodes whole 30 s segments (offline only). Live, the audio after "now" does not
+exist yet, so here positions are computed in blocks of `block_ms`: block b is encoded from the 30 s
+of audio ending `context_ms` after the block's end. Offline uses the same blocks, so live and offline
+are equal for any chunking; `context_ms` trades delay for how much of what follows the encoder hears.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+RATE = 16000
+POSITION = 320  # samples per encoder position (20 ms)
+SPAN = 30 * RATE  # whisper's input: 30 s
+PAD_LEFT = PAD_RIGHT = 2  # video frames of audio either side of a frame (v1.5)
+MAX_PENDING = 50  # blocks a stream may have queued for the encoder; past that, new ones are skipped
+
+
+class WhisperFeatures:
+    """Per-frame whisper windows for one loaded encoder (shared by every stream of a process)."""
+
+    def __init__(self, encoder, extractor, device: str, dtype, block_ms: int = 80, context_ms: int = 160,
+                 fps: float = 25):
+        if block_ms % 20 or context_ms % 20 or block_ms <= 0 or context_ms < 0:
+            raise ValueError("block_ms and context_ms must be multiples of 20 ms (block_ms > 0)")
+        self.encoder, self.extractor = encoder, extractor
+        self.device, self.dtype = device, dtype
+        self.fps = fps
+        self.step = round(RATE / fps / POSITION)  # positions per video frame: 2
+        self.block = block_ms // 20  # positions per block
+        self.context = context_ms * RATE // 1000  # samples heard past a block's end
+        layers = encoder.config.encoder_layers + 1
+        self.width = self.step * (PAD_LEFT + PAD_RIGHT + 1)  # positions per window: 10
+        self.shape = (self.width * layers, encoder.config.d_model)
+        # frame i needs positions up to step*(i + PAD_RIGHT + 1) - 1; the block holding it, then the context
+        last = self.step * (PAD_RIGHT + 1)
+        self.lookahead_s = ((last - 1 + self.block) * POSITION + self.context) / RATE
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="whisper")
+
+    # the encoder
+
+    def encode(self, audio: np.ndarray, start: int, end: int, block: int) -> np.ndarray:
+        """Features (positions, layers, d_model) of block `block`, encoded from audio[start:end] (absolute
+        samples of the stream; `audio` holds exactly those). Positions past `end` are zeros."""
+        import torch
+
+        feats = self.extractor(audio, sampling_rate=RATE, return_tensors="np").input_features
+        with self._lock, torch.inference_mode():
+            x = torch.from_numpy(feats).to(self.device, self.dtype)
+            states = self.encoder(x, output_hidden_states=True).hidden_states
+            hidden = torch.stack(states, dim=2)[0].float().cpu().numpy()  # (1500, layers, d)
+        p0, p1 = block * self.block, (block + 1) * self.block
+        first = start // POSITION
+        out = hidden[p0 - first : p1 - first].copy()
+        valid = max(0, end // POSITION - p0)  # the release trims at floor(samples / 320)
+        out[valid:] = 0
+        return out
+
+    def window_of(self, block: int, end: int) -> tuple[int, int]:
+        """The audio (start, end) block `block` is encoded from, when `end` samples exist (end of stream)
+        or more (then the block's own end plus the context)."""
+        stop = min(end, (block + 1) * self.block * POSITION + self.context)
+        start = max(0, math.ceil((stop - SPAN) / POSITION) * POSITION)
+        return start, stop
+
+    def windows(self, positions: np.ndarray, frames: range, first: int = 0) -> np.ndarray:
+        """(len(frames), *shape) windows from positions[k] = features of position first + k (zeros
+        before 0 and past the end; the frames must not read positions from 0 to `first`)."""
+        out = np.zeros((len(frames), self.width, *positions.shape[1:]), np.float32)
+        for k, i in enumerate(frames):
+            lo = self.step * (i - PAD_LEFT)
+            a, b = max(lo, first), min(lo + self.width, first + len(positions))
+            if b > a:
+                out[k, a - lo : b - lo] = positions[a - first : b - first]
+        return out.reshape(len(frames), *self.shape)
+
+    # offline and streaming
+
+    def offline(self, audio16: np.ndarray, frames: int, progress=None) -> np.ndarray:
+        audio16 = np.asarray(audio16, np.float32).reshape(-1)
+        n = audio16.size
+        blocks = -(-(n // POSITION) // self.block) if n else 0
+        parts = []
+        for b in range(blocks):
+            start, stop = self.window_of(b, n)
+            parts.append(self.encode(audio16[start:stop], start, stop, b))
+            if progress:
+                progress(b + 1, blocks)
+        positions = np.concatenate(parts) if parts else np.zeros((0, *self._state_shape()), np.float32)
+        return self.windows(positions, range(frames))
+
+    def stream(self, background: bool = True) -> WhisperStream:
+        return WhisperStream(self, background)
+
+    def _state_shape(self) -> tuple[int, int]:
+        return self.shape[0] // self.width, self.shape[1]
+
+    def submit(self, fn, *args) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WhisperStream:
+    """`offline` as audio arrives: each block is encoded once its audio and context are in (on the
+    features' encoder thread when `background`, so the event loop never waits), and each frame's window
+    is handed out once the blocks it reads are done."""
+
+    def __init__(self, features: WhisperFeatures, background: bool = True):
+        self.f = features
+        self.background = background
+        self._audio = np.zeros(0, np.float32)  # from absolute sample _a0 on
+        self._a0 = 0
+        self._n = 0
+        self._next_block = 0
+        self._pending: deque[tuple[int, Future | None]] = deque()
+        self._pos = np.zeros((0, *features._state_shape()), np.float32)  # positions from _p0 on
+        self._p0 = 0
+        self._next = 0  # next frame
+        self.skipped = 0
+        self.closed = False
+
+    @property
+    def samples(self) -> int:
+        return self._n
+
+    def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        if self.closed:
+            raise RuntimeError("push after flush")
+        x = np.asarray(samples, np.float32).reshape(-1)
+        if x.size:
+            self._audio = np.concatenate([self._audio, x])
+            self._n += x.size
+        f = self.f
+        while (self._next_block + 1) * f.block * POSITION + f.context <= self._n:
+            self._schedule(self._next_block, self._n)
+            self._next_block += 1
+        self._trim_audio()
+        return self._collect(wait=not self.background)
+
+    def flush(self) -> list[tuple[int, np.ndarray]]:
+        """End of stream: the last blocks from the audio there is, and every frame that has audio."""
+        if self.closed:
+            return []
+        self.closed = True
+        f = self.f
+        blocks = -(-(self._n // POSITION) // f.block)
+        while self._next_block < blocks:
+            self._schedule(self._next_block, self._n)
+            self._next_block += 1
+        out = self._collect(wait=True)
+        frames = -(-self._n // (f.step * POSITION))
+        if self._next < frames:  # their windows reach past the audio: zeros there
+            rng = range(self._next, frames)
+            out += list(zip(rng, f.windows(self._pos, rng, self._p0)))
+            self._next = frames
+        return out
+
+    def _schedule(self, block: int, available: int) -> None:
+        start, stop = self.f.window_of(block, available)
+        audio = self._audio[start - self._a0 : stop - self._a0]
+        if not self.background:
+            self._pending.append((block, _done(self.f.encode(audio, start, stop, block))))
+        elif sum(1 for _, fut in self._pending if fut is not None and not fut.done()) >= MAX_PENDING:
+            self.skipped += 1  # the encoder cannot keep up: these frames would be late anyway
+            if self.skipped == 1:
+                log.warning("whisper encoder behind by %d blocks: skipping audio features", MAX_PENDING)
+            self._pending.append((block, None))
+        else:
+            self._pending.append((block, self.f.submit(self.f.encode, audio.copy(), start, stop, block)))
+
+    def _trim_audio(self) -> None:
+        start, _ = self.f.window_of(self._next_block, self._n + SPAN)  # the next block reads from here on
+        keep = min(start, self._n)
+        if keep - self._a0 > RATE:
+            self._audio = self._audio[keep - self._a0 :]
+            self._a0 = keep
+
+    def _collect(self, wait: bool) -> list[tuple[int, np.ndarray]]:
+        f = self.f
+        parts = []
+        while self._pending and (wait or self._pending[0][1] is None or self._pending[0][1].done()):
+            _, fut = self._pending.popleft()
+            parts.append(fut.result() if fut is not None else np.zeros((f.block, *self._pos.shape[1:]), np.float32))
+        if parts:
+            self._pos = np.concatenate([self._pos, *parts])
+        done = self._p0 + len(self._pos)  # positions known
+        ready = max(0, (done - f.step * (PAD_RIGHT + 1)) // f.step + 1)  # frames whose window is in
+        if ready <= self._next:
+            return []
+        rng = range(self._next, ready)
+        out = list(zip(rng, f.windows(self._pos, rng, self._p0)))
+        self._next = ready
+        keep = max(self._p0, f.step * (self._next - PAD_LEFT))
+        self._pos = self._pos[keep - self._p0 :]
+        self._p0 = keep
+        return out
+
+
+def _done(value) -> Future:
+    fut: Future = Future()
+    fut.set_result(value)
+    return fut
+
+
+def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_ms: int = 160) -> WhisperFeatures:
+    """The encoder and feature extractor of a `whisper/` folder (config.json, weights,
+    preprocessor_config.json), nothing fetched from the network."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+    model = WhisperModel.from_pretrained(str(folder), local_files_only=True)
+    encoder = model.get_encoder().to(device, dtype).eval()
+    return WhisperFeatures(encoder, extractor, device, dtype, block_ms, context_ms)

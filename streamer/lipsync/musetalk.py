@@ -1,0 +1,299 @@
+"""The MuseTalk (v1.5) engine: 256 px faces from a VAE + UNet, audio from whisper-tiny; a GPU engine.
+
+Loads the layout the authors publish (https://huggingface.co/TMElyralab/MuseTalk, with
+stabilityai/sd-vae-ft-mse and openai/whisper-tiny, as their download_weights.sh arranges them):
+
+  DIR/musetalkV15/musetalk.json   UNet2DConditionModel config
+  DIR/musetalkV15/unet.pth        its state dict
+  DIR/sd-vae/config.json + diffusion_pytorch_model.bin (or .safetensors)
+  DIR/whisper/config.json + pytorch_model.bin (or model.safetensors) + preprocessor_config.json
+
+The pipeline as released: the crop with its lower half blacked out and the whole crop, each
+VAE-encoded and scaled (8 latent channels, cached per avatar crop: they never change), the UNet at
+timestep 0 once with the frame's whisper window as its cross-attention input, then VAE decode.
+Two choices follow the training code rather than the released inference, where they differ:
+the posterior's mean is the latent (training: `latent_dist.mode()`; inference samples, which would
+make live differ from offline), and `audio_pe` (below) is an option.
+
+audio_pe: the released inference adds a sinusoidal positional encoding over the window's 50 rows to
+the whisper features; training never does. On (default) runs the released weights as their authors
+run them; off feeds the UNet what it was trained on.
+
+Needs the `musetalk` extra (diffusers, transformers). Same interface as Wav2LipInfer; no asyncio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from streamer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FACE = 256
+LATENT_CACHE = 2048  # avatar crops whose latents are kept (16 KB each at fp16)
+LAYOUT = {
+    "unet config": ("musetalkV15/musetalk.json",),
+    "unet weights": ("musetalkV15/unet.pth",),
+    "vae config": ("sd-vae/config.json",),
+    "vae weights": ("sd-vae/diffusion_pytorch_model.bin", "sd-vae/diffusion_pytorch_model.safetensors"),
+    "whisper config": ("whisper/config.json",),
+    "whisper weights": ("whisper/pytorch_model.bin", "whisper/model.safetensors"),
+    "whisper preprocessor": ("whisper/preprocessor_config.json",),
+}
+PREFIX = "musetalk:"
+
+
+def is_musetalk(model) -> bool:
+    return isinstance(model, str) and model.startswith(PREFIX)
+
+
+def check_layout(folder: Path) -> dict[str, Path]:
+    """The released layout's files in `folder`, or a UserError naming the first one missing."""
+    if not folder.is_dir():
+        raise UserError(f"musetalk: model folder {folder} does not exist")
+    found = {}
+    for what, names in LAYOUT.items():
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
+        if path is None:
+            raise UserError(f"musetalk: {folder / names[0]} is missing ({what}; see README, 'MuseTalk weights')")
+        found[what] = path
+    return found
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"musetalk: {path} is not readable JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"musetalk: {path} is not a JSON object")
+    return data
+
+
+def positional_encoding(rows: int, width: int) -> np.ndarray:
+    """(rows, width) sinusoidal encoding, as the released inference's PositionalEncoding(d_model=384)."""
+    position = np.arange(rows, dtype=np.float32)[:, None]
+    div = np.exp(np.arange(0, width, 2, dtype=np.float32) * (-math.log(10000.0) / width))
+    pe = np.zeros((rows, width), np.float32)
+    pe[:, 0::2] = np.sin(position * div)
+    pe[:, 1::2] = np.cos(position * div)
+    return pe
+
+
+class MuseTalkInfer:
+    """A loaded MuseTalk, ready to run. device 'auto' | 'cuda' | 'cpu'; dtype 'auto' (fp16 on CUDA, fp32
+    on the CPU) | 'fp16' | 'fp32'."""
+
+    backend = "torch"
+    face_size = FACE
+
+    def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto", audio_pe: bool = True,
+                 block_ms: int = 80, context_ms: int = 160, warmup: bool = True):
+        try:
+            import diffusers  # noqa: F401
+            import torch
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("the musetalk engine needs its extra: pip install -e '.[musetalk]' (diffusers, "
+                            "transformers)") from None
+        from streamer.lipsync.engine import cuda_available
+
+        _quiet()
+        self.folder = Path(folder)
+        files = check_layout(self.folder)
+        if device == "auto":
+            device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
+        elif device == "cuda" and not torch.cuda.is_available():
+            raise UserError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+        if dtype == "auto":
+            dtype = "fp16" if device == "cuda" else "fp32"
+        self.device, self.dtype = device, dtype
+        self.audio_pe = audio_pe
+        self._tdtype = torch.float16 if dtype == "fp16" else torch.float32
+        self._lock = threading.Lock()
+        self._latents: OrderedDict = OrderedDict()  # crop digest -> (8, 32, 32) tensor on the device
+        self.unet = self._load_unet(files)
+        self.vae = self._load_vae(files)
+        self.features = self._load_whisper(files, block_ms, context_ms)
+        self._check_fit()
+        rows, width = self.features.shape
+        self._pe = torch.from_numpy(positional_encoding(rows, width)).to(device, self._tdtype)
+        self.scale = float(self.vae.config.scaling_factor)
+        if warmup:
+            self.warmup()
+
+    # loading
+
+    def _load_unet(self, files):
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        config = _read_json(files["unet config"])
+        try:
+            unet = UNet2DConditionModel.from_config(config)
+        except Exception as e:  # noqa: BLE001 - any bad value: one line naming the file
+            raise UserError(f"musetalk: {files['unet config']} is not a UNet2DConditionModel config "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        path = files["unet weights"]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"musetalk: {path} is not a readable torch state dict ({type(e).__name__})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"musetalk: {path} holds no state dict")
+        _load_state(unet, state, path, files["unet config"])
+        return unet.to(self.device, self._tdtype).eval()
+
+    def _load_vae(self, files):
+        from diffusers import AutoencoderKL
+
+        folder = files["vae config"].parent
+        try:
+            vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True,
+                                                use_safetensors=files["vae weights"].suffix == ".safetensors")
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"musetalk: cannot load the VAE in {folder} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        return vae.to(self.device, self._tdtype).eval()
+
+    def _load_whisper(self, files, block_ms: int, context_ms: int):
+        return _whisper(files, self.device, self._tdtype, block_ms, context_ms)
+
+    def _check_fit(self) -> None:
+        u, v = self.unet.config, self.vae.config
+        width = self.features.shape[1]
+        if u.in_channels != 2 * v.latent_channels or u.out_channels != v.latent_channels:
+            raise UserError(f"musetalk: the UNet takes {u.in_channels} channels and gives {u.out_channels}; the "
+                            f"VAE's latents have {v.latent_channels} (need 2x in, 1x out)")
+        if u.cross_attention_dim != width:
+            raise UserError(f"musetalk: the UNet's cross_attention_dim is {u.cross_attention_dim} but whisper's "
+                            f"d_model is {width}")
+
+    # the pipeline
+
+    @property
+    def name(self) -> str:
+        pe = "on" if self.audio_pe else "off"
+        return f"musetalk torch {self.dtype} {self.device} ({self.folder.name}, {FACE}px, audio_pe {pe})"
+
+    def audio_input(self, windows: np.ndarray):
+        """The UNet's cross-attention input for (B, rows, width) whisper windows: with the released
+        positional encoding added when audio_pe is on, as they are otherwise."""
+        import torch
+
+        x = torch.from_numpy(np.ascontiguousarray(windows, np.float32)).to(self.device, self._tdtype)
+        return x + self._pe if self.audio_pe else x
+
+    def encode_crops(self, crops: np.ndarray):
+        """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32) latents: lower half masked, then whole (cached)."""
+        import torch
+
+        keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() for c in crops]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._latents]
+        if todo:
+            first = {k: i for i, k in reversed(list(enumerate(keys)))}
+            faces = crops[[first[k] for k in todo]]
+            rgb = torch.from_numpy(np.ascontiguousarray(faces[..., ::-1])).to(self.device)
+            x = rgb.permute(0, 3, 1, 2).to(self._tdtype) / 127.5 - 1  # [-1, 1]
+            masked = x.clone()
+            masked[:, :, FACE // 2 :] = -1  # black lower half
+            with torch.inference_mode():
+                lat = self.vae.encode(torch.cat([masked, x])).latent_dist.mode() * self.scale
+            n = len(todo)
+            both = torch.cat([lat[:n], lat[n:]], dim=1)  # kept where they are used
+            for k, v in zip(todo, both):
+                self._latents[k] = v
+            while len(self._latents) > LATENT_CACHE:
+                self._latents.popitem(last=False)
+        for k in keys:
+            self._latents.move_to_end(k)
+        return torch.stack([self._latents[k] for k in keys])
+
+    def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
+        """windows (B, rows, width) whisper features, crops (B, 256, 256, 3) uint8 BGR -> mouths, same."""
+        import torch
+
+        if windows.ndim != 3 or windows.shape[1:] != self.features.shape or crops.shape != (len(windows), FACE, FACE, 3):
+            raise ValueError(f"need windows (B, {self.features.shape[0]}, {self.features.shape[1]}) and crops "
+                             f"(B, {FACE}, {FACE}, 3), got {windows.shape} and {crops.shape}")
+        with self._lock, torch.inference_mode():
+            latents = self.encode_crops(crops)
+            audio = self.audio_input(windows)
+            t = torch.zeros(1, device=self.device, dtype=torch.long)
+            pred = self.unet(latents, t, encoder_hidden_states=audio).sample
+            image = self.vae.decode(pred / self.scale).sample
+            image = ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            return image.permute(0, 2, 3, 1).flip(-1).cpu().numpy()  # RGB -> BGR
+
+    def warmup(self, batch_sizes=(1,)) -> float:
+        t = time.perf_counter()
+        for b in batch_sizes:
+            self.predict_crops(np.zeros((b, *self.features.shape), np.float32), np.full((b, FACE, FACE, 3), 128, np.uint8))
+        return time.perf_counter() - t
+
+
+def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int):
+    from streamer.audio.whisper import load_whisper
+
+    folder = files["whisper config"].parent
+    try:
+        return load_whisper(folder, device, tdtype, block_ms, context_ms)
+    except ValueError as e:
+        raise UserError(f"musetalk: {e}") from None
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"musetalk: cannot load whisper from {folder} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def load_features(folder: Path, device: str = "auto", dtype: str = "auto", block_ms: int = 80, context_ms: int = 160):
+    """MuseTalk's audio front end alone (whisper windows), for a process that runs no UNet."""
+    import torch
+
+    _quiet()
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "fp16" if device == "cuda" else "fp32"
+    return _whisper(check_layout(folder), device, torch.float16 if dtype == "fp16" else torch.float32, block_ms,
+                    context_ms)
+
+
+def _quiet() -> None:
+    """Loading prints advice meant for training code (accelerate, fp32 modules, progress bars): off."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _load_state(module, state: dict, path: Path, config: Path) -> None:
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or extra or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})")
+        raise UserError(f"musetalk: {path.name} does not fit {config.name}: keys " + ", ".join(parts))
+    module.load_state_dict(state)
