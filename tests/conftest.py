@@ -168,3 +168,13 @@ def _to_rate(x, rate, target):
 
     g = gcd(rate, target)
     return signal.resample_poly(x, target // g, rate // g).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def musetalk_dir(tmp_path_factory):
+    """A MuseTalk v1.5 folder in the released layout, random weights at toy widths, written by the
+    project's script as a user would."""
+    folder = tmp_path_factory.mktemp("musetalk") / "models"
+    script = Path(__file__).parents[1] / "scripts" / "musetalk-layout.py"
+    subprocess.run([sys.executable, str(script), str(folder), "--tiny"], check=True, capture_output=True)
+    return folder

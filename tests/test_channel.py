@@ -16,10 +16,10 @@ def avatar(tmp_path_factory):
     return demo_avatar(tmp_path_factory.mktemp("avatars"))
 
 
-def simulated_channel(avatar, viewers: int = 1, voice: bool = True):
+def simulated_channel(avatar, viewers: int = 1, voice: bool = True, engine=None):
     """(clock cell, worker, channel) on a simulated clock (set now[0]; drain the worker yourself)."""
     now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    worker = InferenceWorker(engine or BuiltinEngine(), clock=lambda: now[0])
     ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
     ch.viewers = viewers
     if voice:

@@ -312,18 +312,22 @@ def video_avatar(talk_video, tmp_path_factory):
     return prepare(talk_video, "talk", tmp_path_factory.mktemp("avatars"), progress=False)
 
 
-@pytest.mark.parametrize("case", ["onnx", "onnx-talks-at-once", "pth", "onnx-slow-decoder"])
-def test_wav2lip_live_lipsyncs_as_much_as_its_engine_can(case, exported, released_checkpoint, avatar,
-                                                          video_avatar, voice):
-    """Every Wav2Lip engine the README documents, live: after warm-up the worker knows its speed, and
+@pytest.mark.parametrize("case", ["onnx", "onnx-talks-at-once", "pth", "onnx-slow-decoder", "musetalk"])
+def test_neural_engines_live_lipsync_as_much_as_they_can(case, exported, released_checkpoint, avatar,
+                                                         video_avatar, voice, request):
+    """Every neural engine the README documents, live: after warm-up the worker knows its speed, and
     the share of speech frames lip-synced in time is what that speed allows (before: 0 after one slow
-    first batch, or with a decoder slow to start). A client that talks at once gets no grace second."""
-    from streamer.lipsync.engine import Wav2LipInfer
+    first batch, or with a decoder slow to start). A client that talks at once gets no grace second.
+    MuseTalk: a released-layout folder of toy width (its whisper windows computed as the voice comes)."""
+    from streamer.lipsync.engine import Wav2LipInfer, load_engine
 
     wav, speech_s = voice
     if case == "onnx-talks-at-once":
         wav = wav[48000:]
-    engine = Wav2LipInfer(released_checkpoint if case == "pth" else exported["fp16"], device="cpu")
+    if case == "musetalk":
+        engine = load_engine(f"musetalk:{request.getfixturevalue('musetalk_dir')}", device="cpu")
+    else:
+        engine = Wav2LipInfer(released_checkpoint if case == "pth" else exported["fp16"], device="cpu")
     face = SlowToStart(video_avatar, 1.5) if case == "onnx-slow-decoder" else avatar
 
     async def main():

@@ -17,9 +17,9 @@ from tests.conftest import ASTRONAUT, speak, write_video
 from tests.test_channel import simulated_channel
 
 
-def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True):
+def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True, engine=None):
     """Frames 0..steps-1 of a channel fed `voice48` in 20 ms packets on a simulated clock; and n0."""
-    now, worker, ch = simulated_channel(avatar, voice=speaking)
+    now, worker, ch = simulated_channel(avatar, voice=speaking, engine=engine)
     frames, n = {}, 0
     for k in range(0, voice48.size + 48000, CHUNK):
         now[0] = 100.0 + (k + CHUNK) / 48000
@@ -37,16 +37,24 @@ def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True):
     return frames, n0
 
 
-def test_live_frames_equal_rendered_frames_for_the_same_voice(tmp_path):
+@pytest.mark.parametrize("kind", ["builtin", "musetalk"])
+def test_live_frames_equal_rendered_frames_for_the_same_voice(kind, tmp_path, request):
     avatar = demo_avatar(tmp_path)
+    if kind == "musetalk":  # its whisper windows, streamed in blocks, against the same blocks offline
+        from streamer.lipsync.musetalk import MuseTalkInfer
+
+        engine = MuseTalkInfer(request.getfixturevalue("musetalk_dir"), device="cpu")
+        engine.features.background = False  # encode in push: the simulated clock cannot wait for a thread
+    else:
+        engine = BuiltinEngine()
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 480, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(48000, np.float32), speech, np.zeros(48000, np.float32)])
     audio16 = resample(voice, 48000)
     count = round(audio16.size / 16000 * FPS)
-    windows, strength = plan(audio16, count, VoiceActivity(fps=FPS))
-    offline = list(render_frames(avatar, windows, strength, BuiltinEngine()))
-    live, n0 = live_frames(avatar, voice, count + 20)
+    windows, strength = plan(audio16, count, VoiceActivity(fps=FPS), features=engine.features)
+    offline = list(render_frames(avatar, windows, strength, engine))
+    live, n0 = live_frames(avatar, voice, count + 20, engine=engine)
     idle = offline[0]
     compared = [i for i in range(count - 10) if i + n0 in live]
     assert len(compared) > count - 20

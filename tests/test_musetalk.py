@@ -1,0 +1,194 @@
+"""The MuseTalk engine on a released-layout folder with random weights (toy widths, built by
+scripts/musetalk-layout.py): loading and its errors, the audio windows as released, streaming equal
+to offline, audio_pe changing the UNet's audio input and nothing else, and `streamer render`."""
+
+import json
+import math
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from streamer.audio.whisper import POSITION
+from streamer.errors import UserError
+from streamer.lipsync.engine import load_engine
+from streamer.lipsync.musetalk import LAYOUT, MuseTalkInfer, positional_encoding
+from tests.conftest import run_cli, speak, write_wav
+
+
+@pytest.fixture(scope="module")
+def engine(musetalk_dir):
+    return MuseTalkInfer(musetalk_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    from streamer.audio import resample
+
+    x, rate = speak("Lips follow the voice.")
+    return np.concatenate([np.zeros(4000, np.float32), resample(x, rate), np.zeros(4000, np.float32)])
+
+
+def released_windows(folder, audio16: np.ndarray) -> np.ndarray:
+    """MuseTalk v1.5's AudioProcessor on a clip under 30 s, written out from its description: one
+    30 s segment, every layer's hidden states, trimmed at floor(seconds * 50), 4 zero positions before
+    and zeros after, frame i reading positions 2i .. 2i+9 of that, (10 positions x layers, d)."""
+    from transformers import WhisperFeatureExtractor, WhisperModel
+
+    fe = WhisperFeatureExtractor.from_pretrained(str(folder / "whisper"))
+    model = WhisperModel.from_pretrained(str(folder / "whisper")).eval()
+    feats = fe(audio16, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.inference_mode():
+        hs = torch.stack(model.encoder(feats, output_hidden_states=True).hidden_states, dim=2)[0]
+    hs = hs[: math.floor(audio16.size / 16000 * 50)]
+    hs = torch.cat([torch.zeros_like(hs[:4]), hs, torch.zeros_like(hs[:12])])
+    frames = math.floor(audio16.size / 16000 * 25)
+    return np.stack([hs[2 * i : 2 * i + 10].reshape(-1, hs.shape[-1]).numpy() for i in range(frames)])
+
+
+def test_a_released_layout_folder_loads_and_gives_256px_mouths(engine):
+    assert engine.face_size == 256 and engine.features.shape == (50, 32)  # 10 positions x 5 layers, toy d_model
+    assert "musetalk" in engine.name and "audio_pe on" in engine.name
+    rng = np.random.default_rng(0)
+    windows = rng.standard_normal((3, 50, 32)).astype(np.float32)
+    crops = rng.integers(0, 256, (3, 256, 256, 3), dtype=np.uint8)
+    out = engine.predict_crops(windows, crops)
+    assert out.shape == (3, 256, 256, 3) and out.dtype == np.uint8
+    assert 10 < out.std() and out.min() < 50 and out.max() > 200  # a picture, not a constant
+    assert np.array_equal(out, engine.predict_crops(windows, crops))  # deterministic: the cached latents too
+    single = engine.predict_crops(windows[1:2], crops[1:2])
+    assert np.abs(single.astype(int) - out[1]).max() <= 2  # a frame does not depend on its batch
+    with pytest.raises(ValueError):
+        engine.predict_crops(windows[:, :10], crops)
+
+
+def test_audio_windows_are_the_released_ones_when_the_encoder_hears_the_whole_clip(musetalk_dir, clip):
+    """With context_ms past the clip's end every block is encoded from the whole clip, as the release
+    does offline; the default 160 ms context is what live needs, and differs from it."""
+    want = released_windows(musetalk_dir, clip)
+    whole = MuseTalkInfer(musetalk_dir, device="cpu", context_ms=5000, warmup=False)
+    got = whole.features.offline(clip, len(want))
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    live = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False).features.offline(clip, len(want))
+    assert np.abs(live - want).max() > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [320, 777, 4000, 16000])
+@pytest.mark.parametrize("background", [False, True])
+def test_streamed_audio_windows_equal_offline_for_any_chunking(engine, clip, chunk, background):
+    f = engine.features
+    frames = -(-clip.size // 640)
+    want = f.offline(clip, frames)
+    stream = f.stream(background=background)
+    got = {}
+    for k in range(0, clip.size, chunk):
+        for i, w in stream.push(clip[k : k + chunk]):
+            assert i not in got
+            got[i] = w
+            if not background:  # handed out as soon as its audio and the encoder's context are in
+                assert stream.samples - 640 * i <= f.lookahead_s * 16000 + chunk
+    for i, w in stream.flush():
+        got[i] = w
+    assert sorted(got) == list(range(frames))
+    assert max(np.abs(got[i] - want[i]).max() for i in got) == 0
+
+
+def test_the_lookahead_is_what_the_blocks_and_context_need(musetalk_dir):
+    e = MuseTalkInfer(musetalk_dir, device="cpu", block_ms=40, context_ms=100, warmup=False)
+    # frame i reads up to position 2i+5; its 2-position block ends at most 1 position later, +100 ms
+    assert e.features.lookahead_s == pytest.approx((6 + 1) * POSITION / 16000 + 0.1)
+    with pytest.raises(UserError, match="multiples of 20"):
+        MuseTalkInfer(musetalk_dir, device="cpu", block_ms=30, warmup=False)
+
+
+def test_audio_pe_changes_the_unets_audio_input_and_nothing_else(musetalk_dir):
+    on = MuseTalkInfer(musetalk_dir, device="cpu", audio_pe=True, warmup=False)
+    off = MuseTalkInfer(musetalk_dir, device="cpu", audio_pe=False, warmup=False)
+    seen = {}
+
+    def spy(name):
+        def hook(module, args, kwargs):
+            sample, t = args[:2]
+            seen[name] = (sample.clone(), t.clone(), kwargs["encoder_hidden_states"].clone())
+        return hook
+
+    on.unet.register_forward_pre_hook(spy("on"), with_kwargs=True)
+    off.unet.register_forward_pre_hook(spy("off"), with_kwargs=True)
+    rng = np.random.default_rng(1)
+    windows = rng.standard_normal((2, 50, 32)).astype(np.float32)
+    crops = rng.integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    a, b = on.predict_crops(windows, crops), off.predict_crops(windows, crops)
+    (s_on, t_on, h_on), (s_off, t_off, h_off) = seen["on"], seen["off"]
+    assert torch.equal(s_on, s_off) and torch.equal(t_on, t_off) and int(t_on) == 0  # same latents, timestep 0
+    assert torch.equal(h_off, torch.from_numpy(windows))  # off: the whisper windows as they are
+    np.testing.assert_allclose((h_on - h_off).numpy(), np.broadcast_to(positional_encoding(50, 32), (2, 50, 32)),
+                               atol=1e-6)
+    assert np.abs(a.astype(int) - b).mean() > 0.5  # and the mouths differ
+
+
+def test_the_positional_encoding_is_the_released_formula():
+    d, rows = 384, 50  # as released: PositionalEncoding(d_model=384), added over the 50 rows
+    position = torch.arange(0, 5000, dtype=torch.float).unsqueeze(1)
+    div = torch.exp(torch.arange(0, d, 2).float() * (-math.log(10000.0) / d))
+    pe = torch.zeros(5000, d)
+    pe[:, 0::2], pe[:, 1::2] = torch.sin(position * div), torch.cos(position * div)
+    assert np.array_equal(positional_encoding(rows, d), pe[:rows].numpy())
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "models"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("what", list(LAYOUT))
+def test_a_missing_file_is_named(musetalk_dir, tmp_path, what):
+    folder = _copy(musetalk_dir, tmp_path)
+    for name in LAYOUT[what]:
+        (folder / name).unlink(missing_ok=True)
+    with pytest.raises(UserError, match=LAYOUT[what][0].replace(".", r"\.")):
+        load_engine(f"musetalk:{folder}", device="cpu")
+
+
+def test_mismatched_files_get_one_clear_line(musetalk_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    folder = _copy(musetalk_dir, tmp_path)
+    state = torch.load(folder / "musetalkV15" / "unet.pth", weights_only=True)
+    key = next(iter(state))
+    torch.save({k: v for k, v in state.items() if k != key}, folder / "musetalkV15" / "unet.pth")
+    with pytest.raises(UserError, match=f"unet.pth does not fit musetalk.json: keys 1 missing \\(e.g. {key}\\)"):
+        load_engine(f"musetalk:{folder}", device="cpu")
+
+    config = json.loads((folder / "musetalkV15" / "musetalk.json").read_text())
+    config["cross_attention_dim"] = 48  # a consistent UNet that does not take whisper's 32-wide features
+    torch.save(UNet2DConditionModel.from_config(config).state_dict(), folder / "musetalkV15" / "unet.pth")
+    (folder / "musetalkV15" / "musetalk.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="cross_attention_dim is 48 but whisper's d_model is 32"):
+        load_engine(f"musetalk:{folder}", device="cpu")
+
+    (folder / "musetalkV15" / "musetalk.json").write_text("{not json")
+    with pytest.raises(UserError, match="musetalk.json is not readable JSON"):
+        load_engine(f"musetalk:{folder}", device="cpu")
+
+
+def test_render_writes_an_mp4_and_bad_folders_fail_in_one_line(musetalk_dir, clip, tmp_path):
+    wav = write_wav(tmp_path / "v.wav", np.concatenate([np.zeros(16000, np.float32), clip]), 16000)
+    out = tmp_path / "out.mp4"
+    args = ("render", "--audio", wav, "--avatars", tmp_path / "avatars", "-q", "--device", "cpu")
+    for pe in ("on", "off"):
+        proc = run_cli(*args, "--out", out, "--model", f"musetalk:{musetalk_dir}", "--audio-pe", pe, "--force",
+                       check=True)
+        assert "mouth animated in" in proc.stdout
+        with av.open(str(out)) as c:
+            frames = [f.to_ndarray(format="bgr24") for f in c.decode(video=0)]
+        assert len(frames) == round((16000 + clip.size) / 16000 * 25)
+        moved = [np.abs(f.astype(int) - frames[0]).mean() for f in frames]
+        assert max(moved[:20]) < 0.2 and max(moved) > 5 * max(moved[:20])  # still in the leading silence, not in speech
+
+    proc = run_cli(*args, "--out", tmp_path / "x.mp4", "--model", f"musetalk:{tmp_path / 'nowhere'}")
+    assert proc.returncode == 2 and not (tmp_path / "x.mp4").exists()
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
