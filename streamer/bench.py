@@ -55,6 +55,83 @@ def time_call(fn, min_seconds: float, min_calls: int = 3) -> float:
     return float(np.median(times))
 
 
+def musetalk_rows(model: str, batches: list[int], seconds: float, log=print, only: str | None = None) -> list[dict]:
+    """MuseTalk (musetalk:DIR): ms/frame of `predict_crops` (VAE encode of new crops, UNet, VAE decode)
+    with the latents of the avatar's crops cached, as live; and the whisper encoder's time per block."""
+    from streamer.lipsync.engine import cuda_available, load_engine
+
+    devices = [d for d in (["cuda", "cpu"] if cuda_available() else ["cpu"]) if only in (None, d)]
+    rows = []
+    for device in devices:
+        for dtype in (("fp16", "fp32") if device == "cuda" else ("fp32",)):
+            eng = load_engine(model, device=device, dtype=dtype)
+            f = eng.features
+            audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
+            block = time_call(lambda: f.encode(audio, 0, audio.size, 0), seconds)
+            log(f"musetalk {device} {dtype}: whisper encoder {1000 * block:.1f} ms per {f.block * 20} ms block")
+            for b in batches:
+                windows = np.zeros((b, *f.shape), np.float32)
+                crops = np.full((b, eng.face_size, eng.face_size, 3), 128, np.uint8)
+                eng.predict_crops(windows, crops)
+                sec = time_call(lambda: eng.predict_crops(windows, crops), seconds)
+                row = {"backend": "musetalk torch", "device": device, "dtype": dtype, "batch": b,
+                       "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec, "crops_fps": b / sec,
+                       "whisper_ms": 1000 * block, "block_ms": f.block * 20}
+                rows.append(row)
+                log(f"musetalk {device} {dtype} batch {b}: {row['ms_per_frame']:.1f} ms/frame, {row['fps']:.2f} frames/s")
+                if row["ms_per_frame"] > 2000:
+                    log("over 2 s a frame: larger batches skipped")
+                    break
+    return rows
+
+
+def musetalk_table(rows: list[dict]) -> str:
+    lines = ["`predict_crops` with the avatar crop's latents cached (as live); whisper: one encoder run over its 30 s "
+             "input, which each block of audio needs.", "",
+             "| device | dtype | batch | ms/call | ms/frame | frames/s | whisper ms/block (block ms) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['ms_per_frame']:.1f} "
+                     f"| {r['fps']:.2f} | {r['whisper_ms']:.1f} ({r['block_ms']}) |")
+    return "\n".join(lines)
+
+
+def audio_pe_rows(model: str, voice: str | None, avatars: str = "avatars", batch: int = 8, log=print) -> list[tuple]:
+    """MuseTalk's mouths for the same clip with the audio positional encoding on and off: how much they
+    differ (speech frames, the 256 px predicted faces, lower half where the mouth is)."""
+    from streamer.audio import VoiceActivity, resample
+    from streamer.avatar.cache import demo_avatar
+    from streamer.lipsync.engine import load_engine
+    from streamer.mouth import FPS, face_crop, source_frame
+    from streamer.render import plan
+
+    audio16 = resample(_voice(voice, 10.0, 0.0), 48000)
+    frames = round(audio16.size / 16000 * FPS)
+    eng = load_engine(model)
+    avatar = demo_avatar(avatars)
+    windows, strength = plan(audio16, frames, VoiceActivity(fps=FPS), features=eng.features)
+    speech = np.flatnonzero(strength > 0)
+    if not len(speech):
+        raise UserError("no speech found in the clip")
+    still = next(iter(avatar.read_frames(0, count=1)))[2]
+    crops = np.stack([face_crop(avatar, source_frame(int(i), avatar), still, eng.face_size) for i in speech])
+    out = {}
+    for pe in (True, False):
+        eng.audio_pe = pe
+        out[pe] = np.concatenate([eng.predict_crops(windows[speech[k : k + batch]], crops[k : k + batch])
+                                  for k in range(0, len(speech), batch)])
+        log(f"audio_pe {'on' if pe else 'off'}: {len(speech)} speech frames predicted")
+    half = eng.face_size // 2
+    d = np.abs(out[True][:, half:].astype(np.float32) - out[False][:, half:])
+    mse = float((d**2).mean())
+    psnr = 10 * np.log10(255**2 / mse) if mse else float("inf")
+    return [("engine", eng.name.replace("audio_pe off", "audio_pe on vs off")),
+            ("clip", f"{audio16.size / 16000:.1f} s, {len(speech)} speech frames"),
+            ("lower face, mean abs difference", f"{d.mean():.2f} of 255"),
+            ("lower face, PSNR on vs off", f"{psnr:.1f} dB"),
+            ("pixels differing by more than 8", f"{100 * (d.max(axis=-1) > 8).mean():.1f}%")]
+
+
 def engine_rows(model: str | None, batches: list[int], seconds: float, log=print, only: str | None = None) -> list[dict]:
     """ms/frame and frames/s for each backend x dtype x batch available here."""
     import torch

@@ -57,6 +57,12 @@ def _bench(args) -> int:
                                                         args.half_open, args.model, args.workers))
     elif args.what == "sharpness":
         title, table = "Close-up sharpness", bench.kv_table(bench.sharpness_rows())
+    elif args.what == "audio-pe":
+        from streamer.lipsync.musetalk import is_musetalk
+
+        if not is_musetalk(args.model):
+            raise UserError("bench audio-pe needs --model musetalk:DIR")
+        title, table = "MuseTalk audio_pe on vs off", bench.kv_table(bench.audio_pe_rows(args.model, args.voice))
     elif args.what == "avatar":
         title, table = "Avatar cache and blending", bench.kv_table(bench.avatar_rows(args.avatar_seconds))
     else:
@@ -64,8 +70,14 @@ def _bench(args) -> int:
             batches = [int(b) for b in args.batches.split(",")]
         except ValueError:
             raise UserError(f"--batches takes numbers separated by commas, not {args.batches!r}") from None
-        title, table = "Wav2Lip engine", bench.engine_table(bench.engine_rows(args.model, batches, args.seconds,
-                                                                        only=args.device))
+        from streamer.lipsync.musetalk import is_musetalk
+
+        if is_musetalk(args.model):
+            title, table = "MuseTalk engine", bench.musetalk_table(bench.musetalk_rows(args.model, batches,
+                                                                                     args.seconds, only=args.device))
+        else:
+            title, table = "Wav2Lip engine", bench.engine_table(bench.engine_rows(args.model, batches, args.seconds,
+                                                                                only=args.device))
     print(table)
     if args.record:
         bench.record(Path(args.record), title, table)
@@ -305,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "talkers for --soak-minutes with a viewer coming and going, connect/disconnect "
                                    "churn and offers that never connect: memory, threads, files and gauges before "
                                    "and after, fps and delay first and last minute. sharpness: how much of a 1080p close-up's "
-                                   "fine detail a render keeps around the mouth (builtin engine).")
-    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak", "sharpness"),
+                                   "fine detail a render keeps around the mouth (builtin engine). audio-pe: MuseTalk's mouths for "
+                                   "--voice with its audio positional encoding on and off, and how much they differ.")
+    b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak", "sharpness", "audio-pe"),
                    default="engine",
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")

@@ -106,8 +106,10 @@ class WhisperFeatures:
         positions = np.concatenate(parts) if parts else np.zeros((0, *self._state_shape()), np.float32)
         return self.windows(positions, range(frames))
 
-    def stream(self, background: bool = True) -> WhisperStream:
-        return WhisperStream(self, background)
+    background = True  # streams encode on the encoder thread (False: in push, for simulated clocks)
+
+    def stream(self, background: bool | None = None) -> WhisperStream:
+        return WhisperStream(self, self.background if background is None else background)
 
     def _state_shape(self) -> tuple[int, int]:
         return self.shape[0] // self.width, self.shape[1]

@@ -81,13 +81,16 @@ def _read_json(path: Path) -> dict:
 
 
 def positional_encoding(rows: int, width: int) -> np.ndarray:
-    """(rows, width) sinusoidal encoding, as the released inference's PositionalEncoding(d_model=384)."""
-    position = np.arange(rows, dtype=np.float32)[:, None]
-    div = np.exp(np.arange(0, width, 2, dtype=np.float32) * (-math.log(10000.0) / width))
-    pe = np.zeros((rows, width), np.float32)
-    pe[:, 0::2] = np.sin(position * div)
-    pe[:, 1::2] = np.cos(position * div)
-    return pe
+    """(rows, width) sinusoidal encoding, as the released inference's PositionalEncoding(d_model=384)
+    computes it (in torch float32, so the values are its values to the bit)."""
+    import torch
+
+    position = torch.arange(0, rows, dtype=torch.float).unsqueeze(1)
+    div = torch.exp(torch.arange(0, width, 2).float() * (-math.log(10000.0) / width))
+    pe = torch.zeros(rows, width)
+    pe[:, 0::2] = torch.sin(position * div)
+    pe[:, 1::2] = torch.cos(position * div)
+    return pe.numpy()
 
 
 class MuseTalkInfer:
