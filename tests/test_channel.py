@@ -16,11 +16,11 @@ def avatar(tmp_path_factory):
     return demo_avatar(tmp_path_factory.mktemp("avatars"))
 
 
-def simulated_channel(avatar, viewers: int = 1, voice: bool = True, engine=None):
+def simulated_channel(avatar, viewers: int = 1, voice: bool = True, engine=None, delay_s: float = 0.3):
     """(clock cell, worker, channel) on a simulated clock (set now[0]; drain the worker yourself)."""
     now = [100.0]
     worker = InferenceWorker(engine or BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=0.3, clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=delay_s, clock=lambda: now[0])
     ch.viewers = viewers
     if voice:
         ch.attach_voice("s")

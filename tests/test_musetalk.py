@@ -192,3 +192,36 @@ def test_render_writes_an_mp4_and_bad_folders_fail_in_one_line(musetalk_dir, cli
     proc = run_cli(*args, "--out", tmp_path / "x.mp4", "--model", f"musetalk:{tmp_path / 'nowhere'}")
     assert proc.returncode == 2 and not (tmp_path / "x.mp4").exists()
     assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+
+
+def test_streams_longer_than_whisper_s_30_s_equal_offline_to_the_end(engine):
+    """Past 30 s the encoder's input slides; the stream keeps what its last blocks read at the end."""
+    rng = np.random.default_rng(3)
+    audio = (0.1 * rng.standard_normal(24000 * 22 + 12320)).astype(np.float32)
+    f = engine.features
+    frames = -(-audio.size // 640)
+    want = f.offline(audio, frames)
+    stream = f.stream(background=False)
+    edges = [0, *range(12320, audio.size + 1, 24000)]  # 0.77 s, then 1.5 s pushes (each trims) to the end
+    assert edges[-1] == audio.size
+    got = {}
+    for a, b in zip(edges, edges[1:]):
+        got.update(stream.push(audio[a:b]))
+    got.update(stream.flush())
+    assert sorted(got) == list(range(frames))
+    assert max(np.abs(got[i] - want[i]).max() for i in range(frames - 30, frames)) == 0
+
+
+def test_the_latent_cache_evicts_without_losing_a_batchs_own_crops(musetalk_dir, monkeypatch):
+    import streamer.lipsync.musetalk as mt
+
+    monkeypatch.setattr(mt, "LATENT_CACHE", 4)
+    e = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    rng = np.random.default_rng(2)
+    crops = rng.integers(0, 256, (8, 256, 256, 3), dtype=np.uint8)
+    windows = np.zeros((3, 50, 32), np.float32)
+    first = e.predict_crops(windows, crops[[0, 1, 2]])
+    e.predict_crops(windows, crops[[3, 4, 0]])  # 0 is the oldest entry, hit while misses come in
+    again = e.predict_crops(windows, crops[[5, 6, 7]])  # evicts everything older
+    assert len(e._latents) == 4 and again.shape == (3, 256, 256, 3)
+    assert np.array_equal(e.predict_crops(windows, crops[[0, 1, 2]]), first)  # recomputed the same

@@ -65,10 +65,10 @@ class WhisperFeatures:
         with self._lock, torch.inference_mode():
             x = torch.from_numpy(feats).to(self.device, self.dtype)
             states = self.encoder(x, output_hidden_states=True).hidden_states
-            hidden = torch.stack(states, dim=2)[0].float().cpu().numpy()  # (1500, layers, d)
-        p0, p1 = block * self.block, (block + 1) * self.block
-        first = start // POSITION
-        out = hidden[p0 - first : p1 - first].copy()
+            p0, p1 = block * self.block, (block + 1) * self.block
+            first = start // POSITION
+            # only this block's positions leave the device (all 1500 would be 11 MB a block)
+            out = torch.stack([h[0, p0 - first : p1 - first] for h in states], dim=1).float().cpu().numpy()
         valid = max(0, end // POSITION - p0)  # the release trims at floor(samples / 320)
         out[valid:] = 0
         return out
@@ -189,9 +189,29 @@ class WhisperStream:
         else:
             self._pending.append((block, self.f.submit(self.f.encode, audio.copy(), start, stop, block)))
 
+    def _result(self, fut: Future | None) -> np.ndarray:
+        """A block's features; zeros for one skipped or failed (every block keeps its place)."""
+        if fut is not None:
+            try:
+                return fut.result()
+            except Exception as e:  # noqa: BLE001 - e.g. out of GPU memory: this block's frames lose their mouth
+                self.skipped += 1
+                log.error("whisper encoder failed on a block (%s: %s); its frames get no audio features",
+                          type(e).__name__, e)
+        return np.zeros((self.f.block, *self._pos.shape[1:]), np.float32)
+
+    def close(self) -> None:
+        """The voice is gone: queued blocks are not encoded (other streams share the encoder)."""
+        self.closed = True
+        for _, fut in self._pending:
+            if fut is not None:
+                fut.cancel()
+        self._pending.clear()
+
     def _trim_audio(self) -> None:
-        start, _ = self.f.window_of(self._next_block, self._n + SPAN)  # the next block reads from here on
-        keep = min(start, self._n)
+        start, _ = self.f.window_of(self._next_block, self._n + SPAN)  # the next block reads from here on...
+        end_start, _ = self.f.window_of(self._next_block, self._n)  # ...or from here, if the stream ends now
+        keep = min(start, end_start, self._n)
         if keep - self._a0 > RATE:
             self._audio = self._audio[keep - self._a0 :]
             self._a0 = keep
@@ -201,7 +221,7 @@ class WhisperStream:
         parts = []
         while self._pending and (wait or self._pending[0][1] is None or self._pending[0][1].done()):
             _, fut = self._pending.popleft()
-            parts.append(fut.result() if fut is not None else np.zeros((f.block, *self._pos.shape[1:]), np.float32))
+            parts.append(self._result(fut))
         if parts:
             self._pos = np.concatenate([self._pos, *parts])
         done = self._p0 + len(self._pos)  # positions known

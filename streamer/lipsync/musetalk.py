@@ -204,6 +204,9 @@ class MuseTalkInfer:
         import torch
 
         keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() for c in crops]
+        for k in keys:  # hits first become the newest, so this batch's misses cannot evict them
+            if k in self._latents:
+                self._latents.move_to_end(k)
         todo = [k for k in dict.fromkeys(keys) if k not in self._latents]
         if todo:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
@@ -217,12 +220,11 @@ class MuseTalkInfer:
             n = len(todo)
             both = torch.cat([lat[:n], lat[n:]], dim=1)  # kept where they are used
             for k, v in zip(todo, both):
-                self._latents[k] = v
-            while len(self._latents) > LATENT_CACHE:
-                self._latents.popitem(last=False)
-        for k in keys:
-            self._latents.move_to_end(k)
-        return torch.stack([self._latents[k] for k in keys])
+                self._latents[k] = v.clone()  # its own memory: an evicted one frees it
+        batch = torch.stack([self._latents[k] for k in keys])
+        while len(self._latents) > LATENT_CACHE:
+            self._latents.popitem(last=False)
+        return batch
 
     def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
         """windows (B, rows, width) whisper features, crops (B, 256, 256, 3) uint8 BGR -> mouths, same."""

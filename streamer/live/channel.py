@@ -154,7 +154,7 @@ class Channel:
         with self._lock:
             self.heard_at = None
             self.publisher = session
-            self.voice = VoiceIn(self._vad_factory(), self.features)
+            self._set_voice(VoiceIn(self._vad_factory(), self.features))
             self.speaking = False
             if self.auto:
                 self.delay_s = auto_delay(self.worker, self.min_delay_s)
@@ -165,7 +165,7 @@ class Channel:
         pin it to the clock afresh, as a new voice, rather than place it seconds in the past."""
         with self._lock:
             if self.voice is not None:
-                self.voice = VoiceIn(self._vad_factory(), self.features)
+                self._set_voice(VoiceIn(self._vad_factory(), self.features))
                 self.speaking = False
         log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
 
@@ -173,8 +173,14 @@ class Channel:
         with self._lock:
             if self.publisher == session:
                 self.publisher = None
-                self.voice = None
+                self._set_voice(None)
                 self.speaking = False
+
+    def _set_voice(self, voice: VoiceIn | None) -> None:
+        old, self.voice = self.voice, voice
+        close = getattr(old.features, "close", None) if old else None
+        if close:  # MuseTalk's whisper blocks still queued for a voice that is gone
+            close()
 
     @property
     def n0(self) -> int | None:
