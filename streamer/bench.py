@@ -75,7 +75,7 @@ def musetalk_rows(model: str, batches: list[int], seconds: float, log=print, onl
                 eng.predict_crops(windows, crops)
                 sec = time_call(lambda: eng.predict_crops(windows, crops), seconds)
                 row = {"backend": "musetalk torch", "device": device, "dtype": dtype, "batch": b,
-                       "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec, "crops_fps": b / sec,
+                       "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec,
                        "whisper_ms": 1000 * block, "block_ms": f.block * 20}
                 rows.append(row)
                 log(f"musetalk {device} {dtype} batch {b}: {row['ms_per_frame']:.1f} ms/frame, {row['fps']:.2f} frames/s")

@@ -2,6 +2,7 @@
 scripts/musetalk-layout.py): loading and its errors, the audio windows as released, streaming equal
 to offline, audio_pe changing the UNet's audio input and nothing else, and `streamer render`."""
 
+import itertools
 import json
 import math
 import shutil
@@ -205,7 +206,7 @@ def test_streams_longer_than_whisper_s_30_s_equal_offline_to_the_end(engine):
     edges = [0, *range(12320, audio.size + 1, 24000)]  # 0.77 s, then 1.5 s pushes (each trims) to the end
     assert edges[-1] == audio.size
     got = {}
-    for a, b in zip(edges, edges[1:]):
+    for a, b in itertools.pairwise(edges):
         got.update(stream.push(audio[a:b]))
     got.update(stream.flush())
     assert sorted(got) == list(range(frames))

@@ -47,6 +47,7 @@ class WhisperFeatures:
         self.context = context_ms * RATE // 1000  # samples heard past a block's end
         layers = encoder.config.encoder_layers + 1
         self.width = self.step * (PAD_LEFT + PAD_RIGHT + 1)  # positions per window: 10
+        self.state_shape = (layers, encoder.config.d_model)  # one position's features
         self.shape = (self.width * layers, encoder.config.d_model)
         # frame i needs positions up to step*(i + PAD_RIGHT + 1) - 1; the block holding it, then the context
         last = self.step * (PAD_RIGHT + 1)
@@ -93,7 +94,7 @@ class WhisperFeatures:
 
     # offline and streaming
 
-    def offline(self, audio16: np.ndarray, frames: int, progress=None) -> np.ndarray:
+    def offline(self, audio16: np.ndarray, frames: int) -> np.ndarray:
         audio16 = np.asarray(audio16, np.float32).reshape(-1)
         n = audio16.size
         blocks = -(-(n // POSITION) // self.block) if n else 0
@@ -101,9 +102,7 @@ class WhisperFeatures:
         for b in range(blocks):
             start, stop = self.window_of(b, n)
             parts.append(self.encode(audio16[start:stop], start, stop, b))
-            if progress:
-                progress(b + 1, blocks)
-        positions = np.concatenate(parts) if parts else np.zeros((0, *self._state_shape()), np.float32)
+        positions = np.concatenate(parts) if parts else np.zeros((0, *self.state_shape), np.float32)
         return self.windows(positions, range(frames))
 
     background = True  # streams encode on the encoder thread (False: in push, for simulated clocks)
@@ -111,14 +110,8 @@ class WhisperFeatures:
     def stream(self, background: bool | None = None) -> WhisperStream:
         return WhisperStream(self, self.background if background is None else background)
 
-    def _state_shape(self) -> tuple[int, int]:
-        return self.shape[0] // self.width, self.shape[1]
-
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 class WhisperStream:
@@ -134,7 +127,7 @@ class WhisperStream:
         self._n = 0
         self._next_block = 0
         self._pending: deque[tuple[int, Future | None]] = deque()
-        self._pos = np.zeros((0, *features._state_shape()), np.float32)  # positions from _p0 on
+        self._pos = np.zeros((0, *features.state_shape), np.float32)  # positions from _p0 on
         self._p0 = 0
         self._next = 0  # next frame
         self.skipped = 0
@@ -198,7 +191,7 @@ class WhisperStream:
                 self.skipped += 1
                 log.error("whisper encoder failed on a block (%s: %s); its frames get no audio features",
                           type(e).__name__, e)
-        return np.zeros((self.f.block, *self._pos.shape[1:]), np.float32)
+        return np.zeros((self.f.block, *self.f.state_shape), np.float32)
 
     def close(self) -> None:
         """The voice is gone: queued blocks are not encoded (other streams share the encoder)."""

@@ -109,28 +109,19 @@ class MuseTalkInfer:
         except ImportError:
             raise UserError("the musetalk engine needs its extra: pip install -e '.[musetalk]' (diffusers, "
                             "transformers)") from None
-        from streamer.lipsync.engine import cuda_available
-
         _quiet()
         self.folder = Path(folder)
         files = check_layout(self.folder)
-        if device == "auto":
-            device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
-        elif device == "cuda" and not torch.cuda.is_available():
-            raise UserError("device 'cuda' was asked for, but torch sees no CUDA GPU")
-        if dtype == "auto":
-            dtype = "fp16" if device == "cuda" else "fp32"
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self._tdtype = _placement(device, dtype)
         self.audio_pe = audio_pe
-        self._tdtype = torch.float16 if dtype == "fp16" else torch.float32
         self._lock = threading.Lock()
         self._latents: OrderedDict = OrderedDict()  # crop digest -> (8, 32, 32) tensor on the device
         self.unet = self._load_unet(files)
         self.vae = self._load_vae(files)
-        self.features = self._load_whisper(files, block_ms, context_ms)
+        self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms)
         self._check_fit()
         rows, width = self.features.shape
-        self._pe = torch.from_numpy(positional_encoding(rows, width)).to(device, self._tdtype)
+        self._pe = torch.from_numpy(positional_encoding(rows, width)).to(self.device, self._tdtype)
         self.scale = float(self.vae.config.scaling_factor)
         if warmup:
             self.warmup()
@@ -170,9 +161,6 @@ class MuseTalkInfer:
             raise UserError(f"musetalk: cannot load the VAE in {folder} ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
         return vae.to(self.device, self._tdtype).eval()
-
-    def _load_whisper(self, files, block_ms: int, context_ms: int):
-        return _whisper(files, self.device, self._tdtype, block_ms, context_ms)
 
     def _check_fit(self) -> None:
         u, v = self.unet.config, self.vae.config
@@ -264,15 +252,24 @@ def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context
 
 def load_features(folder: Path, device: str = "auto", dtype: str = "auto", block_ms: int = 80, context_ms: int = 160):
     """MuseTalk's audio front end alone (whisper windows), for a process that runs no UNet."""
+    _quiet()
+    device, _, tdtype = _placement(device, dtype)
+    return _whisper(check_layout(folder), device, tdtype, block_ms, context_ms)
+
+
+def _placement(device: str, dtype: str):
+    """(device, dtype name, torch dtype) for 'auto' or asked-for values: fp16 on CUDA, fp32 on the CPU."""
     import torch
 
-    _quiet()
+    from streamer.lipsync.engine import cuda_available
+
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda_available() and torch.cuda.is_available() else "cpu"
+    elif device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device 'cuda' was asked for, but torch sees no CUDA GPU")
     if dtype == "auto":
         dtype = "fp16" if device == "cuda" else "fp32"
-    return _whisper(check_layout(folder), device, torch.float16 if dtype == "fp16" else torch.float32, block_ms,
-                    context_ms)
+    return device, dtype, torch.float16 if dtype == "fp16" else torch.float32
 
 
 def _quiet() -> None:
