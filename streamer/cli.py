@@ -100,13 +100,28 @@ def _avatar(cfg, name):
     return Avatar.load(cfg.avatar.dir, name)
 
 
+def _use_avatar(engine, avatar, progress: bool) -> None:
+    """An engine that keeps something per avatar crop (MuseTalk's latents) reads or computes it now."""
+    if hasattr(engine, "use_avatar"):
+        engine.use_avatar(avatar, progress)
+
+
 def _prepare(args) -> int:
     from streamer.avatar.cache import PrepareSettings, prepare
 
-    cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.max_height": args.max_height})
-    settings = PrepareSettings(face_size=cfg.avatar.face_size, max_height=cfg.avatar.max_height)
+    cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.max_height": args.max_height, "model.path": args.model,
+                           "model.device": args.device, "model.dtype": args.dtype})
+    engine = None
+    face_size = cfg.avatar.face_size
+    if args.model is not None:  # crops at the model's size, and what it keeps per crop
+        from streamer.lipsync.engine import load_engine
+
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
+        face_size = engine.face_size
+    settings = PrepareSettings(face_size=face_size, max_height=cfg.avatar.max_height)
     avatar = prepare(args.video or args.image, args.name, cfg.avatar.dir, settings, force=args.force,
                      progress=not args.quiet)
+    _use_avatar(engine, avatar, not args.quiet)
     w, h = avatar.size
     print(f"avatar {avatar.name}: {avatar.frames} frames {w}x{h} at {avatar.fps:g} fps in {avatar.path}")
     return 0
@@ -123,6 +138,7 @@ def _render(args) -> int:
     avatar = _avatar(cfg, cfg.avatar.name)
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop(),
                          musetalk=cfg.musetalk)
+    _use_avatar(engine, avatar, not args.quiet)
     log.info("engine: %s", engine.name)
     summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
                      vad=cfg.audio.voice_activity(25), force=args.force, progress=not args.quiet, crf=cfg.render.crf,
@@ -147,10 +163,12 @@ def _serve_inference(cfg, path: str) -> int:
     from streamer.lipsync.engine import load_engine
     from streamer.live.service import run_service
 
+    avatar = _avatar(cfg, cfg.avatar.name)
     if cfg.model.path is not None:
         engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
+        _use_avatar(engine, avatar, False)
     else:
-        engine = load_engine(None, mouth=_avatar(cfg, cfg.avatar.name).mouth_in_crop())
+        engine = load_engine(None, mouth=avatar.mouth_in_crop())
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -209,6 +227,8 @@ def _serve(args) -> int:
     avatar = _avatar(cfg, cfg.avatar.name)
     if cfg.model.path is None and remote is None:
         engine = load_engine(None, mouth=avatar.mouth_in_crop())
+    elif remote is None:
+        _use_avatar(engine, avatar, not args.quiet)
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
     host, port = cfg.server.host, cfg.server.port
 
@@ -280,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="a photo: becomes a still avatar")
     pr.add_argument("--name", required=True, help="avatar name: letters, digits, '-' and '_'")
     pr.add_argument("--max-height", type=int, help="scale taller sources down to this (default 1080)")
+    pr.add_argument("--model", help="prepare for this model: face crops at its size and, for musetalk:DIR, the "
+                                    "latents of every crop, so serve and render start at full speed")
+    pr.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where --model runs (default auto)")
+    pr.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="--model's precision (default auto)")
     pr.add_argument("--force", action="store_true", help="rebuild even if the cache is up to date")
     pr.set_defaults(func=_prepare)
 

@@ -62,7 +62,7 @@ class AudioConfig:
 class AvatarConfig:
     dir: str = _opt("avatars", "folder of prepared avatars")
     name: str = _opt("astronaut", "avatar used when none is named (astronaut: the bundled demo)")
-    face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip)", min=32, max=512)
+    face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip; prepare --model sets it)", min=32, max=512)
     max_height: int = _opt(1080, "taller sources are scaled down when prepared", min=64, max=4320)
 
 

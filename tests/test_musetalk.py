@@ -226,3 +226,56 @@ def test_the_latent_cache_evicts_without_losing_a_batchs_own_crops(musetalk_dir,
     again = e.predict_crops(windows, crops[[5, 6, 7]])  # evicts everything older
     assert len(e._latents) == 4 and again.shape == (3, 256, 256, 3)
     assert np.array_equal(e.predict_crops(windows, crops[[0, 1, 2]]), first)  # recomputed the same
+
+
+def test_prepare_with_the_model_keeps_every_crops_latents_with_the_avatar(musetalk_dir, talk_video, tmp_path):
+    """`streamer prepare --model musetalk:DIR`: 256 px crops and every crop's latents saved with the
+    avatar; an engine that uses the avatar reads them and encodes no crop; they are the latents it would
+    have encoded on demand."""
+    from streamer.avatar.cache import Avatar
+
+    avatars = tmp_path / "avatars"
+    run_cli("prepare", "--video", talk_video, "--name", "v", "--avatars", avatars, "--model",
+            f"musetalk:{musetalk_dir}", "--device", "cpu", "-q", check=True)
+    avatar = Avatar.load(avatars, "v")
+    assert avatar.crops.shape == (75, 256, 256, 3)
+    assert len(list(avatar.path.glob("musetalk-latents-*.npz"))) == 1
+    e = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    e.use_avatar(avatar)
+    fresh = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    crops = np.asarray(avatar.crops[[0, 40, 74]])
+    np.testing.assert_allclose(e.encode_crops(crops).numpy(), fresh.encode_crops(crops).numpy(), atol=1e-5)
+    assert e.encoded == 0 and fresh.encoded == 3
+    other = np.full((1, 256, 256, 3), 7, np.uint8)  # a crop not of the avatar: encoded on demand
+    e.encode_crops(other)
+    assert e.encoded == 1
+
+
+def test_an_avatar_prepared_without_the_model_gets_its_latents_on_first_use(musetalk_dir, talk_video, clip, tmp_path):
+    """Crops cut from the decoded frames at run time (a 96 px avatar) are the ones whose latents were
+    saved: render encodes none. A damaged file is computed again, not a failure."""
+    from streamer.avatar.cache import prepare
+    from streamer.render import render
+
+    avatar = prepare(talk_video, "v", tmp_path / "avatars", progress=False)
+    assert avatar.crops.shape[1] == 96
+    first = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    first.use_avatar(avatar)
+    assert first.encoded == 75
+    [saved] = avatar.path.glob("musetalk-latents-*.npz")
+    e = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    e.use_avatar(avatar)
+    wav = write_wav(tmp_path / "v.wav", clip, 16000)
+    summary = render(avatar, wav, tmp_path / "out.mp4", e, progress=False)
+    assert summary["speech_frames"] > 20 and e.encoded == 0
+    saved.write_bytes(b"not a zip")
+    again = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    again.use_avatar(avatar)
+    assert again.encoded == 75 and np.load(saved)["latents"].shape[0] == 75
+
+
+def test_a_folder_under_home_is_found_as_the_shell_would_not_expand_it(musetalk_dir, monkeypatch):
+    from streamer.lipsync.engine import resolve_model
+
+    monkeypatch.setenv("HOME", str(musetalk_dir.parent))
+    assert resolve_model(f"musetalk:~/{musetalk_dir.name}") == musetalk_dir  # `musetalk:~/x`: bash keeps the ~

@@ -6,6 +6,7 @@ avatars/<name>/
   boxes.npy       (N, 4) int32 face boxes x1, y1, x2, y2, padded and smoothed over time
   landmarks.npy   (N, 5, 2) float32 eyes, nose, mouth corners
   crops.npy       (N, S, S, 3) uint8 BGR face crops at the model's size
+  musetalk-latents-<key>.npz   MuseTalk only: every crop's VAE latents (written by that engine)
 
 The live path holds boxes, landmarks and crops (41 MB for 60 s at 96 px) and decodes full frames a
 few at a time, so a long 1080p avatar needs no gigabytes of RAM.

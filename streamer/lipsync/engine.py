@@ -323,12 +323,12 @@ def resolve_model(model: str | Path, models_dir: str | Path = "models") -> Path:
     from streamer.lipsync.musetalk import PREFIX, check_layout, is_musetalk
 
     if is_musetalk(model):
-        folder = Path(str(model)[len(PREFIX) :])
+        folder = Path(str(model)[len(PREFIX) :]).expanduser()  # the shell leaves ~ after a colon alone
         if not folder.exists() and not folder.is_absolute() and (Path(models_dir) / folder).is_dir():
             folder = Path(models_dir) / folder
         check_layout(folder)
         return folder
-    path = Path(model)
+    path = Path(model).expanduser()
     if not path.exists() and not path.is_absolute() and (Path(models_dir) / path).exists():
         path = Path(models_dir) / path
     if not path.exists():

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -40,7 +41,9 @@ from streamer.errors import UserError
 log = logging.getLogger(__name__)
 
 FACE = 256
-LATENT_CACHE = 2048  # avatar crops whose latents are kept (16 KB each at fp16)
+LATENT_CACHE = 2048  # crops outside the avatar's whose latents are kept (16 KB each at fp16)
+LATENTS = "musetalk-latents-{key}.npz"  # in the avatar's folder: its crops' digests and latents
+ENCODE_BATCH = 16
 LAYOUT = {
     "unet config": ("musetalkV15/musetalk.json",),
     "unet weights": ("musetalkV15/unet.pth",),
@@ -111,11 +114,14 @@ class MuseTalkInfer:
                             "transformers)") from None
         _quiet()
         self.folder = Path(folder)
-        files = check_layout(self.folder)
+        files = self._files = check_layout(self.folder)
         self.device, self.dtype, self._tdtype = _placement(device, dtype)
         self.audio_pe = audio_pe
         self._lock = threading.Lock()
         self._latents: OrderedDict = OrderedDict()  # crop digest -> (8, 32, 32) tensor on the device
+        self._avatar: dict[bytes, int] = {}  # crop digest -> row of _avatar_latents (use_avatar)
+        self._avatar_latents = None
+        self.encoded = 0  # crops VAE-encoded so far
         self.unet = self._load_unet(files)
         self.vae = self._load_vae(files)
         self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms)
@@ -187,32 +193,93 @@ class MuseTalkInfer:
         x = torch.from_numpy(np.ascontiguousarray(windows, np.float32)).to(self.device, self._tdtype)
         return x + self._pe if self.audio_pe else x
 
-    def encode_crops(self, crops: np.ndarray):
-        """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32) latents: lower half masked, then whole (cached)."""
+    def _encode(self, faces: np.ndarray):
+        """(n, 256, 256, 3) uint8 BGR -> (n, 8, h, w) latents on the device: lower half masked, then whole."""
         import torch
 
-        keys = [hashlib.blake2b(c.tobytes(), digest_size=16).digest() for c in crops]
+        rgb = torch.from_numpy(np.ascontiguousarray(faces[..., ::-1])).to(self.device)
+        x = rgb.permute(0, 3, 1, 2).to(self._tdtype) / 127.5 - 1  # [-1, 1]
+        masked = x.clone()
+        masked[:, :, FACE // 2 :] = -1  # black lower half
+        with torch.inference_mode():
+            lat = self.vae.encode(torch.cat([masked, x])).latent_dist.mode() * self.scale
+        self.encoded += len(faces)
+        n = len(faces)
+        return torch.cat([lat[:n], lat[n:]], dim=1)
+
+    def encode_crops(self, crops: np.ndarray):
+        """(B, 256, 256, 3) uint8 BGR -> (B, 8, 32, 32) latents: the avatar's (see use_avatar), else
+        from a cache of recent crops, else encoded now."""
+        import torch
+
+        keys = [digest(c) for c in crops]
         for k in keys:  # hits first become the newest, so this batch's misses cannot evict them
             if k in self._latents:
                 self._latents.move_to_end(k)
-        todo = [k for k in dict.fromkeys(keys) if k not in self._latents]
+        todo = [k for k in dict.fromkeys(keys) if k not in self._latents and k not in self._avatar]
         if todo:
             first = {k: i for i, k in reversed(list(enumerate(keys)))}
-            faces = crops[[first[k] for k in todo]]
-            rgb = torch.from_numpy(np.ascontiguousarray(faces[..., ::-1])).to(self.device)
-            x = rgb.permute(0, 3, 1, 2).to(self._tdtype) / 127.5 - 1  # [-1, 1]
-            masked = x.clone()
-            masked[:, :, FACE // 2 :] = -1  # black lower half
-            with torch.inference_mode():
-                lat = self.vae.encode(torch.cat([masked, x])).latent_dist.mode() * self.scale
-            n = len(todo)
-            both = torch.cat([lat[:n], lat[n:]], dim=1)  # kept where they are used
-            for k, v in zip(todo, both):
+            for k, v in zip(todo, self._encode(crops[[first[k] for k in todo]])):
                 self._latents[k] = v.clone()  # its own memory: an evicted one frees it
-        batch = torch.stack([self._latents[k] for k in keys])
+        batch = torch.stack([self._avatar_latents[self._avatar[k]] if k in self._avatar else self._latents[k]
+                             for k in keys])
         while len(self._latents) > LATENT_CACHE:
             self._latents.popitem(last=False)
         return batch
+
+    def use_avatar(self, avatar, progress: bool = False) -> None:
+        """Keep the latents of every crop of `avatar` on the device for good, so no frame waits for a VAE
+        encode, however long the avatar: read from its folder when computed before for this VAE and
+        dtype, else computed now (once) and saved there. `streamer prepare --model musetalk:DIR` does it
+        ahead of time."""
+        import torch
+
+        path = avatar.path / LATENTS.format(key=self._cache_key())
+        digests, latents = _read_latents(path, avatar.frames, 2 * self.vae.config.latent_channels)
+        if latents is None:
+            log.info("musetalk: computing the latents of avatar %s's %d face crops (once; saved with it)",
+                     avatar.name, avatar.frames)
+            digests, latents = self._avatar_crops_latents(avatar, progress)
+            _write_latents(path, digests, latents)
+        with self._lock:
+            self._avatar_latents = torch.from_numpy(latents).to(self.device, self._tdtype)
+            self._avatar = {bytes(d): i for i, d in enumerate(digests)}
+
+    def _avatar_crops_latents(self, avatar, progress: bool) -> tuple[np.ndarray, np.ndarray]:
+        from tqdm import tqdm
+
+        from streamer.mouth import face_crop
+
+        cached = avatar.crops.shape[1] == FACE
+        frames = ((i, i, None) for i in range(avatar.frames)) if cached else avatar.read_frames(0, avatar.frames)
+        digests, latents, batch = [], [], []
+
+        def flush():
+            with self._lock:
+                latents.append(self._encode(np.stack(batch)).float().cpu().numpy())
+            batch.clear()
+
+        with tqdm(total=avatar.frames, desc=f"musetalk latents of {avatar.name}", unit="frame",
+                  disable=not progress) as bar:
+            for _, src, frame in frames:
+                face = face_crop(avatar, src, frame, FACE)
+                digests.append(np.frombuffer(digest(face), np.uint8))
+                batch.append(face)
+                if len(batch) == ENCODE_BATCH:
+                    flush()
+                bar.update()
+            if batch:
+                flush()
+        return np.stack(digests), np.concatenate(latents).astype(np.float16 if self.dtype == "fp16" else np.float32)
+
+    def _cache_key(self) -> str:
+        """Names the latents a VAE gives: its config and weights, and the dtype it runs in."""
+        h = hashlib.sha256(self.dtype.encode())
+        for what in ("vae config", "vae weights"):
+            with open(self._files[what], "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        return h.hexdigest()[:16]
 
     def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
         """windows (B, rows, width) whisper features, crops (B, 256, 256, 3) uint8 BGR -> mouths, same."""
@@ -235,6 +302,37 @@ class MuseTalkInfer:
         for b in batch_sizes:
             self.predict_crops(np.zeros((b, *self.features.shape), np.float32), np.full((b, FACE, FACE, 3), 128, np.uint8))
         return time.perf_counter() - t
+
+
+def digest(crop: np.ndarray) -> bytes:
+    return hashlib.blake2b(crop.tobytes(), digest_size=16).digest()
+
+
+def _read_latents(path: Path, frames: int, channels: int):
+    """(digests, latents) saved by use_avatar, or (None, None) when absent or not for this avatar."""
+    try:
+        with np.load(path) as data:
+            digests, latents = data["digests"], data["latents"]
+    except FileNotFoundError:
+        return None, None
+    except Exception as e:  # noqa: BLE001 - a damaged file is computed again
+        log.warning("musetalk: %s is damaged (%s); computing it again", path.name, type(e).__name__)
+        return None, None
+    if digests.shape != (frames, 16) or latents.ndim != 4 or latents.shape[:2] != (frames, channels):
+        log.warning("musetalk: %s does not fit this avatar; computing it again", path.name)
+        return None, None
+    return digests, latents
+
+
+def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, digests=digests, latents=latents)
+        os.replace(tmp, path)
+    except OSError as e:  # a read-only avatars folder: used now, computed again next time
+        log.warning("musetalk: cannot save %s (%s); they will be computed again next time", path, e.strerror or e)
+        tmp.unlink(missing_ok=True)
 
 
 def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int):
