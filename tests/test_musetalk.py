@@ -279,3 +279,27 @@ def test_a_folder_under_home_is_found_as_the_shell_would_not_expand_it(musetalk_
 
     monkeypatch.setenv("HOME", str(musetalk_dir.parent))
     assert resolve_model(f"musetalk:~/{musetalk_dir.name}") == musetalk_dir  # `musetalk:~/x`: bash keeps the ~
+
+
+def test_the_auto_delay_leaves_room_for_whispers_encode_time(engine, tmp_path, monkeypatch):
+    """A window exists only once its block is encoded: the auto delay counts that measured time on top
+    of the lookahead (before: lookahead and inference only, so on a slow encoder every mouth came late)."""
+    import streamer.live.channel as channel
+    from streamer.avatar.cache import demo_avatar
+    from streamer.live.worker import InferenceWorker
+
+    monkeypatch.setattr(channel, "AUTO_MAX_S", 2.0)  # the cap would hide the sum
+    assert engine.features.compute_s > 0  # timed at load, by a warm-up
+    saved = list(engine.features._times)
+    worker = InferenceWorker(engine)
+    try:
+        ch = channel.Channel("c", demo_avatar(tmp_path), worker, delay_s=None)
+        engine.features._times.extend([0.1] * 25)  # a slower encoder, as on a CPU with the released sizes
+        ch.attach_voice("s")
+        assert ch.delay_s == pytest.approx(channel.auto_delay(worker, ch.min_delay_s + 0.1))
+        assert ch.delay_s > channel.auto_delay(worker, ch.min_delay_s) + 0.09
+        ch.close()
+    finally:
+        engine.features._times.clear()
+        engine.features._times.extend(saved)
+        worker.close()

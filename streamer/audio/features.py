@@ -3,6 +3,7 @@
 Every engine says what it hears through its `features` object:
   shape        one frame's window, e.g. (80, 16) for Wav2Lip's mel
   lookahead_s  audio needed past a frame's start before its window is complete (live delay floor)
+  compute_s    time from that audio's arrival to the window (measured; the auto delay adds it)
   offline(audio16, frames) -> (frames, *shape) float32
   stream()     an object with push(audio16) -> [(i, window)] and flush(), equal to `offline` for any
                chunking of the same audio
@@ -20,6 +21,7 @@ class MelFeatures:
 
     shape = (80, 16)
     lookahead_s = LOOKAHEAD_S
+    compute_s = 0.0  # a mel window is microseconds of work, done as the packet arrives
 
     def __init__(self, fps: float = 25):
         self.fps = fps

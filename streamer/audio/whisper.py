@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -54,6 +55,19 @@ class WhisperFeatures:
         self.lookahead_s = ((last - 1 + self.block) * POSITION + self.context) / RATE
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="whisper")
+        self._times: deque[float] = deque(maxlen=25)  # recent block encode times
+
+    @property
+    def compute_s(self) -> float:
+        """A block's encode time (median of recent ones): the wait between a window's last audio and
+        the window. 0 before the first block."""
+        return float(np.median(self._times)) if self._times else 0.0
+
+    def warmup(self) -> None:
+        """Encode a silent block twice: the first call sets the kernels up, the second is timed."""
+        n = (self.block * POSITION) + self.context
+        for _ in range(2):
+            self.encode(np.zeros(n, np.float32), 0, n, 0)
 
     # the encoder
 
@@ -62,6 +76,7 @@ class WhisperFeatures:
         samples of the stream; `audio` holds exactly those). Positions past `end` are zeros."""
         import torch
 
+        t = time.perf_counter()
         feats = self.extractor(audio, sampling_rate=RATE, return_tensors="np").input_features
         with self._lock, torch.inference_mode():
             x = torch.from_numpy(feats).to(self.device, self.dtype)
@@ -72,6 +87,7 @@ class WhisperFeatures:
             out = torch.stack([h[0, p0 - first : p1 - first] for h in states], dim=1).float().cpu().numpy()
         valid = max(0, end // POSITION - p0)  # the release trims at floor(samples / 320)
         out[valid:] = 0
+        self._times.append(time.perf_counter() - t)
         return out
 
     def window_of(self, block: int, end: int) -> tuple[int, int]:
@@ -244,4 +260,6 @@ def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_m
     extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
     model = WhisperModel.from_pretrained(str(folder), local_files_only=True)
     encoder = model.get_encoder().to(device, dtype).eval()
-    return WhisperFeatures(encoder, extractor, device, dtype, block_ms, context_ms)
+    features = WhisperFeatures(encoder, extractor, device, dtype, block_ms, context_ms)
+    features.warmup()
+    return features

@@ -104,7 +104,7 @@ class Channel:
         self.avatar = avatar
         self.worker = worker
         self.auto = delay_s is None
-        self.delay_s = auto_delay(worker, self.min_delay_s) if self.auto else delay_s
+        self.delay_s = self._auto_delay() if self.auto else delay_s
         self.clock = clock
         self.fade = fade
         self.start = clock()
@@ -157,8 +157,11 @@ class Channel:
             self._set_voice(VoiceIn(self._vad_factory(), self.features))
             self.speaking = False
             if self.auto:
-                self.delay_s = auto_delay(self.worker, self.min_delay_s)
+                self.delay_s = self._auto_delay()
                 self._recent.clear()
+
+    def _auto_delay(self) -> float:
+        return auto_delay(self.worker, self.min_delay_s + self.features.compute_s)
 
     def resume_voice(self) -> None:
         """The voice comes back after its sender paused longer than a gap we fill (its timestamps jumped):
