@@ -113,12 +113,13 @@ def audio_pe_rows(model: str, voice: str | None, avatars: str = "avatars", batch
     speech = np.flatnonzero(strength > 0)
     if not len(speech):
         raise UserError("no speech found in the clip")
+    windows = windows[speech]  # made once for both passes
     still = next(iter(avatar.read_frames(0, count=1)))[2]
     crops = np.stack([face_crop(avatar, source_frame(int(i), avatar), still, eng.face_size) for i in speech])
     out = {}
     for pe in (True, False):
         eng.audio_pe = pe
-        out[pe] = np.concatenate([eng.predict_crops(windows[speech[k : k + batch]], crops[k : k + batch])
+        out[pe] = np.concatenate([eng.predict_crops(windows[k : k + batch], crops[k : k + batch])
                                   for k in range(0, len(speech), batch)])
         log(f"audio_pe {'on' if pe else 'off'}: {len(speech)} speech frames predicted")
     half = eng.face_size // 2

@@ -55,9 +55,9 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
 
 def plan(audio16: np.ndarray, frames: int, vad: VoiceActivity, fade: int = FADE_FRAMES,
          features=None) -> tuple[np.ndarray, np.ndarray]:
-    """(frames, *window) audio windows of the engine's `features` (default: Wav2Lip's 80x16 mel) and
-    (frames,) mouth strengths for an audio clip, at 25 fps."""
-    windows = (features or MelFeatures(FPS)).offline(audio16, frames)
+    """(frames, *window) audio windows of the engine's `features` (default: Wav2Lip's 80x16 mel; made
+    as render asks for them where they are large) and (frames,) mouth strengths for an audio clip, at 25 fps."""
+    windows = (features or MelFeatures(FPS)).for_clip(audio16, frames)
     decided = dict(vad.push(audio16) + vad.flush())
     speech = np.array([decided.get(i, False) for i in range(frames)])
     return windows, speech_strength(speech, fade)

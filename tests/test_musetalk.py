@@ -303,3 +303,18 @@ def test_the_auto_delay_leaves_room_for_whispers_encode_time(engine, tmp_path, m
         engine.features._times.clear()
         engine.features._times.extend(saved)
         worker.close()
+
+
+def test_a_clips_windows_made_as_render_asks_equal_offline_and_are_not_all_held(engine, clip):
+    f = engine.features
+    frames = round(clip.size / 16000 * 25) + 3  # a few past the audio's end, as render may ask
+    want = f.offline(clip, frames)
+    lazy = f.for_clip(clip, frames)
+    assert len(lazy) == frames
+    for a in range(0, frames, 16):  # render's batches, speech frames only: gaps between them
+        idx = [i for i in range(a, min(a + 16, frames)) if i % 5 != 2]
+        assert np.array_equal(lazy[idx], want[idx])
+        assert len(lazy._done) <= -(-(16 * 2 + 10) // f.block) + 1  # the blocks of one batch, not the clip's
+    rng = np.random.default_rng(5)
+    for i in rng.integers(0, frames, 5):  # out of order still right (encoded again)
+        assert np.array_equal(lazy[int(i)], want[i])

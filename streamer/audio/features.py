@@ -5,6 +5,8 @@ Every engine says what it hears through its `features` object:
   lookahead_s  audio needed past a frame's start before its window is complete (live delay floor)
   compute_s    time from that audio's arrival to the window (measured; the auto delay adds it)
   offline(audio16, frames) -> (frames, *shape) float32
+  for_clip(audio16, frames)  `offline`'s windows, indexable by frame lists (render asks in rising
+               order); may make them as asked rather than hold them all
   stream()     an object with push(audio16) -> [(i, window)] and flush(), equal to `offline` for any
                chunking of the same audio
 """
@@ -33,6 +35,8 @@ class MelFeatures:
         if len(windows) < frames:  # the original rule stops ~0.1 s short of the audio's end
             windows = np.concatenate([windows, np.repeat(windows[-1:], frames - len(windows), axis=0)])
         return windows[:frames]
+
+    for_clip = offline  # 5 KB a frame: held whole
 
     def stream(self) -> MelStream:
         return MelStream(self.fps)

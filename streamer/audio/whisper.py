@@ -121,6 +121,9 @@ class WhisperFeatures:
         positions = np.concatenate(parts) if parts else np.zeros((0, *self.state_shape), np.float32)
         return self.windows(positions, range(frames))
 
+    def for_clip(self, audio16: np.ndarray, frames: int) -> ClipWindows:
+        return ClipWindows(self, audio16, frames)
+
     background = True  # streams encode on the encoder thread (False: in push, for simulated clocks)
 
     def stream(self, background: bool | None = None) -> WhisperStream:
@@ -128,6 +131,40 @@ class WhisperFeatures:
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
+
+
+class ClipWindows:
+    """`offline`'s windows of a clip, made as they are asked for: only the blocks the latest request
+    reads are kept, not the whole clip's windows (77 KB a frame for whisper-tiny: 1.2 GB for 10 min),
+    and the encoder's time falls inside render's progress. Asked in rising frame order (as render
+    does), each block is encoded once."""
+
+    def __init__(self, features: WhisperFeatures, audio16: np.ndarray, frames: int):
+        self.features = features
+        self.audio = np.asarray(audio16, np.float32).reshape(-1)
+        self.frames = frames
+        self.blocks = -(-(self.audio.size // POSITION) // features.block) if self.audio.size else 0
+        self._done: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.frames
+
+    def __getitem__(self, index) -> np.ndarray:
+        f = self.features
+        frames = [int(i) for i in np.atleast_1d(index)]
+        lo = max(0, f.step * (min(frames) - PAD_LEFT))
+        hi = f.step * (max(frames) - PAD_LEFT) + f.width  # positions lo .. hi-1 are read
+        first, last = lo // f.block, min(self.blocks, -(-hi // f.block))
+        for b in [b for b in self._done if b < first or b >= last]:
+            del self._done[b]
+        for b in range(first, last):
+            if b not in self._done:
+                start, stop = f.window_of(b, self.audio.size)
+                self._done[b] = f.encode(self.audio[start:stop], start, stop, b)
+        parts = [self._done[b] for b in range(first, last)]
+        positions = np.concatenate(parts) if parts else np.zeros((0, *f.state_shape), np.float32)
+        out = f.windows(positions, frames, first * f.block)
+        return out[0] if np.ndim(index) == 0 else out
 
 
 class WhisperStream:
