@@ -258,15 +258,16 @@ def audio_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _synthetic_video(path: Path, seconds: float, height: int, log=print) -> None:
-    """A talking-head-like source: the demo portrait panning and zooming, encoded as H.264."""
+def _synthetic_video(path: Path, seconds: float, height: int, log=print, width: int | None = None) -> None:
+    """A talking-head-like source: the demo portrait panning and zooming, encoded as H.264 (16:9
+    unless `width` is given)."""
     import av
     import cv2
 
     from streamer.avatar.cache import DEMO_IMAGE
 
     img = cv2.imread(str(DEMO_IMAGE))
-    width = height * 16 // 9
+    width = width or height * 16 // 9
     frames = int(seconds * 25)
     base = cv2.resize(img, (height, height))
     with av.open(str(path), "w") as c:
@@ -423,9 +424,10 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str]):
+def server_process(args: list[str], video_avatar: float = 0):
     """`streamer serve ARGS` on a free loopback port, its avatars in a temporary folder, until ready:
-    yields (process, url, /healthz answer); stopped on the way out. Its log ends any start failure."""
+    yields (process, url, /healthz answer); stopped on the way out. Its log ends any start failure.
+    video_avatar: serve a 512x512 video avatar of that many seconds (made and prepared here), not the photo."""
     import subprocess
     import urllib.request
 
@@ -434,6 +436,12 @@ def server_process(args: list[str]):
         port = sock.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
+        if video_avatar:
+            from streamer.avatar.cache import prepare
+
+            _synthetic_video(Path(tmp) / "video.mp4", video_avatar, 512, log=lambda _: None, width=512)
+            prepare(Path(tmp) / "video.mp4", "video", tmp, progress=False)
+            args = [*args, "--avatar", "video"]
         log = Path(tmp) / "serve.log"
         with open(log, "w") as err:
             server = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars",
@@ -510,7 +518,7 @@ def _sum_metric(metrics: str, name: str) -> float:
 def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, sessions: int = 1,
               viewers: int = 0, voice_path: str | None = None, pause: float = 1.0, workers: int | str | None = None,
               client_processes: int | None = None, max_batch: int | None = None,
-              decode: bool = True) -> list[tuple[str, str]]:
+              decode: bool = True, video_avatar: float = 0) -> list[tuple[str, str]]:
     """Real sessions on this machine: `streamer serve` in its own process (and its media workers); aiortc
     clients (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel)
     in `client_processes` other processes, over the host address. The server's CPU (all its
@@ -528,7 +536,7 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     args += ["--delay-ms", str(delay_ms)] if delay_ms else []
     args += ["--workers", str(workers)] if workers else []
     args += ["--max-batch", str(max_batch)] if max_batch else []
-    with server_process(args) as (server, url, health):
+    with server_process(args, video_avatar) as (server, url, health):
         channels = [f"bench{k}" for k in range(sessions)]
         jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs), decode)
                 for p in range(procs)]
@@ -558,6 +566,8 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     mean_batch = _sum_metric(metrics, "streamer_inference_batch_size_sum") / count if count else 0.0
     targets = sorted({st.get("target_delay_ms") for st in stats if st.get("target_delay_ms")})
     rows = [("engine", health["engine"]),
+            ("avatar", f"a {video_avatar:g} s 512x512 video (the portrait panning)"
+                       if video_avatar else "the demo photo, 512x512"),
             ("sessions", f"{sessions} talkers for {seconds:g} s, voice after {pause:g} s of silence"
                          + (f", {viewers} WHEP viewers of the first" if viewers else "")
                          + f"; clients in {procs} processes{'' if decode else ', video counted, not decoded'}; "

@@ -47,7 +47,7 @@ def _bench(args) -> int:
                                                                     args.sessions or 1, args.viewers, args.voice,
                                                                     args.pause_first, args.workers,
                                                                     args.client_processes, args.max_batch,
-                                                                    not args.no_decode))
+                                                                    not args.no_decode, args.video_avatar))
     elif args.what == "soak":
         from streamer.soak import soak_rows
 
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-decode", action="store_true",
                    help="live: clients count the video frames they receive without decoding them, so that many "
                         "sessions on one box measure the server, not the clients (voice still decoded)")
+    b.add_argument("--video-avatar", type=float, default=0, metavar="S",
+                   help="live: serve a 512x512 video avatar of S seconds (made here), not the demo photo")
     b.add_argument("--pause-first", type=float, default=1.0, metavar="S",
                    help="live: seconds of silence before the voice (default 1; 0 talks at once)")
     b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
