@@ -118,7 +118,8 @@ def _prepare(args) -> int:
 
         engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
         face_size = engine.face_size
-    settings = PrepareSettings(face_size=face_size, max_height=cfg.avatar.max_height)
+    settings = PrepareSettings(face_size=face_size, max_height=cfg.avatar.max_height,
+                               raw_frames_mb=cfg.avatar.raw_frames_mb)
     avatar = prepare(args.video or args.image, args.name, cfg.avatar.dir, settings, force=args.force,
                      progress=not args.quiet)
     _use_avatar(engine, avatar, not args.quiet)

@@ -64,6 +64,9 @@ class AvatarConfig:
     name: str = _opt("astronaut", "avatar used when none is named (astronaut: the bundled demo)")
     face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip; prepare --model sets it)", min=32, max=512)
     max_height: int = _opt(1080, "taller sources are scaled down when prepared", min=64, max=4320)
+    raw_frames_mb: int = _opt(2048, "prepare also keeps every frame decoded (frames.npy) when they fit in this many MB: "
+                                    "served channels then read frames instead of decoding them (a 512x512 frame: "
+                                    "~5 ms of CPU). 0: never", min=0, max=1_000_000)
 
 
 @dataclass

@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 
 import cv2
 import numpy as np
@@ -45,17 +47,40 @@ def test_prepare_video_caches_what_the_live_path_needs(video_avatar, talk_video)
         assert np.array_equal(frame, source[src])
 
 
-def test_frames_loop_forward_then_backward(video_avatar):
-    n = video_avatar.frames
-    got = [src for _, src, _ in video_avatar.read_frames(0, count=3 * n)]
+@pytest.mark.parametrize("source", ["frames.npy", "frames.mkv"])
+def test_frames_loop_forward_then_backward(video_avatar, source):
+    avatar = video_avatar if source == "frames.npy" else dataclasses.replace(video_avatar, raw=None)
+    assert (avatar.raw is not None) == (source == "frames.npy")
+    n = avatar.frames
+    got = [src for _, src, _ in avatar.read_frames(0, count=3 * n)]
     expected = [ping_pong(k, n) for k in range(3 * n)]
     assert got == expected
     assert expected[:n] == list(range(n)) and expected[n : 2 * n - 2] == list(range(n - 2, 0, -1))
     assert max(abs(a - b) for a, b in zip(got, got[1:])) == 1  # never jumps
     # starting mid-loop, backwards, gives the same frames as reading from the start
-    frames = {src: f for _, src, f in video_avatar.read_frames(0, count=n)}
-    for _, src, frame in video_avatar.read_frames(n + 10, count=20):
+    frames = {src: f for _, src, f in avatar.read_frames(0, count=n)}
+    for _, src, frame in avatar.read_frames(n + 10, count=20):
         assert np.array_equal(frame, frames[src])
+
+
+def test_decoded_frames_kept_when_they_fit_equal_the_lossless_video(video_avatar, talk_video, tmp_path, caplog):
+    """frames.npy (what channels read instead of decoding, 5 ms a 512x512 frame each) holds exactly
+    the frames frames.mkv decodes to, is read-only, is not written past raw_frames_mb, and a damaged
+    one falls back to decoding."""
+    decoded = [f for _, _, f in dataclasses.replace(video_avatar, raw=None).read_frames(0, count=75)]
+    assert np.array_equal(np.asarray(video_avatar.raw), np.stack(decoded))
+    frame = next(iter(video_avatar.read_frames(0, count=1)))[2]
+    with pytest.raises(ValueError):
+        frame[0, 0] = 0  # a view of the mapped file: no consumer can change the avatar
+    small = prepare(talk_video, "small", tmp_path, PrepareSettings(raw_frames_mb=40), progress=False)
+    assert small.raw is None and not (small.path / "frames.npy").exists()  # 43 MB of frames > 40 MB
+    shutil.copytree(video_avatar.path, tmp_path / "copy")
+    with open(tmp_path / "copy" / "frames.npy", "r+b") as f:
+        f.truncate(1000)
+    with caplog.at_level("WARNING"):
+        damaged = Avatar.load(tmp_path, "copy")
+    assert damaged.raw is None and "frames.npy is damaged" in caplog.text
+    assert np.array_equal(next(iter(damaged.read_frames(5, count=1)))[2], decoded[5])
 
 
 def test_same_source_is_reused_and_changed_settings_rebuild(video_avatar, talk_video):

@@ -6,10 +6,13 @@ avatars/<name>/
   boxes.npy       (N, 4) int32 face boxes x1, y1, x2, y2, padded and smoothed over time
   landmarks.npy   (N, 5, 2) float32 eyes, nose, mouth corners
   crops.npy       (N, S, S, 3) uint8 BGR face crops at the model's size
+  frames.npy      (N, H, W, 3) uint8 BGR every frame decoded, when that fits `raw_frames_mb`: read in
+                  place of frames.mkv (no decoding per channel; processes share it through the page cache)
   musetalk-latents-<key>.npz   MuseTalk only: every crop's VAE latents (written by that engine)
 
-The live path holds boxes, landmarks and crops (41 MB for 60 s at 96 px) and decodes full frames a
-few at a time, so a long 1080p avatar needs no gigabytes of RAM.
+The live path holds boxes, landmarks and crops (41 MB for 60 s at 96 px) and reads full frames a
+few at a time (memory-mapped from frames.npy, else decoded), so a long 1080p avatar needs no
+gigabytes of RAM.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class Avatar:
     boxes: np.ndarray
     landmarks: np.ndarray
     crops: np.ndarray
+    raw: np.ndarray | None = None  # frames.npy, memory-mapped, when prepared with it
 
     @property
     def name(self) -> str:
@@ -112,10 +116,21 @@ class Avatar:
         if meta.get("format") != FORMAT:
             raise UserError(f"avatar {name!r} was prepared by another version; prepare it again")
         try:
-            return cls(path, meta, np.load(path / "boxes.npy"), np.load(path / "landmarks.npy"),
-                       np.load(path / "crops.npy", mmap_mode="r"))
+            avatar = cls(path, meta, np.load(path / "boxes.npy"), np.load(path / "landmarks.npy"),
+                         np.load(path / "crops.npy", mmap_mode="r"))
         except (OSError, ValueError) as e:
             raise UserError(f"avatar {name!r} is damaged ({type(e).__name__}); prepare it again") from None
+        if (path / "frames.npy").exists():
+            try:
+                raw = np.load(path / "frames.npy", mmap_mode="r")
+            except (OSError, ValueError) as e:
+                raw = e
+            want = (avatar.frames, avatar.size[1], avatar.size[0], 3)
+            if isinstance(raw, np.ndarray) and raw.shape == want and raw.dtype == np.uint8:
+                avatar.raw = raw
+            else:  # frames.mkv still holds every frame
+                log.warning("avatar %s: frames.npy is damaged; decoding frames.mkv instead", name)
+        return avatar
 
     def read_frames(self, start: int = 0, count: int | None = None, ahead: int = 2 * GOP):
         """Full BGR frames in loop order from loop step `start`: yields (step, source index, frame).
@@ -167,6 +182,9 @@ class FrameReader:
         return out
 
     def _run(self, count: int | None) -> None:
+        if self.avatar.raw is not None:
+            self._run_raw(count)
+            return
         import av
 
         try:
@@ -196,6 +214,19 @@ class FrameReader:
                             return
                         produced += 1
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            self._put(e)
+
+    def _run_raw(self, count: int | None) -> None:
+        """frames.npy: each frame is a read-only view into the mapped file; nothing to decode."""
+        step = self.start
+        try:
+            while count is None or step - self.start < count:
+                src = ping_pong(step, self.avatar.frames)
+                if not self._put((step, src, self.avatar.raw[src])):
+                    return
+                step += 1
+            self._put(None)
+        except Exception as e:  # noqa: BLE001 - a truncated file: handed to the consumer, which raises it
             self._put(e)
 
     def _put(self, item) -> bool:
@@ -232,10 +263,11 @@ class PrepareSettings:
     pads: tuple[int, int, int, int] = (0, 10, 0, 0)  # top, bottom, left, right, as the original
     smooth: int = 5  # frames in the box smoothing window
     max_height: int = 1080  # taller sources are scaled down
+    raw_frames_mb: int = 2048  # frames.npy is written when every frame decoded fits this
 
     def as_meta(self) -> dict:
         return {"face_size": self.face_size, "pads": list(self.pads), "smooth": self.smooth,
-                "max_height": self.max_height}
+                "max_height": self.max_height, "raw_frames_mb": self.raw_frames_mb}
 
 
 def _open_video(path: Path):
@@ -417,10 +449,18 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
                 "seconds_to_prepare": round(time.perf_counter() - started, 2)}
         partial = Avatar(tmp, meta, boxes, marks, np.zeros((0,)))
         crops = np.zeros((len(found), settings.face_size, settings.face_size, 3), np.uint8)
+        raw = None
+        if len(found) > 1 and len(found) * width * height * 3 <= settings.raw_frames_mb * 1e6:
+            raw = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (len(found), height, width, 3))
         with tqdm(total=len(found), desc=f"prepare {name}: face crops", unit="frame", disable=not progress) as bar:
             for _, src, frame in partial.read_frames(0, count=len(found)):
                 crops[src] = crop(frame, boxes[src], settings.face_size)
+                if raw is not None:
+                    raw[src] = frame  # decoded from frames.mkv: the very frames a reader of it gets
                 bar.update()
+        if raw is not None:
+            raw.flush()
+            del raw
         np.save(tmp / "boxes.npy", boxes)
         np.save(tmp / "landmarks.npy", marks)
         np.save(tmp / "crops.npy", crops)
