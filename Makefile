@@ -11,7 +11,7 @@ TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)
 
 comma := ,
 
-.PHONY: install test serve bench clean
+.PHONY: install lint test serve bench clean
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 install: $(BIN)/.installed
 
-test: install
+lint: install
+	$(BIN)/ruff check streamer tests scripts
+
+test: lint
 	@scripts/system-packages
 	$(BIN)/python -m pytest -q
 

@@ -67,18 +67,20 @@ def musetalk_rows(model: str, batches: list[int], seconds: float, log=print, onl
             eng = load_engine(model, device=device, dtype=dtype)
             f = eng.features
             audio = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32) * 0.1
-            block = time_call(lambda: f.encode(audio, 0, audio.size, 0), seconds)
+            block = time_call(lambda f=f, audio=audio: f.encode(audio, 0, audio.size, 0), seconds)
             log(f"musetalk {device} {dtype}: whisper encoder {1000 * block:.1f} ms per {f.block * 20} ms block")
             for b in batches:
                 windows = np.zeros((b, *f.shape), np.float32)
                 crops = np.full((b, eng.face_size, eng.face_size, 3), 128, np.uint8)
                 eng.predict_crops(windows, crops)
-                sec = time_call(lambda: eng.predict_crops(windows, crops), seconds)
+                sec = time_call(lambda eng=eng, windows=windows, crops=crops: eng.predict_crops(windows, crops),
+                                seconds)
                 row = {"backend": "musetalk torch", "device": device, "dtype": dtype, "batch": b,
                        "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec,
                        "whisper_ms": 1000 * block, "block_ms": f.block * 20}
                 rows.append(row)
-                log(f"musetalk {device} {dtype} batch {b}: {row['ms_per_frame']:.1f} ms/frame, {row['fps']:.2f} frames/s")
+                log(f"musetalk {device} {dtype} batch {b}: {row['ms_per_frame']:.1f} ms/frame, "
+                    f"{row['fps']:.2f} frames/s")
                 if row["ms_per_frame"] > 2000:
                     log("over 2 s a frame: larger batches skipped")
                     break
@@ -91,8 +93,8 @@ def musetalk_table(rows: list[dict]) -> str:
              "| device | dtype | batch | ms/call | ms/frame | frames/s | whisper ms/block (block ms) |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['ms_per_call']:.1f} | {r['ms_per_frame']:.1f} "
-                     f"| {r['fps']:.2f} | {r['whisper_ms']:.1f} ({r['block_ms']}) |")
+        lines.append(f"| {r['device']} | {r['dtype']} | {r['batch']} | {r['ms_per_call']:.1f} "
+                     f"| {r['ms_per_frame']:.1f} | {r['fps']:.2f} | {r['whisper_ms']:.1f} ({r['block_ms']}) |")
     return "\n".join(lines)
 
 
@@ -101,6 +103,7 @@ def audio_pe_rows(model: str, voice: str | None, avatars: str = "avatars", batch
     differ (speech frames, the 256 px predicted faces, lower half where the mouth is)."""
     from streamer.audio import VoiceActivity, resample
     from streamer.avatar.cache import demo_avatar
+    from streamer.errors import UserError
     from streamer.lipsync.engine import load_engine
     from streamer.mouth import FPS, face_crop, source_frame
     from streamer.render import plan
@@ -133,7 +136,8 @@ def audio_pe_rows(model: str, voice: str | None, avatars: str = "avatars", batch
             ("pixels differing by more than 8", f"{100 * (d.max(axis=-1) > 8).mean():.1f}%")]
 
 
-def engine_rows(model: str | None, batches: list[int], seconds: float, log=print, only: str | None = None) -> list[dict]:
+def engine_rows(model: str | None, batches: list[int], seconds: float, log=print,
+                only: str | None = None) -> list[dict]:
     """ms/frame and frames/s for each backend x dtype x batch available here."""
     import torch
 
@@ -176,9 +180,10 @@ def engine_rows(model: str | None, batches: list[int], seconds: float, log=print
                 mel, faces = sample_inputs(batch=b, size=eng.face_size)
                 crops = np.ascontiguousarray(np.clip(faces[:, 3:].transpose(0, 2, 3, 1) * 255, 0, 255), np.uint8)
                 eng.predict(mel, faces)
-                sec = time_call(lambda: eng.predict(mel, faces), seconds)
+                sec = time_call(lambda eng=eng, mel=mel, faces=faces: eng.predict(mel, faces), seconds)
                 eng.predict_crops(mel[:, 0], crops)
-                crops_sec = time_call(lambda: eng.predict_crops(mel[:, 0], crops), seconds)
+                crops_sec = time_call(lambda eng=eng, mel=mel, crops=crops: eng.predict_crops(mel[:, 0], crops),
+                                      seconds)
                 row = {"backend": eng.backend, "device": device, "dtype": dtype, "batch": b,
                        "ms_per_frame": 1000 * sec / b, "fps": b / sec, "ms_per_call": 1000 * sec,
                        "crops_fps": b / crops_sec}
@@ -325,7 +330,8 @@ def avatar_rows(seconds: float = 60, height: int = 1080, log=print) -> list[tupl
         raw = avatar.frames * w * h * 3 / 1e9
         rows += [("avatar", f"{avatar.frames} frames, {w}x{h}, {seconds:g} s"),
                  ("prepare (detect, lossless encode, crops)", f"{prep:.0f} s ({avatar.frames / prep:.1f} frames/s)"),
-                 ("cache on disk", f"{disk:.0f} MB (frames.mkv {(avatar.path / 'frames.mkv').stat().st_size / 1e6:.0f} MB, "
+                 ("cache on disk", f"{disk:.0f} MB "
+                                   f"(frames.mkv {(avatar.path / 'frames.mkv').stat().st_size / 1e6:.0f} MB, "
                                    f"crops {(avatar.path / 'crops.npy').stat().st_size / 1e6:.0f} MB)"),
                  ("all frames decoded as BGR (what a naive cache holds)", f"{raw:.1f} GB")]
         probe = subprocess.run([sys.executable, "-c", _LOAD_PROBE, str(Path(tmp) / "avatars"), "long", "250"],
@@ -642,8 +648,8 @@ def sharpness_rows(seconds: float = 4.0, log=print) -> list[tuple[str, str]]:
                 c.mux(p)
         avatar = prepare(src, "closeup", tmp / "avatars", progress=False)
         face_h = float(np.median(avatar.boxes[:, 3] - avatar.boxes[:, 1]))
-        rows.append(("source", f"{avatar.size[0]}x{avatar.size[1]}, {avatar.frames} frames, face box {face_h:.0f} px tall, "
-                               "skin texture"))
+        rows.append(("source", f"{avatar.size[0]}x{avatar.size[1]}, {avatar.frames} frames, "
+                               f"face box {face_h:.0f} px tall, skin texture"))
         voice = tmp / "voice.wav"
         speech = np.concatenate([np.zeros(48000, np.float32), _espeak_voice()])  # 1 s silent: the round trip alone
         pcm = np.round(speech[: int(48000 * seconds)] * 32767).astype(np.int16)
@@ -677,7 +683,8 @@ def sharpness_rows(seconds: float = 4.0, log=print) -> list[tuple[str, str]]:
                     where = cv2.resize(lower_face_mask(96), (x2 - x1, y2 - y1)) > 0.5
                     cx, cy = avatar.landmarks[j, 3:5].mean(axis=0) - (x1, y1)
                     zone = np.zeros(where.shape, np.uint8)
-                    cv2.ellipse(zone, (int(cx), int(cy)), (int(0.3 * (x2 - x1)), int(0.15 * (y2 - y1))), 0, 0, 360, 1, -1)
+                    cv2.ellipse(zone, (int(cx), int(cy)), (int(0.3 * (x2 - x1)), int(0.15 * (y2 - y1))),
+                                0, 0, 360, 1, -1)
                     where &= zone == 0
                     got = frame.to_ndarray(format="bgr24")[y1:y2, x1:x2]
                     ratio = fine_detail(got, where) / fine_detail(originals[j][y1:y2, x1:x2], where)

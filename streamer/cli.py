@@ -278,8 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "returns the avatar lip-synced to it at 25 fps with your voice delayed to match.")
     sv.add_argument("--model", help="Wav2Lip .onnx/.pth (a path or a name in models/), or musetalk:DIR, a MuseTalk "
                                     "v1.5 folder in the released layout (default: builtin engine)")
-    sv.add_argument("--audio-pe", choices=("on", "off"), help="MuseTalk: add the released inference's positional "
-                                                              "encoding to its audio features (default on; off: as trained)")
+    sv.add_argument("--audio-pe", choices=("on", "off"),
+                    help="MuseTalk: add the released inference's positional encoding to its audio features "
+                         "(default on; off: as trained)")
     sv.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo)")
     sv.add_argument("--host", help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=int, help="HTTP port (default 8080; 0: any free one, printed)")
@@ -287,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="media worker processes (default auto: one per two cores; 1: one process)")
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
-    sv.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="voice-in to lips-out delay in ms, or auto (default: auto, "
-                                                       "the model's lookahead + what this machine's inference needs)")
+    sv.add_argument("--delay-ms", type=auto_or_int("milliseconds"),
+                    help="voice-in to lips-out delay in ms, or auto (default: auto, the model's lookahead + what "
+                         "this machine's inference needs)")
     sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
     sv.add_argument("--max-batch", type=int, metavar="N", help="most frames in one inference call, across all "
                                                                "sessions (default 8; more for many talkers on a GPU)")
@@ -316,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
     r.add_argument("--model", help="Wav2Lip .onnx/.pth (a path or a name in models/), or musetalk:DIR, a MuseTalk "
                                    "v1.5 folder in the released layout (default: builtin engine)")
-    r.add_argument("--audio-pe", choices=("on", "off"), help="MuseTalk: add the released inference's positional "
-                                                             "encoding to its audio features (default on; off: as trained)")
+    r.add_argument("--audio-pe", choices=("on", "off"),
+                   help="MuseTalk: add the released inference's positional encoding to its audio features "
+                        "(default on; off: as trained)")
     r.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     r.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
     r.add_argument("--batch-size", type=int, help="frames per inference call (default 16)")
@@ -335,21 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_export)
 
     b = sub.add_parser("bench", help="measure inference speed on this machine",
-                       description="engine: ms/frame and frames/s for every backend x dtype x batch available "
-                                   "here. audio: CPU cost of resampling, streaming mel and voice activity. avatar: "
-                                   "preparing and loading a long 1080p avatar (time, disk, RAM), blending. live: a real talk "
+                       description="engine: ms/frame and frames/s for every backend x dtype x batch available here. "
+                                   "audio: CPU cost of resampling, streaming mel and voice activity. avatar: preparing "
+                                   "and loading a long 1080p avatar (time, disk, RAM), blending. live: a real talk "
                                    "session on this machine: fps, voice-in to lips-out delay, late frames. soak: "
                                    "talkers for --soak-minutes with a viewer coming and going, connect/disconnect "
-                                   "churn and offers that never connect: memory, threads, files and gauges before "
-                                   "and after, fps and delay first and last minute. sharpness: how much of a 1080p close-up's "
-                                   "fine detail a render keeps around the mouth (builtin engine). audio-pe: MuseTalk's mouths for "
-                                   "--voice with its audio positional encoding on and off, and how much they differ.")
+                                   "churn and offers that never connect: memory, threads, files and gauges before and "
+                                   "after, fps and delay first and last minute. sharpness: how much of a 1080p "
+                                   "close-up's fine detail a render keeps around the mouth (builtin engine). audio-pe: "
+                                   "MuseTalk's mouths for --voice with its audio positional encoding on and off, and "
+                                   "how much they differ.")
     b.add_argument("what", nargs="?", choices=("engine", "audio", "avatar", "live", "soak", "sharpness", "audio-pe"),
                    default="engine",
                    help="what to measure (default engine)")
     b.add_argument("--avatar-seconds", type=float, default=60, help="length of the 1080p avatar (default 60)")
     b.add_argument("--live-seconds", type=float, default=30, help="length of the live session (default 30)")
-    b.add_argument("--delay-ms", type=auto_or_int("milliseconds"), help="live target delay in ms, or auto (default from the config: auto)")
+    b.add_argument("--delay-ms", type=auto_or_int("milliseconds"),
+                   help="live target delay in ms, or auto (default from the config: auto)")
     b.add_argument("--sessions", type=int, help="live: concurrent talkers (default 1); soak: talkers (default 4)")
     b.add_argument("--soak-minutes", type=float, default=60, help="soak: how long (default 60)")
     b.add_argument("--churn", type=int, default=200, help="soak: connect/disconnect cycles (default 200)")

@@ -62,10 +62,11 @@ class AudioConfig:
 class AvatarConfig:
     dir: str = _opt("avatars", "folder of prepared avatars")
     name: str = _opt("astronaut", "avatar used when none is named (astronaut: the bundled demo)")
-    face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip; prepare --model sets it)", min=32, max=512)
+    face_size: int = _opt(96, "face crop size cached for the model (96 for Wav2Lip; prepare --model sets it)",
+                          min=32, max=512)
     max_height: int = _opt(1080, "taller sources are scaled down when prepared", min=64, max=4320)
-    raw_frames_mb: int = _opt(2048, "prepare also keeps every frame decoded (frames.npy) when they fit in this many MB: "
-                                    "served channels then read frames instead of decoding them (a 512x512 frame: "
+    raw_frames_mb: int = _opt(2048, "prepare also keeps every frame decoded (frames.npy) when they fit in this many "
+                                    "MB: served channels then read frames instead of decoding them (a 512x512 frame: "
                                     "~5 ms of CPU). 0: never", min=0, max=1_000_000)
 
 
@@ -90,16 +91,19 @@ class ServerConfig:
     header_timeout_s: float = _opt(10.0, "a new connection must send a complete request's headers within this",
                                    min=0.5, max=300.0)
     cors_origins: str | None = _opt(None, "web origins whose pages may call the API from a browser, comma-separated "
-                                          "(e.g. https://app.example.com), or *; none: only the pages this server serves")
+                                          "(e.g. https://app.example.com), or *; none: only the pages "
+                                          "this server serves")
     stun: str | None = _opt(None, "STUN server for clients behind NAT, e.g. stun:stun.example.org:3478 (none: host "
                                   "addresses only, nothing contacted)")
 
 
 @dataclass
 class LiveConfig:
-    delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the model's lookahead and one packet "
-                                       "(233 ms for Wav2Lip, 360 for MuseTalk at its defaults); the rest is the budget for inference. auto: that + what this machine's "
-                                       "measured feature and inference times need to keep up (at most 500), set when a voice starts", min=233, max=3000, auto=True)
+    delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the model's lookahead and one "
+                                       "packet (233 ms for Wav2Lip, 360 for MuseTalk at its defaults); the rest is the "
+                                       "budget for inference. auto: that + what this machine's measured feature and "
+                                       "inference times need to keep up (at most 500), set when a voice starts",
+                               min=233, max=3000, auto=True)
     max_batch: int = _opt(8, "most frames in one inference call, across all sessions", min=1, max=256)
     fade_frames: int = _opt(2, "frames over which the mouth fades into and out of speech", min=0, max=12)
 

@@ -162,7 +162,8 @@ def _animate(batch, avatar: Avatar, engine, windows, strength):
 def _write_audio(container, stream, audio: np.ndarray, rate: int, rate_out: int, layout: str) -> None:
     import av
 
-    resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate_out, frame_size=stream.codec_context.frame_size or 1024)
+    resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate_out,
+                                  frame_size=stream.codec_context.frame_size or 1024)
     step = 4096
     for i in range(0, audio.shape[1], step):
         chunk = np.ascontiguousarray(audio[:, i : i + step])

@@ -164,7 +164,8 @@ def _rows(seconds, talkers, before, after, samples, talks, views, churned) -> li
         ("last minute", summary(last) if last else "-"),
         ("all sessions", summary(talks) if talks else "-"),
         ("server RSS (all processes)", f"{before['rss_mb']:.0f} MB at start, peak {peak:.0f} MB, "
-                                       f"{after['rss_mb']:.0f} MB after (growth {after['rss_mb'] - before['rss_mb']:+.0f} MB)"),
+                                       f"{after['rss_mb']:.0f} MB after "
+                                       f"(growth {after['rss_mb'] - before['rss_mb']:+.0f} MB)"),
         ("threads", f"{before['threads']} at start, {after['threads']} after"),
         ("open files", f"{before['fds']} at start, {after['fds']} after"),
         ("gauges after", f"sessions {after['sessions']:.0f}, channels {after['channels']:.0f}"),

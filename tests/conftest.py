@@ -110,8 +110,9 @@ def decode_video(path):
 
 def write_audio(path, mono, rate, codec=None):
     """Mono float audio to any container PyAV writes (wav, m4a, ...)."""
-    import av
     from fractions import Fraction
+
+    import av
 
     if len(mono) == 0:  # a valid wav with a header and no samples (PyAV writes no header without data)
         with wave.open(str(path), "wb") as w:
@@ -121,7 +122,8 @@ def write_audio(path, mono, rate, codec=None):
     with av.open(str(path), "w") as c:
         s = c.add_stream(codec, rate=rate, layout="mono")
         fmt = "s16" if codec == "pcm_s16le" else "fltp"
-        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate, frame_size=s.codec_context.frame_size or 1024)
+        resampler = av.AudioResampler(format=fmt, layout="mono", rate=rate,
+                                      frame_size=s.codec_context.frame_size or 1024)
         pcm = np.asarray(mono, np.float32)[None]
         frame = av.AudioFrame.from_ndarray(pcm, format="fltp", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = rate, 0, Fraction(1, rate)

@@ -51,7 +51,8 @@ def post_offer():
 
 
 def on_gathering(element, _):
-    if element.get_property("ice-gathering-state") == GstWebRTC.WebRTCICEGatheringState.COMPLETE and not state.get("sent"):
+    if element.get_property("ice-gathering-state") == GstWebRTC.WebRTCICEGatheringState.COMPLETE \
+            and not state.get("sent"):
         state["sent"] = True
         threading.Thread(target=post_offer, daemon=True).start()
 

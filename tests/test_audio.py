@@ -4,10 +4,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import signal
 
-from streamer.mouth import speech_strength
-from streamer.audio import (LOOKAHEAD_S, MelStream, StreamResampler, VoiceActivity, mel_windows, melspectrogram,
-                            resample, to_mono_float)
+from streamer.audio import (
+    LOOKAHEAD_S,
+    MelStream,
+    StreamResampler,
+    VoiceActivity,
+    mel_windows,
+    melspectrogram,
+    resample,
+    to_mono_float,
+)
 from streamer.audio.mel import LOOKAHEAD_SAMPLES, window_start
+from streamer.mouth import speech_strength
 from tests.conftest import DATA
 
 

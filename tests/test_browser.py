@@ -26,7 +26,7 @@ def mic_from(wav) -> list[str]:
 ARTIFACTS = Path(__file__).parents[1] / "test-artifacts"
 PROBE = """async () => { const v = document.querySelector('video'); let fd = 0;
   (await window.pc.getStats()).forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') fd = r.framesDecoded; });
-  return {t: v.currentTime, w: v.videoWidth, paused: v.paused, rvfc: window.rvfcCount, fd}; }"""
+  return {t: v.currentTime, w: v.videoWidth, paused: v.paused, rvfc: window.rvfcCount, fd}; }"""  # noqa: E501 - the JS as sent
 
 
 def free_port() -> int:

@@ -93,8 +93,8 @@ def test_whip_whep_protocol_details(avatar):  # noqa: F811
 
     out = asyncio.run(main())
     status, headers = out["options"]
-    assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://player.example" and "Location" in headers[
-        "Access-Control-Expose-Headers"]
+    assert (status == 204 and headers["Access-Control-Allow-Origin"] == "https://player.example"
+            and "Location" in headers["Access-Control-Expose-Headers"])
     assert "Access-Control-Allow-Origin" not in out["foreign"]  # a site not configured gets no CORS
     assert out["patch"] == (405, "POST, DELETE")
     assert out["type"] == 415 and out["name"] in (400, 404) and out["delete"] == 404
@@ -158,8 +158,9 @@ def test_a_viewer_that_never_reads_costs_the_others_nothing(avatar, voice):  # n
         async with serving(avatar) as (server, url):
             publisher = asyncio.ensure_future(talk(url, wav, 1.0 + speech_s + 2.0, offer_extra={"channel": "a"}))
             await _until(lambda: "a" in server.channels, 5)
-            frozen = subprocess.Popen([sys.executable, "-c", "import asyncio, sys; from streamer.live.client import watch; "
-                                       f"asyncio.run(watch('{url}', 'a', 60))"])
+            frozen = subprocess.Popen(  # noqa: ASYNC220 - a viewer in its own process, to freeze with SIGSTOP
+                [sys.executable, "-c", "import asyncio, sys; from streamer.live.client import watch; "
+                 f"asyncio.run(watch('{url}', 'a', 60))"])
             try:
                 assert await _until(lambda: any(s.kind == "whep" for s in server.sessions.values()), 20)
                 await asyncio.sleep(1.0)

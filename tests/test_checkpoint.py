@@ -54,7 +54,8 @@ def _bad_files(tmp_path, released_checkpoint):
     return files
 
 
-EXPECT = {"empty": "is empty", "truncated": "not a readable PyTorch checkpoint", "text": "not a readable PyTorch checkpoint",
+EXPECT = {"empty": "is empty", "truncated": "not a readable PyTorch checkpoint",
+          "text": "not a readable PyTorch checkpoint",
           "wrong keys": "missing keys", "wrong shape": "wrong shape", "code": "holds code or objects (print)",
           "missing": "does not exist", "code4": "safe loader refused it"}
 

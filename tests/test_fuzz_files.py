@@ -13,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from streamer.avatar.cache import DEMO_IMAGE as ASTRONAUT, demo_avatar
+from streamer.avatar.cache import DEMO_IMAGE as ASTRONAUT
+from streamer.avatar.cache import demo_avatar
 from streamer.cli import main
 from streamer.errors import UserError
 from tests.conftest import write_audio

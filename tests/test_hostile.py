@@ -74,7 +74,8 @@ def test_each_known_hostile_request_is_a_json_4xx(server):
     jsn = {"Content-Type": "application/json"}
     cases = [
         ("POST", "/offer", b"[" * 100000, jsn, (400,)),  # nested past Python's recursion limit
-        ("POST", "/offer", json.dumps({"sdp": "v=0", "type": "offer"}).encode(), {"Content-Type": "text/plain"}, (415,)),
+        ("POST", "/offer", json.dumps({"sdp": "v=0", "type": "offer"}).encode(),
+         {"Content-Type": "text/plain"}, (415,)),
         ("POST", "/offer", json.dumps({"sdp": "v=0", "type": "offer"}).encode(),
          {"Content-Type": "application/json; charset=x-nonsense"}, (400,)),
         ("POST", "/offer", b"\xff\xfe\xfa", jsn, (400,)),

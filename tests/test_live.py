@@ -13,9 +13,9 @@ from scipy import signal
 from streamer.avatar.cache import demo_avatar
 from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
+from streamer.live.client import talk
 from streamer.server.app import Server
 from tests.conftest import speak
-from streamer.live.client import talk
 
 # aiortc's receiver holds frames in its jitter buffer until later ones arrive: audio until 4 newer
 # packets are in (80 ms at 20 ms packets), video until the next frame starts (40 ms at 25 fps).
@@ -95,8 +95,8 @@ def test_talk_session_end_to_end(avatar, voice):
     talking = (times > times[0] + 1.8) & (times < times[0] + 1.8 + speech_s - 0.6)
     assert np.mean(change[talking] > 8) > 0.3, change[talking]
     # voice and lips within one frame: align the received voice's loudness with the mouth's movement
-    loud = np.array([audio_rms[(audio_t >= t) & (audio_t < t + 0.04)].mean() if np.any((audio_t >= t) & (audio_t < t + 0.04))
-                     else 0.0 for t in times])
+    loud = np.array([audio_rms[(audio_t >= t) & (audio_t < t + 0.04)].mean()
+                     if np.any((audio_t >= t) & (audio_t < t + 0.04)) else 0.0 for t in times])
     lags = range(-5, 6)
     score = [np.corrcoef(np.roll(loud, k)[10:-10], change[10:-10])[0, 1] for k in lags]
     best = list(lags)[int(np.argmax(score))]
@@ -143,7 +143,8 @@ def test_bad_offers_get_clear_errors_and_the_server_keeps_serving(avatar, voice)
             async with aiohttp.ClientSession() as http:
                 async def post(**kw):
                     async with http.post(f"{url}/offer", **kw) as r:
-                        return r.status, (await r.json()).get("error", "") if r.content_type == "application/json" else ""
+                        return r.status, ((await r.json()).get("error", "")
+                                          if r.content_type == "application/json" else "")
 
                 results.append(await post(data=b"not json", headers={"Content-Type": "application/json"}))
                 results.append(await post(json={"type": "offer"}))

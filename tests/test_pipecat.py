@@ -7,7 +7,8 @@ import time
 import numpy as np
 import pytest
 
-pipecat = pytest.importorskip("pipecat", reason="Pipecat is in the `pipecat` extra (make install adds it on CPU machines)")
+pipecat = pytest.importorskip("pipecat",
+                              reason="Pipecat is in the `pipecat` extra (make install adds it on CPU machines)")
 
 from pipecat.frames.frames import EndFrame, InterruptionFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame  # noqa: E402
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402

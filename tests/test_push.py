@@ -91,7 +91,8 @@ def test_pushed_speech_plays_at_real_time_in_sync_and_stops_on_clear(avatar, tts
     u1 = (t > speech_t[0]) & (t < speech_t[0] + seconds - 0.3)
     assert np.mean(change[u1] > 8) > 0.3, change[u1]
     assert change[t < speech_t[0] - 0.3].max() < 8
-    loud = np.array([rms[(at >= x) & (at < x + 0.04)].mean() if np.any((at >= x) & (at < x + 0.04)) else 0.0 for x in t])
+    loud = np.array([rms[(at >= x) & (at < x + 0.04)].mean() if np.any((at >= x) & (at < x + 0.04)) else 0.0
+                     for x in t])
     span = t < speech_t[0] + seconds + 0.5
     lags = range(-5, 6)
     score = [np.corrcoef(np.roll(loud[span], k)[10:-10], change[span][10:-10])[0, 1] for k in lags]
@@ -103,7 +104,8 @@ def test_pushed_speech_plays_at_real_time_in_sync_and_stops_on_clear(avatar, tts
     assert fin["utterance"] == 2 and fin["interrupted"] and 1.3 < fin["position"] < 1.8, fin
     c = out["cleared_at"]
     moving, sounding = t[(t > c - 1) & (change > 8)], at[(at > c - 1) & (rms > 0.005)]
-    print(f"after clear: last moving mouth {1000 * (moving.max() - c):+.0f} ms, last voice {1000 * (sounding.max() - c):+.0f} ms "
+    print(f"after clear: last moving mouth {1000 * (moving.max() - c):+.0f} ms, "
+          f"last voice {1000 * (sounding.max() - c):+.0f} ms "
           f"(receive time less the receivers' hold), fps {fps:.2f}, stats {out['stats']}")
     after = c + 0.1
     assert t[-1] > c + 1 and at[-1] > c + 1, (t[-1] - c, at[-1] - c)  # the viewer kept receiving
@@ -177,7 +179,8 @@ def wav_bytes(x: np.ndarray, rate: int) -> bytes:
     buf = io.BytesIO()
     with av.open(buf, "w", format="wav") as f:
         st = f.add_stream("pcm_s16le", rate=rate, layout="mono")
-        frame = av.AudioFrame.from_ndarray((np.clip(x, -1, 1) * 32767).astype(np.int16)[None], format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray((np.clip(x, -1, 1) * 32767).astype(np.int16)[None],
+                                           format="s16", layout="mono")
         frame.sample_rate = rate
         for p in st.encode(frame):
             f.mux(p)

@@ -45,7 +45,8 @@ def test_render_builtin_mouth_moves_in_speech_only(avatars, talk_video, speech_m
         far[max(0, y1 - 8) : y2 + 8, max(0, x1 - 8) : x2 + 8] = 0
         far_change.append(far.mean())
         h = y2 - y1
-        mouth_change.append(d[y1 + int(0.55 * h) : y1 + int(0.85 * h), x1 + (x2 - x1) // 4 : x2 - (x2 - x1) // 4].mean())
+        mouth_change.append(d[y1 + int(0.55 * h) : y1 + int(0.85 * h),
+                              x1 + (x2 - x1) // 4 : x2 - (x2 - x1) // 4].mean())
     mouth_change = np.array(mouth_change)
     # H.264 at crf 18 (4:2:0) alone differs from the source by ~2 levels on this colourful image
     assert max(far_change) < 3  # outside the face the frames are the source, to codec precision
@@ -71,7 +72,8 @@ def test_render_bad_audio_fails_cleanly(avatars, tmp_path):
     write_audio(empty, np.zeros(0, np.float32), 16000)
     text = tmp_path / "notes.mp3"
     text.write_text("not audio at all")
-    for audio, expect in ((empty, "no audio"), (text, "not a readable audio"), (tmp_path / "nope.wav", "does not exist")):
+    for audio, expect in ((empty, "no audio"), (text, "not a readable audio"),
+                          (tmp_path / "nope.wav", "does not exist")):
         out = tmp_path / "x.mp4"
         proc = run_cli("render", "--avatar", "anna", "--avatars", avatars, "--audio", audio, "--out", out, "-q")
         assert proc.returncode == 2 and expect in proc.stderr, proc.stderr

@@ -109,7 +109,8 @@ class StreamResampler:
         k = centre[:, None] - j * up
         valid = (k >= 0) & (k < taps) & (j >= 0) & (j < self._n)
         xi = np.clip(j - self._x0, 0, max(0, self._x.size - 1))
-        vals = np.where(valid, self._x[xi] if self._x.size else 0.0, 0.0) * np.where(valid, h[np.clip(k, 0, taps - 1)], 0)
+        vals = (np.where(valid, self._x[xi] if self._x.size else 0.0, 0.0)
+                * np.where(valid, h[np.clip(k, 0, taps - 1)], 0))
         return vals.sum(axis=1)
 
     def _decimate(self, count: int) -> np.ndarray:

@@ -21,8 +21,15 @@ import logging
 import time
 
 import numpy as np
-from pipecat.frames.frames import (CancelFrame, EndFrame, Frame, InterruptionFrame, StartFrame, TTSAudioRawFrame,
-                                   TTSStoppedFrame)
+from pipecat.frames.frames import (
+    CancelFrame,
+    EndFrame,
+    Frame,
+    InterruptionFrame,
+    StartFrame,
+    TTSAudioRawFrame,
+    TTSStoppedFrame,
+)
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessor
 
 from streamer.audio import StreamResampler
@@ -96,7 +103,8 @@ class StreamerAvatar(FrameProcessor):
                 self._speaker = await Speaker.connect(self.url, self.channel, self._rate, self.token)
             except (SpeakerError, OSError, asyncio.TimeoutError) as e:
                 self._retry_at = time.monotonic() + RETRY_S  # not a handshake per audio frame
-                await self.push_error(f"streamer: cannot drive channel {self.channel} (retrying in {RETRY_S:.0f} s): {e}")
+                await self.push_error(f"streamer: cannot drive channel {self.channel} "
+                                      f"(retrying in {RETRY_S:.0f} s): {e}")
                 return
             self._events = self.create_task(self._read_events())
         if frame.sample_rate != self._rate:

@@ -303,11 +303,12 @@ def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "au
     return Wav2LipInfer(resolve_model(model, models_dir), device=device, dtype=dtype)
 
 
-def load_features(model: str | Path | None, device: str = "auto", dtype: str = "auto", models_dir: str | Path = "models",
-                  musetalk=None):
+def load_features(model: str | Path | None, device: str = "auto", dtype: str = "auto",
+                  models_dir: str | Path = "models", musetalk=None):
     """The audio front end of `model`'s engine, without the engine: for a media worker, whose inference
     runs in the inference service."""
-    from streamer.lipsync.musetalk import is_musetalk, load_features as musetalk_features
+    from streamer.lipsync.musetalk import is_musetalk
+    from streamer.lipsync.musetalk import load_features as musetalk_features
 
     if model is not None and is_musetalk(model):
         from streamer.config import MuseTalkConfig

@@ -285,7 +285,8 @@ class MuseTalkInfer:
         """windows (B, rows, width) whisper features, crops (B, 256, 256, 3) uint8 BGR -> mouths, same."""
         import torch
 
-        if windows.ndim != 3 or windows.shape[1:] != self.features.shape or crops.shape != (len(windows), FACE, FACE, 3):
+        if windows.ndim != 3 or windows.shape[1:] != self.features.shape \
+                or crops.shape != (len(windows), FACE, FACE, 3):
             raise ValueError(f"need windows (B, {self.features.shape[0]}, {self.features.shape[1]}) and crops "
                              f"(B, {FACE}, {FACE}, 3), got {windows.shape} and {crops.shape}")
         with self._lock, torch.inference_mode():
@@ -300,7 +301,8 @@ class MuseTalkInfer:
     def warmup(self, batch_sizes=(1,)) -> float:
         t = time.perf_counter()
         for b in batch_sizes:
-            self.predict_crops(np.zeros((b, *self.features.shape), np.float32), np.full((b, FACE, FACE, 3), 128, np.uint8))
+            self.predict_crops(np.zeros((b, *self.features.shape), np.float32),
+                               np.full((b, FACE, FACE, 3), 128, np.uint8))
         return time.perf_counter() - t
 
 

@@ -143,7 +143,8 @@ async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     await pc.setLocalDescription(await pc.createOffer())
     async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.post(base + path, data=pc.localDescription.sdp, headers={"Content-Type": "application/sdp"}) as res:
+        async with http.post(base + path, data=pc.localDescription.sdp,
+                             headers={"Content-Type": "application/sdp"}) as res:
             answer, location = await res.text(), res.headers.get("Location")
             assert res.status == 201 and location, (res.status, answer)
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))

@@ -72,7 +72,7 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
 
 async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
     """A file of web/, nothing outside it (no '..', no symbolic link out), a JSON 404 otherwise."""
-    root = web_dir.resolve()
+    root = web_dir.resolve()  # noqa: ASYNC240 - a few stats of a small local folder, not worth a thread
     try:
         path = (root / request.match_info["page"]).resolve()
     except (ValueError, OSError):  # a NUL byte, a name too long
@@ -159,7 +159,8 @@ def refuse(token: str | None, request: web.Request, listen: str | None = None) -
     if token and not open_paths:
         given = request.headers.get("Authorization", "")  # may hold any bytes (surrogate-escaped)
         if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {token}".encode()):
-            return error(401, "a valid 'Authorization: Bearer <token>' header is required", {"WWW-Authenticate": "Bearer"})
+            return error(401, "a valid 'Authorization: Bearer <token>' header is required",
+                         {"WWW-Authenticate": "Bearer"})
     return None
 
 
@@ -252,7 +253,8 @@ class Server:
             return ch
         ch = await asyncio.get_running_loop().run_in_executor(
             None, lambda: Channel(name, self.avatar, self.worker, delay_s=self.delay_s,
-                                  vad_factory=lambda: self.cfg.audio.voice_activity(FPS), fade=self.cfg.live.fade_frames))
+                                  vad_factory=lambda: self.cfg.audio.voice_activity(FPS),
+                                  fade=self.cfg.live.fade_frames))
         if name in self.channels:  # opened meanwhile by another request
             ch.close()
             return self.channels[name]
@@ -491,7 +493,8 @@ class Server:
                 st = ch.stats()
                 log.info("channel %s: %d viewers, %.1f fps, %d lip-synced, %d late (%d held), delay p50 %s p95 %s "
                          "ms, %s", name, st["viewers"], st["fps"], st["lipsync_frames"], st["late_frames"],
-                         st["held_frames"], st["delay_ms_p50"], st["delay_ms_p95"], "speaking" if st["speaking"] else "idle")
+                         st["held_frames"], st["delay_ms_p50"], st["delay_ms_p95"],
+                         "speaking" if st["speaking"] else "idle")
 
     async def _on_shutdown(self, app) -> None:
         for sid in list(self.sessions):

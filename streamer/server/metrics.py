@@ -92,8 +92,10 @@ class Metrics:
                [f"streamer_interrupts_total{{{lab}}} {c.interrupts}" for lab, c in zip(label, chans)])
         metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
                [f"streamer_inference_queue_depth {w.depth()}"])
-        metric("streamer_inference_frames_total", "counter", "frames inferred", [f"streamer_inference_frames_total {w.frames}"])
-        metric("streamer_inference_dropped_total", "counter", "frames skipped by the worker (could not be done in time, or queue full)",
+        metric("streamer_inference_frames_total", "counter", "frames inferred",
+               [f"streamer_inference_frames_total {w.frames}"])
+        metric("streamer_inference_dropped_total", "counter", "frames skipped by the worker (could not be done in "
+               "time, or queue full)",
                [f"streamer_inference_dropped_total {w.dropped}"])
         metric("streamer_inference_seconds_total", "counter", "time spent in inference calls",
                [f"streamer_inference_seconds_total {w.busy_s:.6f}"])

@@ -41,20 +41,21 @@ def _whxp(kind: str, what: str) -> dict:
 
 def document() -> dict:
     ws_protocol = (
-        "Upgrade to a WebSocket. Client messages: first JSON {\"type\": \"start\", \"sample_rate\": 16000|24000|48000}; "
-        "then binary PCM s16le mono at that rate, any size up to 1 MiB a message; JSON {\"type\": \"end\"} ends an "
-        "utterance; {\"type\": \"clear\"} interrupts (mouth and voice stop within 100 ms at the server's output). "
-        "Server messages: {\"type\": \"ready\", \"session\", \"channel\", \"delay_ms\"}; {\"type\": \"playback_started\", "
-        "\"utterance\"}; {\"type\": \"playback_finished\", \"utterance\", \"position\" (seconds heard), \"interrupted\"}; "
-        "{\"type\": \"error\", \"message\"} then close (1008). Audio may come faster than real time: up to 30 s is "
-        "queued, then the server stops reading until it plays down. One voice per channel.")
+        "Upgrade to a WebSocket. Client messages: first JSON {\"type\": \"start\", \"sample_rate\": "
+        "16000|24000|48000}; then binary PCM s16le mono at that rate, any size up to 1 MiB a message; JSON {\"type\": "
+        "\"end\"} ends an utterance; {\"type\": \"clear\"} interrupts (mouth and voice stop within 100 ms at the "
+        "server's output). Server messages: {\"type\": \"ready\", \"session\", \"channel\", \"delay_ms\"}; {\"type\": "
+        "\"playback_started\", \"utterance\"}; {\"type\": \"playback_finished\", \"utterance\", \"position\" (seconds "
+        "heard), \"interrupted\"}; {\"type\": \"error\", \"message\"} then close (1008). Audio may come faster than "
+        "real time: up to 30 s is queued, then the server stops reading until it plays down. One voice per channel.")
     return {
         "openapi": "3.1.0",
         "info": {"title": "streamer", "version": __version__,
                  "description": "Real-time talking-head server. With `server.token` set, every endpoint but the pages, "
                                 "/healthz and /openapi.json needs `Authorization: Bearer <token>`."},
         "components": {
-            "schemas": {"Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}},
+            "schemas": {"Error": {"type": "object", "required": ["error"],
+                                  "properties": {"error": {"type": "string"}}}},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
@@ -80,7 +81,8 @@ def document() -> dict:
                          "requestBody": {"required": True, "content": {"application/octet-stream": {
                              "schema": {"type": "string", "format": "binary"}}}},
                          "responses": {"202": {"description": "playing", "content": {"application/json": {"schema": {
-                             "type": "object", "properties": {"session": {"type": "string"}, "channel": {"type": "string"},
+                             "type": "object", "properties": {"session": {"type": "string"},
+                                                              "channel": {"type": "string"},
                                                               "seconds": {"type": "number"}}}}}},
                                        **_errors(400, 401, 409, 413, 503)}},
                 "delete": {"summary": "interrupt what is being spoken", "responses": {
@@ -95,12 +97,14 @@ def document() -> dict:
                 "delete": {"summary": "end a session", "responses": {"204": {"description": "ended"},
                                                                      **_errors(401, 404, 410)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-                "200": {"description": "text exposition format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                "200": {"description": "text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
                 **_errors(401)}}},
             "/healthz": {"get": {"summary": "liveness", "security": [], "responses": {
                 "200": {"description": "ok", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/openapi.json": {"get": {"summary": "this document", "security": [], "responses": {
-                "200": {"description": "OpenAPI 3.1", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+                "200": {"description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
             "/": {"get": {"summary": "the talk page (web/index.html)",
                           "security": [], "responses": {"200": {"description": "HTML"}}}},
             "/{page}": {"parameters": [{"name": "page", "in": "path", "required": True, "schema": {"type": "string"}}],

@@ -104,7 +104,8 @@ class Drive:
             session.tasks.add(feeder)
             handler = asyncio.current_task()
             feeder.add_done_callback(lambda t: None if t.cancelled() else handler.cancel())  # it died: end
-            events.put_nowait({"type": "ready", "session": sid, "channel": ch.name, "delay_ms": round(1000 * ch.delay_s)})
+            events.put_nowait({"type": "ready", "session": sid, "channel": ch.name,
+                               "delay_ms": round(1000 * ch.delay_s)})
             log.info("[%s] program voice on channel %s over a WebSocket, %d Hz", sid, ch.name, rate)
             while not await _handle(await ws.receive(), voice, events):
                 await voice.room()
