@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamer.avatar.blend import blend, lower_face_mask
-from streamer.avatar.cache import Avatar, PrepareSettings, ping_pong, prepare
+from streamer.avatar.cache import Avatar, PrepareSettings, keep_frames, ping_pong, prepare
 from streamer.avatar.detect import FaceDetector
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.lipsync.engine import face_input, to_images
@@ -74,6 +74,11 @@ def test_decoded_frames_kept_when_they_fit_equal_the_lossless_video(video_avatar
         frame[0, 0] = 0  # a view of the mapped file: no consumer can change the avatar
     small = prepare(talk_video, "small", tmp_path, PrepareSettings(raw_frames_mb=40), progress=False)
     assert small.raw is None and not (small.path / "frames.npy").exists()  # 43 MB of frames > 40 MB
+    stamp = os.stat(small.path / "crops.npy").st_mtime_ns
+    again = prepare(talk_video, "small", tmp_path, PrepareSettings(raw_frames_mb=50), progress=False)
+    assert again.raw is not None and np.array_equal(np.asarray(again.raw), np.asarray(video_avatar.raw))
+    assert os.stat(again.path / "crops.npy").st_mtime_ns == stamp  # the frames added, nothing rebuilt
+    assert keep_frames(again, 40).raw is None and not (again.path / "frames.npy").exists()
     shutil.copytree(video_avatar.path, tmp_path / "copy")
     with open(tmp_path / "copy" / "frames.npy", "r+b") as f:
         f.truncate(1000)

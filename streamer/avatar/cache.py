@@ -217,16 +217,19 @@ class FrameReader:
             self._put(e)
 
     def _run_raw(self, count: int | None) -> None:
-        """frames.npy: each frame is a read-only view into the mapped file; nothing to decode."""
+        """frames.npy: nothing to decode. Each frame is copied here, on the reader's thread, so a page
+        not yet in memory is read from disk here and not by whoever shows the frame (an event loop)."""
         step = self.start
         try:
             while count is None or step - self.start < count:
                 src = ping_pong(step, self.avatar.frames)
-                if not self._put((step, src, self.avatar.raw[src])):
+                frame = np.array(self.avatar.raw[src])
+                frame.flags.writeable = False  # as the mapped file: no consumer may change an avatar frame
+                if not self._put((step, src, frame)):
                     return
                 step += 1
             self._put(None)
-        except Exception as e:  # noqa: BLE001 - a truncated file: handed to the consumer, which raises it
+        except Exception as e:  # noqa: BLE001 - an I/O error reading it: handed to the consumer, which raises it
             self._put(e)
 
     def _put(self, item) -> bool:
@@ -263,11 +266,12 @@ class PrepareSettings:
     pads: tuple[int, int, int, int] = (0, 10, 0, 0)  # top, bottom, left, right, as the original
     smooth: int = 5  # frames in the box smoothing window
     max_height: int = 1080  # taller sources are scaled down
-    raw_frames_mb: int = 2048  # frames.npy is written when every frame decoded fits this
+    raw_frames_mb: int = 2048  # frames.npy is kept when every frame decoded fits this (not in as_meta:
+    # changing it adds or removes that file, nothing is rebuilt)
 
     def as_meta(self) -> dict:
         return {"face_size": self.face_size, "pads": list(self.pads), "smooth": self.smooth,
-                "max_height": self.max_height, "raw_frames_mb": self.raw_frames_mb}
+                "max_height": self.max_height}
 
 
 def _open_video(path: Path):
@@ -394,7 +398,7 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
             if meta.get("format") == FORMAT and meta.get("source_sha256") == digest \
                     and meta.get("settings") == settings.as_meta():
                 log.info("avatar %s is up to date, reusing %s", name, target)
-                return Avatar.load(root, name)
+                return keep_frames(Avatar.load(root, name), settings.raw_frames_mb, progress)
         except (OSError, json.JSONDecodeError):
             pass
         log.info("avatar %s: source or settings changed, rebuilding", name)
@@ -449,18 +453,10 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
                 "seconds_to_prepare": round(time.perf_counter() - started, 2)}
         partial = Avatar(tmp, meta, boxes, marks, np.zeros((0,)))
         crops = np.zeros((len(found), settings.face_size, settings.face_size, 3), np.uint8)
-        raw = None
-        if len(found) > 1 and len(found) * width * height * 3 <= settings.raw_frames_mb * 1e6:
-            raw = np.lib.format.open_memmap(tmp / "frames.npy", "w+", np.uint8, (len(found), height, width, 3))
         with tqdm(total=len(found), desc=f"prepare {name}: face crops", unit="frame", disable=not progress) as bar:
             for _, src, frame in partial.read_frames(0, count=len(found)):
                 crops[src] = crop(frame, boxes[src], settings.face_size)
-                if raw is not None:
-                    raw[src] = frame  # decoded from frames.mkv: the very frames a reader of it gets
                 bar.update()
-        if raw is not None:
-            raw.flush()
-            del raw
         np.save(tmp / "boxes.npy", boxes)
         np.save(tmp / "landmarks.npy", marks)
         np.save(tmp / "crops.npy", crops)
@@ -474,7 +470,44 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
             tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Avatar.load(root, name)
+    return keep_frames(Avatar.load(root, name), settings.raw_frames_mb, progress)
+
+
+def keep_frames(avatar: Avatar, limit_mb: int, progress: bool = False) -> Avatar:
+    """The avatar with frames.npy exactly when every frame decoded fits `limit_mb` (a still avatar:
+    never; it is decoded once anyway): written from frames.mkv, so they are the frames a reader of
+    that gets, or removed. A folder that cannot be written to is used as it is."""
+    from tqdm import tqdm
+
+    path = avatar.path / "frames.npy"
+    w, h = avatar.size
+    if avatar.frames < 2 or avatar.frames * w * h * 3 > limit_mb * 1e6:
+        if path.exists():
+            path.unlink(missing_ok=True)
+            avatar.raw = None
+        return avatar
+    if avatar.raw is not None:
+        return avatar
+    log.info("avatar %s: keeping its %d frames decoded (%.0f MB, once)", avatar.name, avatar.frames,
+             avatar.frames * w * h * 3 / 1e6)
+    tmp = path.with_name(f".frames.npy.{os.getpid()}.tmp")
+    try:
+        raw = np.lib.format.open_memmap(tmp, "w+", np.uint8, (avatar.frames, h, w, 3))
+        with tqdm(total=avatar.frames, desc=f"avatar {avatar.name}: decoded frames", unit="frame",
+                  disable=not progress) as bar:
+            for _, src, frame in avatar.read_frames(0, count=avatar.frames):
+                raw[src] = frame
+                bar.update()
+        raw.flush()
+        del raw
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("avatar %s: cannot keep its decoded frames (%s); they are decoded while serving",
+                    avatar.name, e.strerror or e)
+        return avatar
+    finally:
+        tmp.unlink(missing_ok=True)
+    return Avatar.load(avatar.path.parent, avatar.path.name)
 
 
 def demo_avatar(root: str | Path, progress: bool = False) -> Avatar:
