@@ -229,7 +229,7 @@ class RemoteWorker:
         while not self._closing:
             try:
                 msg = self.conn.recv()
-            except (EOFError, OSError, AttributeError):
+            except (EOFError, OSError, AttributeError, TypeError):  # TypeError: closed by close() mid-read
                 if self._closing:
                     return
                 log.error("the inference service went away; reconnecting (mouths are idle meanwhile)")
