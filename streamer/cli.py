@@ -92,12 +92,12 @@ def _config(args, **flags):
 
 
 def _avatar(cfg, name):
-    from streamer.avatar.cache import DEMO_NAME, Avatar, avatar_dir, demo_avatar
+    from streamer.avatar.cache import DEMO_NAME, Avatar, avatar_dir, demo_avatar, keep_frames
 
     if name == DEMO_NAME and not (avatar_dir(cfg.avatar.dir, name) / "meta.json").exists():
         log.info("preparing the demo avatar (once)")
         return demo_avatar(cfg.avatar.dir)
-    return Avatar.load(cfg.avatar.dir, name)
+    return keep_frames(Avatar.load(cfg.avatar.dir, name), cfg.avatar.raw_frames_mb)  # one prepared before it
 
 
 def _use_avatar(engine, avatar, progress: bool) -> None:
@@ -204,7 +204,11 @@ def _serve(args) -> int:
 
         if cfg.model.path is not None:
             resolve_model(cfg.model.path)
-        _avatar(cfg, cfg.avatar.name)  # prepared once here, not by every worker at once
+        avatar = _avatar(cfg, cfg.avatar.name)  # prepared once here, not by every worker at once
+        from streamer.lipsync.musetalk import ensure_latents, is_musetalk
+
+        if is_musetalk(cfg.model.path):  # its latents too: the service has a start deadline
+            ensure_latents(resolve_model(cfg.model.path), avatar, cfg.model.device, cfg.model.dtype)
         asyncio.run(serve_front(cfg, workers))
         return 0
     service = os.environ.get("STREAMER_INFERENCE")  # the socket of a multi-process server's inference service

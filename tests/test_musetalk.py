@@ -268,10 +268,35 @@ def test_an_avatar_prepared_without_the_model_gets_its_latents_on_first_use(muse
     wav = write_wav(tmp_path / "v.wav", clip, 16000)
     summary = render(avatar, wav, tmp_path / "out.mp4", e, progress=False)
     assert summary["speech_frames"] > 20 and e.encoded == 0
+    with np.load(saved) as data:
+        digests, latents = data["digests"].copy(), data["latents"]
+    digests[37, 0] ^= 1  # the middle crop no longer matches (a folder copied from elsewhere)
+    with open(saved, "wb") as f:
+        np.savez(f, digests=digests, latents=latents)
+    other = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    other.use_avatar(avatar)
+    assert other.encoded == 75  # computed again, not a silent miss on every crop
     saved.write_bytes(b"not a zip")
     again = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
     again.use_avatar(avatar)
     assert again.encoded == 75 and np.load(saved)["latents"].shape[0] == 75
+
+
+def test_a_multi_process_server_gets_the_latents_before_its_service_starts(musetalk_dir, talk_video, tmp_path):
+    """The front computes missing latents in a child process (the inference service has a start
+    deadline); saved ones are only checked."""
+    from streamer.avatar.cache import prepare
+    from streamer.lipsync.musetalk import ensure_latents
+
+    avatar = prepare(talk_video, "v", tmp_path / "avatars", progress=False)
+    ensure_latents(musetalk_dir, avatar, "cpu")
+    [saved] = avatar.path.glob("musetalk-latents-*.npz")
+    stamp = saved.stat().st_mtime_ns
+    ensure_latents(musetalk_dir, avatar, "cpu")
+    assert saved.stat().st_mtime_ns == stamp
+    e = MuseTalkInfer(musetalk_dir, device="cpu", warmup=False)
+    e.use_avatar(avatar)
+    assert e.encoded == 0
 
 
 def test_a_folder_under_home_is_found_as_the_shell_would_not_expand_it(musetalk_dir, monkeypatch):
@@ -318,3 +343,10 @@ def test_a_clips_windows_made_as_render_asks_equal_offline_and_are_not_all_held(
     rng = np.random.default_rng(5)
     for i in rng.integers(0, frames, 5):  # out of order still right (encoded again)
         assert np.array_equal(lazy[int(i)], want[i])
+
+
+def test_whispers_warm_up_times_only_its_second_call(musetalk_dir):
+    from streamer.lipsync.musetalk import load_features
+
+    assert len(load_features(musetalk_dir, "cpu")._times) == 1  # the first call's set-up is not a block's time
+    assert len(MuseTalkInfer(musetalk_dir, device="cpu", warmup=False).features._times) == 0

@@ -64,10 +64,11 @@ class WhisperFeatures:
         return float(np.median(self._times)) if self._times else 0.0
 
     def warmup(self) -> None:
-        """Encode a silent block twice: the first call sets the kernels up, the second is timed."""
+        """Encode a silent block twice: the first call sets the kernels up, only the second is timed."""
         n = (self.block * POSITION) + self.context
-        for _ in range(2):
-            self.encode(np.zeros(n, np.float32), 0, n, 0)
+        self.encode(np.zeros(n, np.float32), 0, n, 0)
+        self._times.clear()
+        self.encode(np.zeros(n, np.float32), 0, n, 0)
 
     # the encoder
 
@@ -110,16 +111,12 @@ class WhisperFeatures:
 
     # offline and streaming
 
+    def blocks(self, samples: int) -> int:
+        """Blocks in a stream of `samples` (the last one may be partial)."""
+        return -(-(samples // POSITION) // self.block)
+
     def offline(self, audio16: np.ndarray, frames: int) -> np.ndarray:
-        audio16 = np.asarray(audio16, np.float32).reshape(-1)
-        n = audio16.size
-        blocks = -(-(n // POSITION) // self.block) if n else 0
-        parts = []
-        for b in range(blocks):
-            start, stop = self.window_of(b, n)
-            parts.append(self.encode(audio16[start:stop], start, stop, b))
-        positions = np.concatenate(parts) if parts else np.zeros((0, *self.state_shape), np.float32)
-        return self.windows(positions, range(frames))
+        return ClipWindows(self, audio16, frames)[range(frames)]
 
     def for_clip(self, audio16: np.ndarray, frames: int) -> ClipWindows:
         return ClipWindows(self, audio16, frames)
@@ -143,7 +140,7 @@ class ClipWindows:
         self.features = features
         self.audio = np.asarray(audio16, np.float32).reshape(-1)
         self.frames = frames
-        self.blocks = -(-(self.audio.size // POSITION) // features.block) if self.audio.size else 0
+        self.blocks = features.blocks(self.audio.size)
         self._done: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -152,6 +149,8 @@ class ClipWindows:
     def __getitem__(self, index) -> np.ndarray:
         f = self.features
         frames = [int(i) for i in np.atleast_1d(index)]
+        if not frames:
+            return np.zeros((0, *f.shape), np.float32)
         lo = max(0, f.step * (min(frames) - PAD_LEFT))
         hi = f.step * (max(frames) - PAD_LEFT) + f.width  # positions lo .. hi-1 are read
         first, last = lo // f.block, min(self.blocks, -(-hi // f.block))
@@ -210,7 +209,7 @@ class WhisperStream:
             return []
         self.closed = True
         f = self.f
-        blocks = -(-(self._n // POSITION) // f.block)
+        blocks = f.blocks(self._n)
         while self._next_block < blocks:
             self._schedule(self._next_block, self._n)
             self._next_block += 1
@@ -289,7 +288,8 @@ def _done(value) -> Future:
     return fut
 
 
-def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_ms: int = 160) -> WhisperFeatures:
+def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_ms: int = 160,
+                 warmup: bool = True) -> WhisperFeatures:
     """The encoder and feature extractor of a `whisper/` folder (config.json, weights,
     preprocessor_config.json), nothing fetched from the network."""
     from transformers import WhisperFeatureExtractor, WhisperModel
@@ -298,5 +298,6 @@ def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_m
     model = WhisperModel.from_pretrained(str(folder), local_files_only=True)
     encoder = model.get_encoder().to(device, dtype).eval()
     features = WhisperFeatures(encoder, extractor, device, dtype, block_ms, context_ms)
-    features.warmup()
+    if warmup:
+        features.warmup()
     return features

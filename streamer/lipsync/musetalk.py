@@ -124,7 +124,7 @@ class MuseTalkInfer:
         self.encoded = 0  # crops VAE-encoded so far
         self.unet = self._load_unet(files)
         self.vae = self._load_vae(files)
-        self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms)
+        self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms, warmup)
         self._check_fit()
         rows, width = self.features.shape
         self._pe = torch.from_numpy(positional_encoding(rows, width)).to(self.device, self._tdtype)
@@ -234,8 +234,8 @@ class MuseTalkInfer:
         ahead of time."""
         import torch
 
-        path = avatar.path / LATENTS.format(key=self._cache_key())
-        digests, latents = _read_latents(path, avatar.frames, 2 * self.vae.config.latent_channels)
+        path = latents_file(self._files, self.dtype, avatar)
+        digests, latents = _read_latents(path, avatar, 2 * self.vae.config.latent_channels)
         if latents is None:
             log.info("musetalk: computing the latents of avatar %s's %d face crops (once; saved with it)",
                      avatar.name, avatar.frames)
@@ -248,10 +248,6 @@ class MuseTalkInfer:
     def _avatar_crops_latents(self, avatar, progress: bool) -> tuple[np.ndarray, np.ndarray]:
         from tqdm import tqdm
 
-        from streamer.mouth import face_crop
-
-        cached = avatar.crops.shape[1] == FACE
-        frames = ((i, i, None) for i in range(avatar.frames)) if cached else avatar.read_frames(0, avatar.frames)
         digests, latents, batch = [], [], []
 
         def flush():
@@ -261,8 +257,7 @@ class MuseTalkInfer:
 
         with tqdm(total=avatar.frames, desc=f"musetalk latents of {avatar.name}", unit="frame",
                   disable=not progress) as bar:
-            for _, src, frame in frames:
-                face = face_crop(avatar, src, frame, FACE)
+            for face in _crops(avatar, range(avatar.frames)):
                 digests.append(np.frombuffer(digest(face), np.uint8))
                 batch.append(face)
                 if len(batch) == ENCODE_BATCH:
@@ -271,15 +266,6 @@ class MuseTalkInfer:
             if batch:
                 flush()
         return np.stack(digests), np.concatenate(latents).astype(np.float16 if self.dtype == "fp16" else np.float32)
-
-    def _cache_key(self) -> str:
-        """Names the latents a VAE gives: its config and weights, and the dtype it runs in."""
-        h = hashlib.sha256(self.dtype.encode())
-        for what in ("vae config", "vae weights"):
-            with open(self._files[what], "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()[:16]
 
     def predict_crops(self, windows: np.ndarray, crops: np.ndarray) -> np.ndarray:
         """windows (B, rows, width) whisper features, crops (B, 256, 256, 3) uint8 BGR -> mouths, same."""
@@ -310,8 +296,37 @@ def digest(crop: np.ndarray) -> bytes:
     return hashlib.blake2b(crop.tobytes(), digest_size=16).digest()
 
 
-def _read_latents(path: Path, frames: int, channels: int):
-    """(digests, latents) saved by use_avatar, or (None, None) when absent or not for this avatar."""
+def _crops(avatar, sources):
+    """The 256 px crops of the avatar's frames `sources` (rising), cut as live and render cut them: from
+    its cached crops when they are 256 px, else from its frames (read in one pass when `sources` is
+    every frame, else one at a time)."""
+    from streamer.mouth import face_crop
+
+    if avatar.crops.shape[1] == FACE:
+        yield from (face_crop(avatar, i, None, FACE) for i in sources)
+        return
+    every = list(sources) == list(range(avatar.frames))
+    for start, count in [(0, avatar.frames)] if every else [(i, 1) for i in sources]:
+        frames = avatar.read_frames(start, count=count)  # loop steps below n are frames in order
+        try:
+            for _, src, frame in frames:
+                yield face_crop(avatar, src, frame, FACE)
+        finally:
+            frames.close()
+
+
+def latents_file(files: dict[str, Path], dtype: str, avatar) -> Path:
+    """Where the avatar keeps its crops' latents from this VAE (config and weights) in this dtype."""
+    from streamer.avatar.cache import sha256
+
+    key = hashlib.sha256(f"{dtype} {sha256(files['vae config'])} {sha256(files['vae weights'])}".encode())
+    return avatar.path / LATENTS.format(key=key.hexdigest()[:16])
+
+
+def _read_latents(path: Path, avatar, channels: int):
+    """(digests, latents) saved by use_avatar, or (None, None) when absent or not this avatar's: the
+    shapes, and the digests of its first, middle and last crops as cut here (a folder copied from a
+    machine that resizes differently would otherwise miss every crop, silently)."""
     try:
         with np.load(path) as data:
             digests, latents = data["digests"], data["latents"]
@@ -320,10 +335,44 @@ def _read_latents(path: Path, frames: int, channels: int):
     except Exception as e:  # noqa: BLE001 - a damaged file is computed again
         log.warning("musetalk: %s is damaged (%s); computing it again", path.name, type(e).__name__)
         return None, None
-    if digests.shape != (frames, 16) or latents.ndim != 4 or latents.shape[:2] != (frames, channels):
+    n = avatar.frames
+    if digests.shape != (n, 16) or latents.ndim != 4 or latents.shape[:2] != (n, channels):
         log.warning("musetalk: %s does not fit this avatar; computing it again", path.name)
         return None, None
+    probe = sorted({0, n // 2, n - 1})
+    if any(digest(c) != bytes(digests[i]) for i, c in zip(probe, _crops(avatar, probe))):
+        log.warning("musetalk: %s was made from other crops than this avatar's; computing it again", path.name)
+        return None, None
     return digests, latents
+
+
+def ensure_latents(folder: Path, avatar, device: str = "auto", dtype: str = "auto") -> None:
+    """For a server whose model runs in another process (the inference service, on a start deadline):
+    the avatar's latents saved beforehand, computed when missing in a child process that loads the
+    model, shows its progress and exits (so this process never holds a GPU context)."""
+    import multiprocessing
+
+    files = check_layout(folder)
+    device, dtype, _ = _placement(device, dtype)
+    channels = 2 * int(_read_json(files["vae config"]).get("latent_channels", 4))
+    if _read_latents(latents_file(files, dtype, avatar), avatar, channels)[1] is not None:
+        return
+    log.info("musetalk: computing the latents of avatar %s's %d face crops (once; saved with it)",
+             avatar.name, avatar.frames)
+    child = multiprocessing.get_context("spawn").Process(
+        target=_compute_latents, args=(str(folder), str(avatar.path.parent), avatar.path.name, device, dtype),
+        name="musetalk-latents")
+    child.start()
+    child.join()
+    if child.exitcode != 0:
+        raise UserError(f"musetalk: computing the latents of avatar {avatar.name} failed (exit code "
+                        f"{child.exitcode}); try: streamer prepare --model musetalk:{folder} ...")
+
+
+def _compute_latents(folder: str, root: str, name: str, device: str, dtype: str) -> None:
+    from streamer.avatar.cache import Avatar
+
+    MuseTalkInfer(folder, device, dtype, warmup=False).use_avatar(Avatar.load(root, name), progress=True)
 
 
 def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None:
@@ -337,12 +386,12 @@ def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None
         tmp.unlink(missing_ok=True)
 
 
-def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int):
+def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int, warmup: bool = True):
     from streamer.audio.whisper import load_whisper
 
     folder = files["whisper config"].parent
     try:
-        return load_whisper(folder, device, tdtype, block_ms, context_ms)
+        return load_whisper(folder, device, tdtype, block_ms, context_ms, warmup)
     except ValueError as e:
         raise UserError(f"musetalk: {e}") from None
     except Exception as e:  # noqa: BLE001
