@@ -1,6 +1,7 @@
 """The inference worker on the real clock: it warms up every batch size it may use, it never locks
 itself out after a slow call, and it skips what it cannot finish in time."""
 
+import re
 import threading
 import time
 
@@ -84,18 +85,37 @@ def test_call_cost_is_robust_to_one_slow_call():
     assert cost.estimate(8) == pytest.approx(0.060)  # beyond: per frame as the largest
 
 
-def test_warm_up_runs_every_batch_size_before_serving():
+def test_warm_up_runs_every_batch_size_before_serving(caplog):
     engine = SlowCalls(stall=0.3, first_at_each_size=True)
     t = time.monotonic()
-    worker = InferenceWorker(engine, max_batch=8)
+    with caplog.at_level("WARNING"):
+        worker = InferenceWorker(engine, max_batch=8)
     warm = time.monotonic() - t
     try:
         assert engine.seen == {1, 2, 4, 8}
         assert set(worker.cost.known()) == {1, 2, 4, 8}
         assert all(s < 0.1 for s in worker.cost.known().values())  # the slow first calls are not the estimate
         assert warm >= 4 * 0.3
+        assert "frames/s here" not in caplog.text  # fast enough: nothing to warn of
     finally:
         worker.close()
+
+
+def test_an_engine_slower_than_25_fps_says_so_at_start(caplog):
+    """A user on a slow machine learns at start why mouths will sometimes hold, and how often."""
+
+    class TenFps(BuiltinEngine):
+        def predict(self, mel, faces):
+            time.sleep(0.1 * len(mel))
+            return super().predict(mel, faces)
+
+    with caplog.at_level("WARNING"):
+        worker = InferenceWorker(TenFps(), max_batch=2)
+    worker.close()
+    warning = [r.getMessage() for r in caplog.records if "frames/s here" in r.getMessage()]
+    assert len(warning) == 1
+    rate, share = re.search(r"at most ([\d.]+) frames/s.* about (\d+)%", warning[0]).groups()
+    assert 9 <= float(rate) <= 10 and 36 <= int(share) <= 40
 
 
 @pytest.mark.parametrize("warm", [False, True], ids=["first-call-slow", "stall-after-warm-up"])

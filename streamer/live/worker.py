@@ -18,6 +18,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+FPS = 25  # frames a talker needs a second
 MARGIN_S = 0.003  # a mouth must be in this long before its frame is sent
 PROBE_AFTER_S = 0.2  # with nothing run for this long, run one frame anyway to measure again
 
@@ -124,6 +125,12 @@ class InferenceWorker:
         spent = time.perf_counter() - t0
         per = ", ".join(f"{n}: {1000 * s / n:.1f}" for n, s in self.cost.known().items())
         log.info("inference warmed up in %.1f s; ms per frame by batch size: %s", spent, per)
+        rates = [n / s for n, s in self.cost.known().items() if s > 0]
+        best = max(rates) if rates else FPS
+        if best < FPS:  # said once, at start: a slow machine is expected to show held mouths
+            log.warning("%s does at most %.1f frames/s here and a talker needs %d: about %.0f%% of one talker's "
+                        "speech frames can get their own mouth, the others hold the last one (counted in the "
+                        "page's stats and /metrics)", self.engine.name, best, FPS, 100 * best / FPS)
         return spent
 
     def submit(self, req: Request) -> bool:
