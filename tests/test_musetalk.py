@@ -321,7 +321,9 @@ def test_the_auto_delay_leaves_room_for_whispers_encode_time(engine, tmp_path, m
         ch = channel.Channel("c", demo_avatar(tmp_path), worker, delay_s=None)
         engine.features._times.extend([0.1] * 25)  # a slower encoder, as on a CPU with the released sizes
         ch.attach_voice("s")
-        assert ch.delay_s == pytest.approx(channel.auto_delay(worker, ch.min_delay_s + 0.1))
+        front = engine.features.compute_s  # 0.1 for each stream open on the encoder, this voice's at least
+        assert front >= 0.1
+        assert ch.delay_s == pytest.approx(channel.auto_delay(worker, ch.min_delay_s + front))
         assert ch.delay_s > channel.auto_delay(worker, ch.min_delay_s) + 0.09
         ch.close()
     finally:
@@ -350,3 +352,20 @@ def test_whispers_warm_up_times_only_its_second_call(musetalk_dir):
 
     assert len(load_features(musetalk_dir, "cpu")._times) == 1  # the first call's set-up is not a block's time
     assert len(MuseTalkInfer(musetalk_dir, device="cpu", warmup=False).features._times) == 0
+
+
+def test_the_features_time_counts_the_streams_sharing_the_encoder(musetalk_dir):
+    """Every voice of a process queues its blocks on one encoder thread: a block may wait behind one
+    of each other voice's, so the auto delay's room for the front end grows with the open streams."""
+    from streamer.lipsync.musetalk import load_features
+
+    f = load_features(musetalk_dir, "cpu")
+    one = f.compute_s
+    streams = [f.stream() for _ in range(3)]
+    assert f.compute_s == pytest.approx(3 * one)
+    streams[0].close()
+    f.stream(background=False)  # encodes on its caller's thread: queues behind nobody
+    assert f.compute_s == pytest.approx(2 * one)
+    for s in streams:
+        s.close()
+    assert f.compute_s == pytest.approx(one)

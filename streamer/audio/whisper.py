@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -56,12 +57,17 @@ class WhisperFeatures:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="whisper")
         self._times: deque[float] = deque(maxlen=25)  # recent block encode times
+        self._streams: weakref.WeakSet[WhisperStream] = weakref.WeakSet()
 
     @property
     def compute_s(self) -> float:
-        """A block's encode time (median of recent ones): the wait between a window's last audio and
-        the window. 0 before the first block."""
-        return float(np.median(self._times)) if self._times else 0.0
+        """The wait between a window's last audio and the window: a block's encode time (median of
+        recent ones; 0 before the first), times the open streams sharing the encoder thread, since a
+        block may queue behind one of each."""
+        if not self._times:
+            return 0.0
+        sharing = sum(1 for s in self._streams if not s.closed and s.background)
+        return float(np.median(self._times)) * max(1, sharing)
 
     def warmup(self) -> None:
         """Encode a silent block twice: the first call sets the kernels up, only the second is timed."""
@@ -124,7 +130,9 @@ class WhisperFeatures:
     background = True  # streams encode on the encoder thread (False: in push, for simulated clocks)
 
     def stream(self, background: bool | None = None) -> WhisperStream:
-        return WhisperStream(self, self.background if background is None else background)
+        stream = WhisperStream(self, self.background if background is None else background)
+        self._streams.add(stream)
+        return stream
 
     def submit(self, fn, *args) -> Future:
         return self._pool.submit(fn, *args)
