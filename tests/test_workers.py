@@ -30,11 +30,11 @@ def voice():
     return np.concatenate([np.zeros(24000, np.float32), x48, np.zeros(48000, np.float32)])
 
 
-def start_front(tmp_path, max_sessions=2):
+def start_front(tmp_path, max_sessions=2, extra=()):
     cfg = tmp_path / "streamer.yaml"
     cfg.write_text(f"server:\n  token: {TOKEN}\n  max_sessions: {max_sessions}\n")
     proc = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--workers", "2", "--port", "0",
-                             "--config", str(cfg), "--avatars", str(tmp_path / "avatars")],
+                             "--config", str(cfg), "--avatars", str(tmp_path / "avatars"), *extra],
                             stdout=subprocess.PIPE, stderr=open(tmp_path / "serve.log", "w"), text=True)
     line = proc.stdout.readline()
     assert "open http://localhost:" in line, (line, (tmp_path / "serve.log").read_text()[-3000:])
@@ -264,3 +264,26 @@ def test_inference_service_restart_resumes_lipsync(tmp_path, voice):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def test_musetalk_on_a_video_avatar_through_the_front(tmp_path, voice, musetalk_dir, talk_video):
+    """MuseTalk with media workers, on a video avatar prepared without the model: the front has its
+    crops' latents computed before the inference service starts (which has a start deadline), the
+    service reads them, a talker gets 25 fps and lip-synced mouths, and shutdown is clean."""
+    from streamer.avatar.cache import prepare
+
+    avatar = prepare(talk_video, "v", tmp_path / "avatars", progress=False)
+    proc, url = start_front(tmp_path, extra=("--model", f"musetalk:{musetalk_dir}", "--device", "cpu",
+                                             "--avatar", "v"))
+    try:
+        assert len(list(avatar.path.glob("musetalk-latents-*.npz"))) == 1
+        got, stats = asyncio.run(talk(url, voice, voice.size / 48000, token=TOKEN))
+        assert 24 <= fps_of(got, 1.0) <= 26
+        assert stats["lipsync_frames"] > 20, stats
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    log = (tmp_path / "serve.log").read_text()
+    computed = [line for line in log.splitlines() if "computing the latents of avatar v" in line]
+    assert len(computed) == 1 and "[worker" not in computed[0], computed  # by the front, before the service
+    assert "Traceback" not in log, log[-3000:]
