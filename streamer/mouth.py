@@ -44,9 +44,12 @@ def source_frame(step: int, avatar: Avatar) -> int:
 
 def face_crop(avatar: Avatar, src: int, frame: np.ndarray | None, size: int) -> np.ndarray | None:
     """The face crop inference needs: the avatar's cached one when it has the engine's size, else cut
-    from the decoded frame (None when that is not there yet)."""
+    from the frame: the decoded one given, or its frames.npy row (any frame, however far ahead of the
+    decoder: a long delay needs crops long before their frames), else None (not decoded yet)."""
     if avatar.crops.shape[1] == size:
         return np.asarray(avatar.crops[src])
+    if frame is None and avatar.raw is not None:
+        frame = avatar.raw[src]
     return None if frame is None else crop(frame, avatar.boxes[src], size)
 
 

@@ -72,6 +72,11 @@ def test_decoded_frames_kept_when_they_fit_equal_the_lossless_video(video_avatar
     frame = next(iter(video_avatar.read_frames(0, count=1)))[2]
     with pytest.raises(ValueError):
         frame[0, 0] = 0  # a view of the mapped file: no consumer can change the avatar
+    from streamer.mouth import face_crop
+
+    for src in (0, 74):  # a crop of another size than the cached ones, for any frame, with no decoder
+        assert np.array_equal(face_crop(video_avatar, src, None, 256), face_crop(video_avatar, src, decoded[src], 256))
+    assert face_crop(dataclasses.replace(video_avatar, raw=None), 74, None, 256) is None
     small = prepare(talk_video, "small", tmp_path, PrepareSettings(raw_frames_mb=40), progress=False)
     assert small.raw is None and not (small.path / "frames.npy").exists()  # 43 MB of frames > 40 MB
     stamp = os.stat(small.path / "crops.npy").st_mtime_ns

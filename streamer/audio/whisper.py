@@ -70,11 +70,17 @@ class WhisperFeatures:
         return float(np.median(self._times)) * max(1, sharing)
 
     def warmup(self) -> None:
-        """Encode a silent block twice: the first call sets the kernels up, only the second is timed."""
+        """Encode a silent block three times: the first call sets the kernels up; the faster of the
+        others is the first estimate (a server's processes start at once and contend for the cores
+        then; real blocks' times take over as they come)."""
         n = (self.block * POSITION) + self.context
         self.encode(np.zeros(n, np.float32), 0, n, 0)
         self._times.clear()
-        self.encode(np.zeros(n, np.float32), 0, n, 0)
+        for _ in range(2):
+            self.encode(np.zeros(n, np.float32), 0, n, 0)
+        best = min(self._times)
+        self._times.clear()
+        self._times.append(best)
 
     # the encoder
 

@@ -202,8 +202,9 @@ class Channel:
             # Re-phase the clock once, by under a frame, so the delay is exactly delay_s, not up to a
             # frame more; the tracks just send their next frame a little sooner.
             self.start = max(self.start - 1 / FPS, first + self.delay_s - v.n0 / FPS)
-            log.info("[%s] voice started on channel %s: output frame %d, delay %.0f ms", self.session, self.name,
-                     v.n0, 1000 * (self.start + v.n0 / FPS - first))
+            log.info("[%s] voice started on channel %s: output frame %d, delay %.0f ms (floor %.0f, audio front "
+                     "end %.0f)", self.session, self.name, v.n0, 1000 * (self.start + v.n0 / FPS - first),
+                     1000 * self.min_delay_s, 1000 * self.features.compute_s)
         v.arrivals.append((v.received, arrival))
         v.received += mono48.size
         # how late this packet is for its slot (network jitter only ever adds, so the minimum over
