@@ -223,6 +223,12 @@ def _serve(args) -> int:
         cv2.setNumThreads(1)  # one event loop's worth of work: a pool as large as the machine only spins
 
         from streamer.lipsync.engine import load_features
+        from streamer.lipsync.musetalk import is_musetalk
+
+        if is_musetalk(cfg.model.path):  # its whisper on a CPU: workers' torch pools spinning against each
+            import torch  # other made a block's encode ~1 s instead of 30 ms in 2 of 6 starts
+
+            torch.set_num_threads(1)
 
         remote = RemoteWorker(service, bytes.fromhex(os.environ["STREAMER_INFERENCE_KEY"]))
         engine = remote.engine

@@ -66,7 +66,9 @@ class WhisperFeatures:
         block may queue behind one of each."""
         if not self._times:
             return 0.0
-        sharing = sum(1 for s in self._streams if not s.closed and s.background)
+        with self._lock:  # streams open on the event loop while a channel is built in an executor
+            streams = list(self._streams)
+        sharing = sum(1 for s in streams if not s.closed and s.background)
         return float(np.median(self._times)) * max(1, sharing)
 
     def warmup(self) -> None:
@@ -137,7 +139,8 @@ class WhisperFeatures:
 
     def stream(self, background: bool | None = None) -> WhisperStream:
         stream = WhisperStream(self, self.background if background is None else background)
-        self._streams.add(stream)
+        with self._lock:
+            self._streams.add(stream)
         return stream
 
     def submit(self, fn, *args) -> Future:

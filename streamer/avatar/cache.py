@@ -128,6 +128,7 @@ class Avatar:
             want = (avatar.frames, avatar.size[1], avatar.size[0], 3)
             if isinstance(raw, np.ndarray) and raw.shape == want and raw.dtype == np.uint8:
                 avatar.raw = raw
+                _read_ahead(path / "frames.npy")
             else:  # frames.mkv still holds every frame
                 log.warning("avatar %s: frames.npy is damaged; decoding frames.mkv instead", name)
         return avatar
@@ -138,6 +139,17 @@ class Avatar:
         A thread decodes up to `ahead` frames in advance; stop by closing the generator.
         """
         return FrameReader(self, start, ahead).iterate(count)
+
+
+def _read_ahead(path: Path) -> None:
+    """Ask the kernel to read the file into the page cache in the background: frames and crops cut
+    from it later (some on an event loop) then do not wait for the disk."""
+    if hasattr(os, "posix_fadvise"):
+        try:
+            with open(path, "rb") as f:
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
 
 
 class FrameReader:

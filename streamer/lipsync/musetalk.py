@@ -400,13 +400,8 @@ def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context
 
 
 def load_features(folder: Path, device: str = "auto", dtype: str = "auto", block_ms: int = 80, context_ms: int = 160):
-    """MuseTalk's audio front end alone (whisper windows), for a process that runs no UNet: a media
-    worker, one of several sharing the cores, so its torch work (whisper on a CPU) runs on one thread;
-    several workers' thread pools spinning against each other made a block's encode 25x slower."""
-    import torch
-
+    """MuseTalk's audio front end alone (whisper windows), for a process that runs no UNet."""
     _quiet()
-    torch.set_num_threads(1)
     device, _, tdtype = _placement(device, dtype)
     return _whisper(check_layout(folder), device, tdtype, block_ms, context_ms)
 

@@ -66,6 +66,13 @@ def auto_delay(worker: InferenceWorker, min_delay: float = MIN_DELAY_S) -> float
     return min(max(AUTO_MAX_S, min_delay), min_delay + 2 * cost(n) + AUTO_MARGIN_S)
 
 
+def _end_features(voice: VoiceIn | None) -> None:
+    """A voice that is gone: its audio front end's queued work is dropped (MuseTalk's whisper blocks)."""
+    close = getattr(voice.features, "close", None) if voice else None
+    if close:
+        close()
+
+
 class VoiceIn:
     """What one voice source (a talk page or a WHIP publisher) brings to a channel: its packets, the
     features cut from them, and where they are pinned on the channel's clock."""
@@ -104,6 +111,7 @@ class Channel:
         self.avatar = avatar
         self.worker = worker
         self.auto = delay_s is None
+        self.front_s = 0.0
         self.delay_s = self._auto_delay() if self.auto else delay_s
         self.clock = clock
         self.fade = fade
@@ -161,7 +169,8 @@ class Channel:
                 self._recent.clear()
 
     def _auto_delay(self) -> float:
-        return auto_delay(self.worker, self.min_delay_s + self.features.compute_s)
+        self.front_s = self.features.compute_s  # what it counted for the audio front end (logged)
+        return auto_delay(self.worker, self.min_delay_s + self.front_s)
 
     def resume_voice(self) -> None:
         """The voice comes back after its sender paused longer than a gap we fill (its timestamps jumped):
@@ -181,9 +190,7 @@ class Channel:
 
     def _set_voice(self, voice: VoiceIn | None) -> None:
         old, self.voice = self.voice, voice
-        close = getattr(old.features, "close", None) if old else None
-        if close:  # MuseTalk's whisper blocks still queued for a voice that is gone
-            close()
+        _end_features(old)
 
     @property
     def n0(self) -> int | None:
@@ -202,9 +209,10 @@ class Channel:
             # Re-phase the clock once, by under a frame, so the delay is exactly delay_s, not up to a
             # frame more; the tracks just send their next frame a little sooner.
             self.start = max(self.start - 1 / FPS, first + self.delay_s - v.n0 / FPS)
-            log.info("[%s] voice started on channel %s: output frame %d, delay %.0f ms (floor %.0f, audio front "
-                     "end %.0f)", self.session, self.name, v.n0, 1000 * (self.start + v.n0 / FPS - first),
-                     1000 * self.min_delay_s, 1000 * self.features.compute_s)
+            log.info("[%s] voice started on channel %s: output frame %d, delay %.0f ms (%s)", self.session,
+                     self.name, v.n0, 1000 * (self.start + v.n0 / FPS - first),
+                     f"auto: floor {1000 * self.min_delay_s:.0f}, audio front end {1000 * self.front_s:.0f}"
+                     if self.auto else "fixed")
         v.arrivals.append((v.received, arrival))
         v.received += mono48.size
         # how late this packet is for its slot (network jitter only ever adds, so the minimum over
@@ -440,4 +448,5 @@ class Channel:
         with self._lock:
             self.closed = True
             self._faces.clear()
+            _end_features(self.voice)  # the voice stays, for its figures
         self.frames.close()

@@ -16,9 +16,10 @@ from typing import Protocol
 
 import numpy as np
 
+from streamer.mouth import FPS
+
 log = logging.getLogger(__name__)
 
-FPS = 25  # frames a talker needs a second
 MARGIN_S = 0.003  # a mouth must be in this long before its frame is sent
 PROBE_AFTER_S = 0.2  # with nothing run for this long, run one frame anyway to measure again
 
@@ -129,8 +130,9 @@ class InferenceWorker:
         best = max(rates) if rates else FPS
         if best < FPS:  # said once, at start: a slow machine is expected to show held mouths
             log.warning("%s does at most %.1f frames/s here and a talker needs %d: about %.0f%% of one talker's "
-                        "speech frames can get their own mouth, the others hold the last one (counted in the "
-                        "page's stats and /metrics)", self.engine.name, best, FPS, 100 * best / FPS)
+                        "speech frames (less with more talkers) can get their own mouth; the others show the "
+                        "last one if it is at most two frames old, else the idle mouth (counted in the page's "
+                        "stats and /metrics)", self.engine.name, best, FPS, 100 * best / FPS)
         return spent
 
     def submit(self, req: Request) -> bool:
