@@ -493,15 +493,14 @@ def keep_frames(avatar: Avatar, limit_mb: int, progress: bool = False) -> Avatar
 
     path = avatar.path / "frames.npy"
     w, h = avatar.size
-    if avatar.frames < 2 or avatar.frames * w * h * 3 > limit_mb * 1e6:
-        if path.exists():
-            path.unlink(missing_ok=True)
-            avatar.raw = None
+    size = avatar.frames * w * h * 3
+    if avatar.frames < 2 or size > limit_mb * 1e6:
+        path.unlink(missing_ok=True)
+        avatar.raw = None
         return avatar
     if avatar.raw is not None:
         return avatar
-    log.info("avatar %s: keeping its %d frames decoded (%.0f MB, once)", avatar.name, avatar.frames,
-             avatar.frames * w * h * 3 / 1e6)
+    log.info("avatar %s: keeping its %d frames decoded (%.0f MB, once)", avatar.name, avatar.frames, size / 1e6)
     tmp = path.with_name(f".frames.npy.{os.getpid()}.tmp")
     try:
         raw = np.lib.format.open_memmap(tmp, "w+", np.uint8, (avatar.frames, h, w, 3))
