@@ -27,11 +27,11 @@ class RenderedVp8Encoder(vpx.Vp8Encoder):
         rate = self.target_bitrate
         c = self.codec
         if c is None or frame.width != c.width or frame.height != c.height or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
-            self.codec = _open(frame.width, frame.height, rate)
+            self.codec = open_encoder(frame.width, frame.height, rate)
         return super().encode(frame, force_keyframe)
 
 
-def _open(width: int, height: int, rate: int) -> av.CodecContext:
+def open_encoder(width: int, height: int, rate: int) -> av.CodecContext:
     c = av.CodecContext.create("libvpx", "w")
     c.width, c.height, c.bit_rate, c.pix_fmt = width, height, rate, "yuv420p"
     c.gop_size, c.qmin, c.qmax = 3000, 2, 56
