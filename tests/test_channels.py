@@ -245,7 +245,7 @@ def test_viewers_of_a_channel_share_one_encode_and_each_sees_it_whole(avatar, vo
     assert 0.9 * sent <= encoded <= sent  # once per frame, not once per VP8 viewer (three of them)
     assert 2 <= keyframes <= 3 + (seconds - 1.5) / 0.5, keyframes  # first, late viewer's, loss at <= 2/s
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
-    assert families["streamer_video_encoded"].samples[0].value == encoded
+    assert 0 <= families["streamer_video_encoded"].samples[0].value - encoded <= 3  # read a moment later
     assert late.video[0][0] - joined < 1.5  # a picture at once (set-up included): it got a keyframe
 
     def fps(seen):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ class VideoChain:
         self._key_soon = False  # a receiver lost a picture: a keyframe, but not more than one per KEY_GAP_S
         self._key_at = -KEY_GAP_S
         self._codec: av.CodecContext | None = None
+        self._encoding = threading.Lock()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._failed = 0
@@ -107,12 +109,14 @@ class VideoChain:
                 log.exception("[%s] encoding for the viewers failed", self.channel.session)
             self._failed += 1
         finally:
-            self._task = None
+            if self._task is asyncio.current_task():  # (a viewer may have started a new one since)
+                self._task = None
             arrived, self._arrived = self._arrived, asyncio.Event()
             arrived.set()  # waiting viewers look again
 
     async def _encode_frames(self) -> None:
         ch, loop, last = self.channel, asyncio.get_running_loop(), None
+        self._key_now = True  # (re)started: what came before may not have reached the chain
         while not ch.closed:
             n = last = await pace(ch, last, 1 / FPS)
             now = ch.clock()
@@ -145,6 +149,10 @@ class VideoChain:
             arrived.set()
 
     def _encode(self, frame: av.VideoFrame, key: bool, rate: int) -> bytes:
+        with self._encoding:  # a stopped chain's last encode may still be running when a new one starts
+            return self._encode_locked(frame, key, rate)
+
+    def _encode_locked(self, frame: av.VideoFrame, key: bool, rate: int) -> bytes:
         c = self._codec
         if c is None or frame.width != c.width or frame.height != c.height or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
             c = self._codec = vp8.open_encoder(frame.width, frame.height, rate)  # starts with a keyframe
@@ -235,20 +243,18 @@ class VoicePackets:
         return packet
 
 
-_video: weakref.WeakKeyDictionary[Channel, VideoChain] = weakref.WeakKeyDictionary()
-_voice: weakref.WeakKeyDictionary[Channel, VoicePackets] = weakref.WeakKeyDictionary()
-
-
 def video_chain(channel: Channel) -> VideoChain:
-    if channel not in _video:
-        _video[channel] = VideoChain(channel)
-    return _video[channel]
+    chain = channel.shared.get("video")
+    if not isinstance(chain, VideoChain):
+        chain = channel.shared["video"] = VideoChain(channel)
+    return chain
 
 
 def voice_packets(channel: Channel) -> VoicePackets:
-    if channel not in _voice:
-        _voice[channel] = VoicePackets(channel)
-    return _voice[channel]
+    packets = channel.shared.get("voice")
+    if not isinstance(packets, VoicePackets):
+        packets = channel.shared["voice"] = VoicePackets(channel)
+    return packets
 
 
 class VoiceTrack(MediaStreamTrack):

@@ -134,6 +134,7 @@ class Channel:
         self.sent = 0
         self.encoded = 0  # VP8 frames encoded once for all viewers that share them (live/broadcast.py)
         self.keyframes = 0
+        self.shared: dict[str, object] = {}  # encoders its viewers share (live/broadcast.py)
         self.lipsync_frames = 0
         self.late = 0  # speech frames whose own mouth was not ready in time
         self.held = 0  # of those, frames shown with the last mouth instead of the idle one
