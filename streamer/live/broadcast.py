@@ -34,7 +34,9 @@ from streamer.live.tracks import VIDEO_CLOCK, OpusPackets, encoder_frame, pace
 log = logging.getLogger(__name__)
 
 KEEP = 25  # encoded frames kept: a viewer this far behind (1 s) starts again from a new keyframe
-KEY_GAP_S = 0.5  # keyframes asked for by receivers' loss reports: at most one this often for all
+KEY_GAP_S = 0.2  # keyframes for newcomers and viewers that fell behind: at most one this often
+LOSS_KEY_GAP_S = 0.5  # keyframes for receivers that lost a picture: at most one this often
+RAISE_S = 5.0  # the bitrate goes down as soon as a viewer needs it, up at most this often (each a keyframe)
 IDLE_S = 2.0  # a chain whose viewers have all stopped reading this long stops encoding
 # aiortc's sender notes a receiver's keyframe request here and uses it only when it encodes itself
 _WANTS_KEY = "_RTCRtpSender__force_keyframe"
@@ -58,13 +60,15 @@ class VideoChain:
         self.viewers: weakref.WeakSet[SharedVideoTrack] = weakref.WeakSet()
         self._seq = 0
         self._key_now = True  # a viewer can't decode until the next keyframe
-        self._key_soon = False  # a receiver lost a picture: a keyframe, but not more than one per KEY_GAP_S
-        self._key_at = -KEY_GAP_S
+        self._key_soon = False  # a receiver lost a picture
+        self._key_at = -LOSS_KEY_GAP_S
         self._codec: av.CodecContext | None = None
+        self._opened_at = 0.0
         self._encoding = threading.Lock()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._failed = 0
+        self._frame_failed = 0
+        self._encode_failed = 0
 
     def join(self, track: SharedVideoTrack) -> None:
         self.viewers.add(track)
@@ -72,10 +76,7 @@ class VideoChain:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"vp8-{self.channel.name}")
 
     def leave(self, track: SharedVideoTrack) -> None:
-        self.viewers.discard(track)
-        if not self.viewers and self._task is not None:
-            self._task.cancel()
-            self._task = None
+        self.viewers.discard(track)  # with none left, the chain stops at its next frame
 
     def want_key(self, now: bool = True) -> None:
         if now:
@@ -89,7 +90,7 @@ class VideoChain:
         if track.cursor is None:  # a newcomer: from the next keyframe on
             track.cursor = self._seq
         if track.synced and self.frames and self.frames[0].seq > track.cursor + 1:
-            track.synced = False  # frames it missed are gone: its decoder needs a keyframe
+            track.cursor, track.synced = self._seq, False  # what it missed is gone: from a new keyframe on
         for e in self.frames:
             if e.seq > track.cursor and (track.synced or e.keyframe):
                 track.cursor, track.synced = e.seq, True
@@ -105,9 +106,9 @@ class VideoChain:
         try:
             await self._encode_frames()
         except Exception:  # noqa: BLE001 - its viewers start it again on their next read
-            if not self._failed:
+            if not self._encode_failed:
                 log.exception("[%s] encoding for the viewers failed", self.channel.session)
-            self._failed += 1
+            self._encode_failed += 1
         finally:
             if self._task is asyncio.current_task():  # (a viewer may have started a new one since)
                 self._task = None
@@ -122,19 +123,23 @@ class VideoChain:
             now = ch.clock()
             live = [v for v in self.viewers if v.readyState == "live" and now - v.read_at < IDLE_S]
             if not live:
+                self._codec = None  # (no encode runs now: this task awaited its own)
+                self.frames.clear()
                 break
             try:
                 image = ch.video_frame(n)
             except Exception:  # noqa: BLE001 - a defect must not end the video of every viewer
-                if not self._failed:
+                if not self._frame_failed:
                     log.exception("[%s] frame %d failed; showing the avatar's first frame", ch.session, n)
-                self._failed += 1
+                self._frame_failed += 1
                 image = ch.frames.first
             frame = encoder_frame(image)
             frame.pts, frame.time_base = n * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
-            key = self._key_now or (self._key_soon and now - self._key_at >= KEY_GAP_S)
-            rate = min(_bitrate(v.sender) for v in live)
-            data = await loop.run_in_executor(None, self._encode, frame, key, rate)
+            gap = now - self._key_at
+            key = (self._key_now and gap >= KEY_GAP_S) or (self._key_soon and gap >= LOSS_KEY_GAP_S)
+            rates = [r for r in (_bitrate(v.sender) for v in live) if r is not None]
+            rate = min(rates) if rates else None
+            data = await loop.run_in_executor(None, self._encode, frame, key, rate, now)
             if not data:
                 continue  # the encoder dropped this frame (rate control): nothing to send
             keyframe = not data[0] & 1  # VP8 frame tag, bit 0: 0 for a keyframe
@@ -148,24 +153,27 @@ class VideoChain:
             arrived, self._arrived = self._arrived, asyncio.Event()
             arrived.set()
 
-    def _encode(self, frame: av.VideoFrame, key: bool, rate: int) -> bytes:
+    def _encode(self, frame: av.VideoFrame, key: bool, rate: int | None, now: float) -> bytes:
         with self._encoding:  # a stopped chain's last encode may still be running when a new one starts
-            return self._encode_locked(frame, key, rate)
+            return self._encode_locked(frame, key, rate, now)
 
-    def _encode_locked(self, frame: av.VideoFrame, key: bool, rate: int) -> bytes:
+    def _encode_locked(self, frame: av.VideoFrame, key: bool, rate: int | None, now: float) -> bytes:
         c = self._codec
-        if c is None or frame.width != c.width or frame.height != c.height or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
+        if c is not None and rate is not None:
+            down, up = rate < 0.9 * c.bit_rate, rate > 1.1 * c.bit_rate and now - self._opened_at >= RAISE_S
+        if c is None or frame.width != c.width or frame.height != c.height or (rate is not None and (down or up)):
+            rate = rate or (c.bit_rate if c is not None else vpx.DEFAULT_BITRATE)
             c = self._codec = vp8.open_encoder(frame.width, frame.height, rate)  # starts with a keyframe
+            self._opened_at = now
         if key:
             frame.pict_type = av.video.frame.PictureType.I
         return b"".join(bytes(p) for p in c.encode(frame))
 
 
-def _bitrate(sender: RTCRtpSender | None) -> int:
-    """What `sender`'s receiver can take (REMB, kept on the sender's encoder by aiortc); aiortc's start value
-    until it says."""
-    rate = getattr(getattr(sender, _ENCODER, None), "target_bitrate", None)
-    return rate if isinstance(rate, int) and rate > 0 else vpx.DEFAULT_BITRATE
+def _bitrate(sender: RTCRtpSender | None) -> int | None:
+    """What `sender`'s receiver can take (REMB, which aiortc gives the sender's encoder), None until it says."""
+    encoder = getattr(sender, _ENCODER, None)
+    return encoder.target_bitrate if getattr(encoder, "reported", False) else None
 
 
 class SharedVideoTrack(MediaStreamTrack):

@@ -453,3 +453,4 @@ class Channel:
             self._faces.clear()
             _end_features(self.voice)  # the voice stays, for its figures
         self.frames.close()
+        self.shared.clear()

@@ -23,6 +23,17 @@ class RenderedVp8Encoder(vpx.Vp8Encoder):
     """aiortc's Vp8Encoder; the libvpx context is opened here, denoiser off, before aiortc's `encode`
     would open its own (it keeps a context whose size and bitrate still match)."""
 
+    reported = False  # its receiver has said what it can take (REMB); aiortc starts from a guess
+
+    @property
+    def target_bitrate(self) -> int:
+        return vpx.Vp8Encoder.target_bitrate.fget(self)
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        vpx.Vp8Encoder.target_bitrate.fset(self, bitrate)
+        self.reported = True
+
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False):
         rate = self.target_bitrate
         c = self.codec

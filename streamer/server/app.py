@@ -455,9 +455,6 @@ class Server:
         if s.views:
             ch.viewers -= 1
         if s.pc is not None:
-            for sender in s.pc.getSenders():
-                if sender.track is not None:
-                    sender.track.stop()  # aiortc leaves them live: a shared encode would go on for them
             await s.pc.close()
         st = ch.stats()
         log.info("[%s] %s session ended on channel %s: %d frames sent, %d lip-synced, %d late (%d held the last "
