@@ -76,7 +76,9 @@ class VideoChain:
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"vp8-{self.channel.name}")
 
     def leave(self, track: SharedVideoTrack) -> None:
-        self.viewers.discard(track)  # with none left, the chain stops at its next frame
+        self.viewers.discard(track)
+        if not self.viewers and self._task is not None:
+            self._task.cancel()
 
     def want_key(self, now: bool = True) -> None:
         if now:
@@ -112,6 +114,9 @@ class VideoChain:
         finally:
             if self._task is asyncio.current_task():  # (a viewer may have started a new one since)
                 self._task = None
+            if not self.viewers:  # (an encode still running keeps its own reference)
+                self._codec = None
+                self.frames.clear()
             arrived, self._arrived = self._arrived, asyncio.Event()
             arrived.set()  # waiting viewers look again
 
