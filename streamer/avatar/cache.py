@@ -123,10 +123,10 @@ class Avatar:
         if (path / "frames.npy").exists():
             try:
                 raw = np.load(path / "frames.npy", mmap_mode="r")
-            except (OSError, ValueError) as e:
-                raw = e
+            except (OSError, ValueError):
+                raw = None
             want = (avatar.frames, avatar.size[1], avatar.size[0], 3)
-            if isinstance(raw, np.ndarray) and raw.shape == want and raw.dtype == np.uint8:
+            if isinstance(raw, np.ndarray) and raw.shape == want and raw.dtype == np.uint8:  # (not an .npz)
                 avatar.raw = raw
                 _read_ahead(path / "frames.npy")
             else:  # frames.mkv still holds every frame
