@@ -128,8 +128,9 @@ class Channel:
         self._held: np.ndarray | None = None
         self._video_memo: dict[int, np.ndarray] = {}
         self._voice_memo: dict[int, np.ndarray] = {}
-        # speech step -> (strength, crop, taken by the worker)
-        self._expected: dict[int, tuple[float, np.ndarray | None, bool]] = {}
+        # speech step -> (strength, crop, taken by the worker, seconds to its deadline when taken)
+        self._expected: dict[int, tuple[float, np.ndarray | None, bool, float]] = {}
+        self._shown = 0  # steps below this have been sent
         # what users see: counters and recent delays
         self.sent = 0
         self.lipsync_frames = 0
@@ -248,7 +249,7 @@ class Channel:
             step = i + v.n0
             face = self._crop(step)
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
-            self._expected[step] = (strength, face, taken)
+            self._expected[step] = (strength, face, taken, self.start + step / FPS - self.clock())
 
     def output_sample(self) -> int | None:
         """The voice sample (counted from the voice's first) going out to the viewers now."""
@@ -332,6 +333,9 @@ class Channel:
         with self._lock:
             if not self.closed:
                 self._faces[step] = face
+                if step < self._shown:
+                    log.debug("[%s] mouth %d came %.0f ms after its frame's slot", self.session, step,
+                              1000 * (self.clock() - self.start - step / FPS))
 
     # tracks (event loop)
 
@@ -351,7 +355,10 @@ class Channel:
             if self._expected.pop(k)[2]:
                 self._recent.append(False)
             self.late += 1
+            log.debug("[%s] frame %d late: skipped, the video was behind (sent frame %d instead)", self.session, k,
+                      step)
         want = self._expected.pop(step, None)
+        self._shown = max(self._shown, step + 1)
         if want is None:  # a mouth no frame waits for: in flight when the voice was interrupted
             face = None
         loop = loop_step(step, self.avatar)
@@ -366,13 +373,17 @@ class Channel:
                 self._last_face = (step, face)
             else:
                 self.late += 1
+                log.debug("[%s] frame %d late: sent %.0f ms after its slot, its mouth %s %.0f ms before it%s",
+                          self.session, step, 1000 * (self.clock() - self.start - step / FPS),
+                          "asked for" if want[2] else "not taken by the worker", 1000 * want[3],
+                          "" if frame is not None else ", no avatar frame decoded")
                 if frame is not None and self._last_face is not None and step - self._last_face[0] <= HOLD_FRAMES:
                     face = self._last_face[1]
                     self.held += 1
         if frame is None:  # the decoder is behind: hold the last frame rather than wait
             out = self._held if self._held is not None else self.frames.first
         elif face is not None:
-            strength, crop_img, _ = want
+            strength, crop_img, _, _ = want
             out = with_mouth(frame, self.avatar, source_frame(step, self.avatar), face, strength, crop_img)
         else:
             out = frame

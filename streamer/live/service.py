@@ -20,6 +20,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from streamer.live.worker import CallCost, InferenceWorker, Request
+from streamer.pauses import settle
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,7 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
 
     threading.Thread(target=accept, name="service-accept", daemon=True).start()
     log.info("inference service ready on %s: %s", path, engine.name)
+    settle()  # the model and its warm-up objects kept out of the garbage collector's pauses
     if on_ready:
         on_ready()
     while not stop.wait(REPORT_S):

@@ -32,6 +32,7 @@ from streamer.live import vp8
 from streamer.live.channel import FPS, Channel
 from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
 from streamer.live.worker import InferenceWorker
+from streamer.pauses import settle
 from streamer.server.metrics import Metrics
 from streamer.server.openapi import document
 
@@ -229,6 +230,7 @@ class Server:
                              self.cfg.server.cors_origins)
 
     async def _on_startup(self, app) -> None:
+        settle()  # what this process loaded is kept out of the garbage collector's pauses
         self._spawn(self._report(), "stats-report")
 
     def _spawn(self, coro, name: str) -> asyncio.Task:

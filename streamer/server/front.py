@@ -37,6 +37,7 @@ from aiohttp import web
 
 from streamer.config import Config
 from streamer.errors import UserError
+from streamer.pauses import settle
 from streamer.server.app import MAX_BODY, WEB_DIR, error, guarded, openapi, page, refuse, shown_host, warn_if_open
 from streamer.server.guard import ConnectionGuard
 from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin, read_limited, refuse_websocket
@@ -147,6 +148,7 @@ class Front:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30),
                                            headers={"Authorization": f"Bearer {self.secret}"})
         self._watch = loop.create_task(self._watch_workers(), name="watch-workers")
+        settle()  # what this process loaded is kept out of the garbage collector's pauses
 
     async def _watch_workers(self) -> None:
         while not self._closing:
