@@ -212,6 +212,55 @@ def test_a_viewer_losing_10_percent_of_its_packets_still_sees_the_avatar(avatar,
     assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
 
 
+def test_viewers_of_a_channel_share_one_encode_and_each_sees_it_whole(avatar, voice):  # noqa: F811
+    """A talker and three viewers on one channel: the VP8 ones (the talker, a viewer from the start, a
+    viewer joining late and losing 5% of its packets) get the channel's one encode, one VP8 frame per
+    video frame however many watch; an H.264-only viewer gets its own encode. Every one of them sees
+    25 fps and the lips move; the late one sees a picture at once (a keyframe on its arrival); the
+    lossy one's picture requests do not flood the others with keyframes."""
+    wav, speech_s = voice
+    seconds = 1.0 + speech_s + 1.0
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            talker = asyncio.ensure_future(talk(url, wav, seconds + 1.0, offer_extra={"channel": "a"}))
+            await _until(lambda: "a" in server.channels, 5)
+            early = asyncio.ensure_future(watch(url, "a", seconds))
+            h264 = asyncio.ensure_future(watch(url, "a", seconds, codec="video/H264"))
+            await asyncio.sleep(1.5)
+            joined = asyncio.get_running_loop().time()
+            late = asyncio.ensure_future(watch(url, "a", seconds - 1.5, lose=0.05))
+            await asyncio.sleep(seconds - 2.0)
+            ch = server.channels["a"]
+            counts = ch.sent, ch.encoded, ch.keyframes
+            async with aiohttp.ClientSession() as http, http.get(url + "/metrics") as res:
+                metrics = await res.text()
+            (early_seen, _), (h264_seen, h264_answer), (late_seen, _) = await asyncio.gather(early, h264, late)
+            got, stats = await talker
+            return counts, metrics, early_seen, h264_seen, h264_answer, late_seen, joined, got, stats
+
+    counts, metrics, early, h264, h264_answer, late, joined, got, stats = asyncio.run(main())
+    sent, encoded, keyframes = counts
+    assert "H264" in h264_answer and "VP8" not in h264_answer.split("m=video")[1]
+    assert 0.9 * sent <= encoded <= sent  # once per frame, not once per VP8 viewer (three of them)
+    assert 2 <= keyframes <= 3 + (seconds - 1.5) / 0.5, keyframes  # first, late viewer's, loss at <= 2/s
+    families = {f.name: f for f in text_string_to_metric_families(metrics)}
+    assert 0 <= families["streamer_video_encoded"].samples[0].value - encoded <= 3  # read a moment later
+    assert late.video[0][0] - joined < 1.5  # a picture at once (set-up included): it got a keyframe
+
+    def fps(seen):
+        t = np.array([a for a, _ in seen.video])
+        t = t[t > t[0] + 1]
+        return (len(t) - 1) / (t[-1] - t[0])
+
+    for seen in (got, early, h264):
+        assert 24 <= fps(seen) <= 26, fps(seen)
+        assert np.mean(mouth_activity(seen.video, avatar) > 8) > 0.2
+    assert fps(late) >= 20, fps(late)
+    assert np.mean(mouth_activity(late.video, avatar) > 8) > 0.2
+    assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 2, stats
+
+
 def test_channels_are_bounded_by_the_voice_and_viewer_limits(avatar):  # noqa: F811
     """Every channel is opened by a voice or a viewer, so `max_sessions` + `max_viewers` bound the
     channels (each holds an avatar's frames): viewers and voices of ever new channel names past the

@@ -55,3 +55,73 @@ def test_the_denoiser_is_off_and_nothing_else_changes():
     ours, theirs = encoded(vp8.RenderedVp8Encoder(), noisy), encoded(vpx.Vp8Encoder(), noisy)
     assert ours[0] == theirs[0]
     assert all(a != b for a, b in zip(ours[1:], theirs[1:]))
+
+
+def test_a_channel_encodes_once_and_every_reader_decodes_its_whole_stream(tmp_path):
+    """A channel's VP8 chain read by three viewers: one from the start, one joining late, one that
+    stalls 1.5 s (longer than the chain keeps). Each decodes every packet it got, in order, with a
+    real VP8 decoder: each starts at a keyframe, the stalled one starts again at a new keyframe with a
+    current frame (not a second of stale ones), no reader ever gets a frame it can't decode, and
+    the channel encoded each frame once. After the last reader stops, the chain stops."""
+    import asyncio
+
+    import av
+
+    from streamer.avatar.cache import demo_avatar
+    from streamer.lipsync.builtin import BuiltinEngine
+    from streamer.live import broadcast
+    from streamer.live.channel import FPS, Channel
+    from streamer.live.worker import InferenceWorker
+
+    worker = InferenceWorker(BuiltinEngine())
+    ch = Channel("c", demo_avatar(tmp_path), worker)
+    ch.viewers = 3
+
+    async def read(track, seconds, stall_at=None):
+        got, t0 = [], ch.clock()
+        while ch.clock() - t0 < seconds:
+            packet = await track.recv()
+            got.append((ch.clock(), round(float(packet.pts * packet.time_base) * FPS), bytes(packet)))
+            if stall_at is not None and len(got) == stall_at:
+                await asyncio.sleep(1.5)  # its sender stuck: the chain moves on without it
+        track.stop()
+        return got
+
+    async def main():
+        first, stalled = broadcast.SharedVideoTrack(ch, None), broadcast.SharedVideoTrack(ch, None)
+        jobs = [read(first, 4.0), read(stalled, 4.0, stall_at=20)]
+        late = broadcast.SharedVideoTrack(ch, None)
+
+        async def join_late():
+            await asyncio.sleep(1.6)  # during the stall: its keyframe is still kept when the stall ends
+            return await read(late, 2.0)
+
+        out = await asyncio.gather(*jobs, join_late())
+        chain = ch.shared["video"]
+        await asyncio.sleep(0.1)
+        return out, chain
+
+    try:
+        (first, stalled, late), chain = asyncio.run(main())
+    finally:
+        ch.close()
+        worker.close()
+    assert chain._task is None and chain._codec is None  # stopped with its last reader
+
+    def decoded(got):
+        decoder = av.CodecContext.create("vp8", "r")
+        frames = [f for _, _, data in got for f in decoder.decode(av.Packet(data))]
+        return len(frames)
+
+    for got in (first, stalled, late):
+        assert not got[0][2][0] & 1  # starts with a keyframe
+        assert decoded(got) == len(got)  # every packet decodes
+        steps = [s for _, s, _ in got]
+        assert steps == sorted(set(steps))  # in order, none twice
+    assert 95 <= len(first) <= 103 and len(first) >= 0.95 * (first[-1][1] - first[0][1] + 1)  # ~25 fps, whole
+    gap = next(k for k in range(1, len(stalled)) if stalled[k][0] - stalled[k - 1][0] > 1.0)
+    assert not stalled[gap][2][0] & 1  # after its stall: a keyframe ...
+    assert stalled[gap][0] - stalled[gap - 1][0] < 1.8  # ... within a few frames
+    now_step = (stalled[gap][0] - ch.start) * FPS
+    assert abs(stalled[gap][1] - now_step) <= 8  # of the present, not a second ago
+    assert 0.95 * ch.sent <= ch.encoded <= ch.sent  # one encode per frame for the three of them

@@ -133,6 +133,9 @@ class Channel:
         self._shown = 0  # steps below this have been sent
         # what users see: counters and recent delays
         self.sent = 0
+        self.encoded = 0  # VP8 frames encoded once for all viewers that share them (live/broadcast.py)
+        self.keyframes = 0
+        self.shared: dict[str, object] = {}  # encoders its viewers share (live/broadcast.py)
         self.lipsync_frames = 0
         self.late = 0  # speech frames whose own mouth was not ready in time
         self.held = 0  # of those, frames shown with the last mouth instead of the idle one
@@ -461,3 +464,4 @@ class Channel:
             self._faces.clear()
             _end_features(self.voice)  # the voice stays, for its figures
         self.frames.close()
+        self.shared.clear()

@@ -10,7 +10,7 @@ from fractions import Fraction
 import aiohttp
 import av
 import numpy as np
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from streamer.live.tracks import OpusPackets
@@ -171,12 +171,16 @@ def _lossy(receiver, share: float, seed: int = 0) -> None:
 
 
 async def watch(base: str, channel: str, seconds: float, token: str | None = None,
-                keep: bool = True, lose: float = 0.0) -> tuple[Received, str]:
+                keep: bool = True, lose: float = 0.0, codec: str | None = None) -> tuple[Received, str]:
     """A WHEP viewer: watch `channel` for `seconds`, then DELETE the session. Returns (received, answer SDP).
-    `lose`: share of the video packets lost on the way to this viewer."""
+    `lose`: share of the video packets lost on the way to this viewer. `codec`: the only video codec
+    it takes (a MIME type such as "video/H264"; default: aiortc's, VP8 first)."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc, keep)
     video = pc.addTransceiver("video", direction="recvonly")
+    if codec:
+        video.setCodecPreferences([c for c in RTCRtpReceiver.getCapabilities("video").codecs
+                                   if c.mimeType.lower() in (codec.lower(), "video/rtx")])
     if lose:
         _lossy(video.receiver, lose)
     pc.addTransceiver("audio", direction="recvonly")

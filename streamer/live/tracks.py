@@ -13,7 +13,7 @@ from aiortc import MediaStreamTrack
 from aiortc.mediastreams import MediaStreamError
 
 from streamer.audio import to_mono_float
-from streamer.live.channel import CHUNK, FPS, VOICE_RATE, Channel
+from streamer.live.channel import FPS, VOICE_RATE, Channel
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +21,7 @@ VIDEO_CLOCK = 90000
 BEHIND_S = 0.1  # this far behind its slot, a track skips ahead instead of sending stale frames
 
 
-async def _pace(ch: Channel, last: int | None, period: float) -> int:
+async def pace(ch: Channel, last: int | None, period: float) -> int:
     """The next slot to send (the one after `last`, or the current one if that is long past), once due."""
     now = ch.clock()
     due = int((now - ch.start) / period)
@@ -62,7 +62,7 @@ class AvatarVideoTrack(MediaStreamTrack):
     async def recv(self) -> av.VideoFrame:
         if self.readyState != "live":
             raise MediaStreamError
-        n = self._last = await _pace(self.channel, self._last, 1 / FPS)
+        n = self._last = await pace(self.channel, self._last, 1 / FPS)
         try:
             image = self.channel.video_frame(n)
         except Exception:  # noqa: BLE001 - a defect must not end the video: aiortc stops a track that raises
@@ -103,28 +103,6 @@ class OpusPackets:
         packet = packets[0]
         packet.pts, packet.time_base = pts, Fraction(1, VOICE_RATE)
         return packet
-
-
-class VoiceTrack(MediaStreamTrack):
-    """The incoming voice, delayed to match the lips, as 20 ms Opus packets on the same clock as the video."""
-
-    kind = "audio"
-
-    def __init__(self, channel: Channel):
-        super().__init__()
-        self.channel = channel
-        self._last = None
-        self._opus = OpusPackets()
-
-    async def recv(self) -> av.Packet:
-        if self.readyState != "live":
-            raise MediaStreamError
-        while True:
-            j = self._last = await _pace(self.channel, self._last, CHUNK / VOICE_RATE)
-            pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)
-            packet = self._opus.encode(pcm, j * CHUNK)
-            if packet is not None:
-                return packet
 
 
 MAX_GAP = 2 * VOICE_RATE  # a silence from the sender up to this long is filled; a longer one re-pins the voice

@@ -23,15 +23,26 @@ class RenderedVp8Encoder(vpx.Vp8Encoder):
     """aiortc's Vp8Encoder; the libvpx context is opened here, denoiser off, before aiortc's `encode`
     would open its own (it keeps a context whose size and bitrate still match)."""
 
+    reported = False  # its receiver has said what it can take (REMB); aiortc starts from a guess
+
+    @property
+    def target_bitrate(self) -> int:
+        return vpx.Vp8Encoder.target_bitrate.fget(self)
+
+    @target_bitrate.setter
+    def target_bitrate(self, bitrate: int) -> None:
+        vpx.Vp8Encoder.target_bitrate.fset(self, bitrate)
+        self.reported = True
+
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False):
         rate = self.target_bitrate
         c = self.codec
         if c is None or frame.width != c.width or frame.height != c.height or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
-            self.codec = _open(frame.width, frame.height, rate)
+            self.codec = open_encoder(frame.width, frame.height, rate)
         return super().encode(frame, force_keyframe)
 
 
-def _open(width: int, height: int, rate: int) -> av.CodecContext:
+def open_encoder(width: int, height: int, rate: int) -> av.CodecContext:
     c = av.CodecContext.create("libvpx", "w")
     c.width, c.height, c.bit_rate, c.pix_fmt = width, height, rate, "yuv420p"
     c.gop_size, c.qmin, c.qmax = 3000, 2, 56

@@ -29,8 +29,9 @@ from aiortc.rtcrtpsender import RTCRtpSender
 from streamer.avatar.cache import NAME_RE
 from streamer.config import Config
 from streamer.live import vp8
+from streamer.live.broadcast import SharedVideoTrack, VoiceTrack, can_share
 from streamer.live.channel import FPS, Channel
-from streamer.live.tracks import AvatarVideoTrack, VoiceTrack, read_voice
+from streamer.live.tracks import AvatarVideoTrack, read_voice
 from streamer.live.worker import InferenceWorker
 from streamer.pauses import settle
 from streamer.server.metrics import Metrics
@@ -362,6 +363,10 @@ class Server:
                 answer = RTCSessionDescription(sdp=answer.sdp.replace("a=setup:active", "a=setup:passive"),
                                                type="answer")
             await pc.setLocalDescription(answer)
+            if session.views:
+                sender = next(t.sender for t in pc.getTransceivers() if t.sender.track is video)
+                if can_share(pc, sender):  # VP8: the channel's one encode
+                    sender.replaceTrack(SharedVideoTrack(ch, sender))
         except Exception as e:  # noqa: BLE001 - a bad offer fails this session only
             await self.close_session(sid)
             log.info("[%s] offer refused: %r", sid, e)

@@ -81,6 +81,12 @@ class Metrics:
                [f"streamer_fps_out{{{lab}}} {c.stats()['fps']}" for lab, c in zip(label, chans)])
         metric("streamer_frames_sent_total", "counter", "video frames sent",
                [f"streamer_frames_sent_total{{{lab}}} {c.sent}" for lab, c in zip(label, chans)])
+        metric("streamer_video_encoded_total", "counter", "VP8 frames encoded once for all the channel's VP8 "
+               "viewers (each other viewer's frames are encoded for it alone)",
+               [f"streamer_video_encoded_total{{{lab}}} {c.encoded}" for lab, c in zip(label, chans)])
+        metric("streamer_video_keyframes_total", "counter", "of those, keyframes: one when a viewer joins or "
+               "falls behind, at most one per half second for receivers that lost a picture",
+               [f"streamer_video_keyframes_total{{{lab}}} {c.keyframes}" for lab, c in zip(label, chans)])
         metric("streamer_frames_lipsync_total", "counter", "frames sent with a lip-synced mouth",
                [f"streamer_frames_lipsync_total{{{lab}}} {c.lipsync_frames}" for lab, c in zip(label, chans)])
         metric("streamer_frames_late_total", "counter", "speech frames whose own mouth was not ready in time",
