@@ -19,9 +19,9 @@ log = logging.getLogger(__name__)
 
 def settle() -> None:
     """Call once a process has loaded and warmed up, just before it serves. Everything alive now is
-    exempt from later collections (reference counting still frees it). Safe to call again (a test
-    process starts many servers): what an earlier call set aside is collected with the rest first,
-    so no garbage stays set aside."""
+    exempt from later collections (reference counting still frees it; a cycle it later becomes part
+    of is never collected: startup objects rarely do). Calling it again (a test process starts many
+    servers) first collects what the earlier call set aside."""
     t = time.perf_counter()
     gc.unfreeze()
     gc.collect()

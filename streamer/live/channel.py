@@ -354,6 +354,7 @@ class Channel:
             face = self._faces.pop(step, None)
             for k in [k for k in self._faces if k < step]:
                 del self._faces[k]
+            self._shown = max(self._shown, step + 1)  # (a mouth for it that comes now is late)
         for k in [k for k in self._expected if k < step]:  # skipped by the track: never shown
             if self._expected.pop(k)[2]:
                 self._recent.append(False)
@@ -361,7 +362,6 @@ class Channel:
             log.debug("[%s] frame %d late: skipped, the video was behind (sent frame %d instead)", self.session, k,
                       step)
         want = self._expected.pop(step, None)
-        self._shown = max(self._shown, step + 1)
         if want is None:  # a mouth no frame waits for: in flight when the voice was interrupted
             face = None
         loop = loop_step(step, self.avatar)

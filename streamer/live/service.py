@@ -132,9 +132,9 @@ def run_service(engine, path: str, authkey: bytes, max_batch: int, stop: threadi
                 continue
             threading.Thread(target=serve, args=(conn,), name="service-client", daemon=True).start()
 
+    settle()  # the model and its warm-up objects kept out of the garbage collector's pauses
     threading.Thread(target=accept, name="service-accept", daemon=True).start()
     log.info("inference service ready on %s: %s", path, engine.name)
-    settle()  # the model and its warm-up objects kept out of the garbage collector's pauses
     if on_ready:
         on_ready()
     while not stop.wait(REPORT_S):
