@@ -210,3 +210,21 @@ def test_fps_stat_is_the_recent_rate_not_the_average_since_the_channel_opened(av
     assert ch.stats()["fps"] == 0.0  # nothing sent lately
     worker.close()
     ch.close()
+
+
+def test_a_frame_that_fails_goes_out_as_the_avatars_first_frame_and_is_logged_once(avatar, caplog):
+    """Whoever encodes a channel's frames (a viewer's track, the shared chain) sends on through a defect."""
+    from streamer.live.tracks import VIDEO_CLOCK, output_frame
+
+    _, worker, ch = simulated_channel(avatar, voice=False)
+    good, failed = output_frame(ch, 3, False)
+    assert not failed and good.pts == 3 * VIDEO_CLOCK // FPS
+    ch.video_frame = lambda n: 1 / 0
+    with caplog.at_level("ERROR"):
+        frames = [output_frame(ch, n, n > 4) for n in (4, 5, 6)]
+    assert all(failed for _, failed in frames) and [f.pts for f, _ in frames] == [4 * 3600, 5 * 3600, 6 * 3600]
+    assert sum("frame 4 failed" in r.getMessage() for r in caplog.records) == 1 and len(caplog.records) == 1
+    first = ch.frames.first
+    assert np.abs(frames[0][0].to_ndarray(format="bgr24").astype(int) - first).mean() < 3  # (I420 round trip)
+    worker.close()
+    ch.close()

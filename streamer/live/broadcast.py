@@ -29,7 +29,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from streamer.live import vp8
 from streamer.live.channel import CHUNK, FPS, VOICE_RATE, Channel
-from streamer.live.tracks import VIDEO_CLOCK, OpusPackets, encoder_frame, pace
+from streamer.live.tracks import VIDEO_CLOCK, OpusPackets, output_frame, pace
 
 log = logging.getLogger(__name__)
 
@@ -131,15 +131,8 @@ class VideoChain:
                 self._codec = None  # (no encode runs now: this task awaited its own)
                 self.frames.clear()
                 break
-            try:
-                image = ch.video_frame(n)
-            except Exception:  # noqa: BLE001 - a defect must not end the video of every viewer
-                if not self._frame_failed:
-                    log.exception("[%s] frame %d failed; showing the avatar's first frame", ch.session, n)
-                self._frame_failed += 1
-                image = ch.frames.first
-            frame = encoder_frame(image)
-            frame.pts, frame.time_base = n * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
+            frame, failed = output_frame(ch, n, self._frame_failed > 0)  # (a defect: every viewer's video goes on)
+            self._frame_failed += failed
             gap = now - self._key_at
             key = (self._key_now and gap >= KEY_GAP_S) or (self._key_soon and gap >= LOSS_KEY_GAP_S)
             rates = [r for r in (_bitrate(v.sender) for v in live) if r is not None]

@@ -50,6 +50,22 @@ def encoder_frame(image: np.ndarray) -> av.VideoFrame:
     return frame
 
 
+def output_frame(ch: Channel, n: int, logged: bool) -> tuple[av.VideoFrame, bool]:
+    """Channel frame `n` as the encoder takes it, stamped with its time; and whether it failed, in
+    which case it is the avatar's first frame and the error is logged unless `logged` (once is enough)."""
+    failed = False
+    try:
+        image = ch.video_frame(n)
+    except Exception:  # noqa: BLE001 - a defect must not end the video (aiortc stops a track that raises)
+        if not logged:
+            log.exception("[%s] frame %d failed; showing the avatar's first frame", ch.session, n)
+        failed = True
+        image = ch.frames.first
+    frame = encoder_frame(image)
+    frame.pts, frame.time_base = n * (VIDEO_CLOCK // FPS), Fraction(1, VIDEO_CLOCK)
+    return frame, failed
+
+
 class AvatarVideoTrack(MediaStreamTrack):
     kind = "video"
 
@@ -63,16 +79,8 @@ class AvatarVideoTrack(MediaStreamTrack):
         if self.readyState != "live":
             raise MediaStreamError
         n = self._last = await pace(self.channel, self._last, 1 / FPS)
-        try:
-            image = self.channel.video_frame(n)
-        except Exception:  # noqa: BLE001 - a defect must not end the video: aiortc stops a track that raises
-            if not self._failed:
-                log.exception("[%s] frame %d failed; showing the avatar's first frame", self.channel.session, n)
-            self._failed += 1
-            image = self.channel.frames.first
-        frame = encoder_frame(image)
-        frame.pts = n * (VIDEO_CLOCK // FPS)
-        frame.time_base = Fraction(1, VIDEO_CLOCK)
+        frame, failed = output_frame(self.channel, n, self._failed > 0)
+        self._failed += failed
         return frame
 
 
