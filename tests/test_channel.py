@@ -4,9 +4,12 @@ import numpy as np
 import pytest
 from scipy import signal
 
+from streamer.audio.features import MelFeatures
+from streamer.audio.mel import LOOKAHEAD_S
+from streamer.audio.resample import StreamResampler
 from streamer.avatar.cache import demo_avatar
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.channel import CHUNK, FPS, SAMPLES_PER_FRAME, Channel
+from streamer.live.channel import CHUNK, FPS, MIN_DELAY_S, SAMPLES_PER_FRAME, VOICE_RATE, Channel, packet_floor
 from streamer.live.worker import InferenceWorker
 from tests.conftest import speak
 
@@ -228,3 +231,24 @@ def test_a_frame_that_fails_goes_out_as_the_avatars_first_frame_and_is_logged_on
     assert np.abs(frames[0][0].to_ndarray(format="bgr24").astype(int) - first).mean() < 3  # (I420 round trip)
     worker.close()
     ch.close()
+
+
+@pytest.mark.parametrize("packet_ms", [10, 20, 40, 60])
+def test_every_frames_audio_is_in_by_the_delay_floor(packet_ms):
+    """Voice in packets from its first sample, through the channel's resampler and Wav2Lip's windows:
+    each frame's window is out by the packet that ends `packet_floor` after the frame's start. With
+    20 ms packets that is 220 ms, not the lookahead plus a whole packet (232.5), and some frames need
+    all of it."""
+    resampler, stream = StreamResampler(VOICE_RATE), MelFeatures().stream()
+    voice = np.random.default_rng(0).standard_normal(4 * VOICE_RATE).astype(np.float32) * 0.1
+    size = VOICE_RATE * packet_ms // 1000
+    waits = {}
+    for k in range(0, voice.size, size):
+        for i, _ in stream.push(resampler.push(voice[k : k + size])):
+            waits[i] = (k + size) / VOICE_RATE - i / FPS
+    assert len(waits) > 90
+    floor = packet_floor(LOOKAHEAD_S, packet_ms / 1000)
+    assert max(waits.values()) <= floor + 1e-9
+    if packet_ms <= 20:
+        assert floor == pytest.approx(0.22) and max(waits.values()) == pytest.approx(floor)
+    assert MIN_DELAY_S == pytest.approx(0.22)

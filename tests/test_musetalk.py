@@ -16,6 +16,7 @@ from streamer.audio.whisper import POSITION
 from streamer.errors import UserError
 from streamer.lipsync.engine import load_engine
 from streamer.lipsync.musetalk import LAYOUT, MuseTalkInfer, positional_encoding
+from streamer.live.channel import packet_floor
 from tests.conftest import run_cli, speak, write_wav
 
 
@@ -91,6 +92,8 @@ def test_streamed_audio_windows_equal_offline_for_any_chunking(engine, clip, chu
             got[i] = w
             if not background:  # handed out as soon as its audio and the encoder's context are in
                 assert stream.samples - 640 * i <= f.lookahead_s * 16000 + chunk
+                if chunk == 320:  # 20 ms packets: in by the live delay's floor
+                    assert stream.samples - 640 * i <= round(packet_floor(f.lookahead_s) * 16000)
     for i, w in stream.flush():
         got[i] = w
     assert sorted(got) == list(range(frames))

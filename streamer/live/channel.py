@@ -36,16 +36,30 @@ log = logging.getLogger(__name__)
 VOICE_RATE = 48000
 SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
-PACKET_S = 0.02
-MIN_DELAY_S = LOOKAHEAD_S + PACKET_S  # Wav2Lip's lookahead plus one packet
+PACKET_S = 0.02  # the voice's packets as WebRTC senders make them (browsers, aiortc, OBS)
 RESYNC_S = 0.03
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
-AUTO_MARGIN_S = 0.03  # network jitter (a lost packet holds a window back 20 ms) and event-loop lag
+# network jitter (a lost packet holds a window back 20 ms) and event-loop lag. Measured on an H100 box with
+# slow cores (BENCHMARKS.md): 16 talkers got 99.5% of speech frames in time at 42.5 ms, 97.4% at 30 ms
+AUTO_MARGIN_S = 0.0425
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
 AUTO_WINDOW = 25  # speech frames judged at least before widening again
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
+
+
+def packet_floor(lookahead_s: float, packet_s: float = PACKET_S) -> float:
+    """The least delay at which every frame's audio has arrived: `lookahead_s` past the frame's start,
+    up to the end of the packet that brings it. The voice's timeline is pinned to a packet's start, so
+    when packets divide a frame (20 ms in 40) each frame starts on a packet boundary and the wait is
+    the lookahead rounded up to whole packets (Wav2Lip: 212.5 -> 220 ms); otherwise a whole packet."""
+    if abs(1 / FPS / packet_s - round(1 / FPS / packet_s)) < 1e-9:
+        return math.ceil(lookahead_s / packet_s - 1e-9) * packet_s
+    return lookahead_s + packet_s
+
+
+MIN_DELAY_S = packet_floor(LOOKAHEAD_S)  # Wav2Lip's, with 20 ms packets: 220 ms
 
 
 def cut_lookahead(vad: VoiceActivity, fade: int, lookahead_s: float = LOOKAHEAD_S) -> float:
@@ -56,7 +70,7 @@ def cut_lookahead(vad: VoiceActivity, fade: int, lookahead_s: float = LOOKAHEAD_
 
 
 def auto_delay(worker: InferenceWorker, min_delay: float = MIN_DELAY_S) -> float:
-    """The least delay that leaves inference its room: the lookahead and one packet, then twice the time
+    """The least delay that leaves inference its room: the floor (`packet_floor`), then twice the time
     of the smallest batch at which the worker keeps up with 25 fps (a frame may wait for the call in
     flight, then its own), and a margin; at most AUTO_MAX_S. An engine slower than real time at
     every batch size gets its fastest batch and does what it can."""
@@ -102,7 +116,7 @@ class Channel:
         """delay_s None: `auto_delay`, set anew when each voice starts."""
         self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
         self.features = worker.engine.features
-        self.min_delay_s = cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s) + PACKET_S
+        self.min_delay_s = packet_floor(cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s))
         if delay_s is not None and delay_s < self.min_delay_s:
             log.warning("delay %.0f ms is below what the voice activity settings need: %.0f ms used", 1000 * delay_s,
                         1000 * self.min_delay_s)
