@@ -166,7 +166,8 @@ def _serve_inference(cfg, path: str) -> int:
 
     avatar = _avatar(cfg, cfg.avatar.name)
     if cfg.model.path is not None:
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
+        # the media workers make the audio windows: no whisper encoder here
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk, audio=False)
         _use_avatar(engine, avatar, False)
     else:
         engine = load_engine(None, mouth=avatar.mouth_in_crop())

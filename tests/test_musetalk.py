@@ -302,6 +302,19 @@ def test_a_multi_process_server_gets_the_latents_before_its_service_starts(muset
     assert e.encoded == 0
 
 
+def test_an_inference_service_loads_no_whisper_encoder_and_gives_the_same_mouths(engine, musetalk_dir):
+    """The service runs the UNet on windows its media workers make: whisper's config gives the windows'
+    geometry, its weights stay on disk, and the mouths equal those of the whole engine."""
+    service = load_engine(f"musetalk:{musetalk_dir}", device="cpu", audio=False)
+    assert service.features.encoder is None and engine.features.encoder is not None
+    assert service.features.shape == engine.features.shape
+    assert service.features.lookahead_s == engine.features.lookahead_s
+    rng = np.random.default_rng(0)
+    windows = rng.standard_normal((2, *engine.features.shape)).astype(np.float32)
+    crops = rng.integers(0, 256, (2, 256, 256, 3), np.uint8)
+    np.testing.assert_array_equal(service.predict_crops(windows, crops), engine.predict_crops(windows, crops))
+
+
 def test_a_folder_under_home_is_found_as_the_shell_would_not_expand_it(musetalk_dir, monkeypatch):
     from streamer.lipsync.engine import resolve_model
 

@@ -38,7 +38,9 @@ class WhisperFeatures:
     """Per-frame whisper windows for one loaded encoder (shared by every stream of a process)."""
 
     def __init__(self, encoder, extractor, device: str, dtype, block_ms: int = 80, context_ms: int = 160,
-                 fps: float = 25):
+                 fps: float = 25, config=None):
+        """encoder None (with its `config`): the windows' geometry alone, for a process that only runs
+        the UNet on windows made elsewhere (a server's inference service)."""
         if block_ms % 20 or context_ms % 20 or block_ms <= 0 or context_ms < 0:
             raise ValueError("block_ms and context_ms must be multiples of 20 ms (block_ms > 0)")
         self.encoder, self.extractor = encoder, extractor
@@ -47,10 +49,11 @@ class WhisperFeatures:
         self.step = round(RATE / fps / POSITION)  # positions per video frame: 2
         self.block = block_ms // 20  # positions per block
         self.context = context_ms * RATE // 1000  # samples heard past a block's end
-        layers = encoder.config.encoder_layers + 1
+        config = encoder.config if encoder is not None else config
+        layers = config.encoder_layers + 1
         self.width = self.step * (PAD_LEFT + PAD_RIGHT + 1)  # positions per window: 10
-        self.state_shape = (layers, encoder.config.d_model)  # one position's features
-        self.shape = (self.width * layers, encoder.config.d_model)
+        self.state_shape = (layers, config.d_model)  # one position's features
+        self.shape = (self.width * layers, config.d_model)
         # frame i needs positions up to step*(i + PAD_RIGHT + 1) - 1; the block holding it, then the context
         last = self.step * (PAD_RIGHT + 1)
         self.lookahead_s = ((last - 1 + self.block) * POSITION + self.context) / RATE
@@ -306,10 +309,15 @@ def _done(value) -> Future:
 
 
 def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_ms: int = 160,
-                 warmup: bool = True) -> WhisperFeatures:
+                 warmup: bool = True, encoder: bool = True) -> WhisperFeatures:
     """The encoder and feature extractor of a `whisper/` folder (config.json, weights,
-    preprocessor_config.json), nothing fetched from the network."""
-    from transformers import WhisperFeatureExtractor, WhisperModel
+    preprocessor_config.json), nothing fetched from the network. encoder False: its config alone (the
+    windows' geometry; no weights loaded)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    if not encoder:
+        config = WhisperConfig.from_pretrained(str(folder), local_files_only=True)
+        return WhisperFeatures(None, None, device, dtype, block_ms, context_ms, config=config)
 
     extractor = WhisperFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
     model = WhisperModel.from_pretrained(str(folder), local_files_only=True)

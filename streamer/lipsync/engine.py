@@ -284,10 +284,12 @@ class Wav2LipInfer:
 
 
 def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "auto",
-                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None, musetalk=None):
+                models_dir: str | Path = "models", mouth: tuple[float, float] | None = None, musetalk=None,
+                audio: bool = True):
     """The engine for `model`: a path, or a file name in `models_dir`, or musetalk:DIR; None gives the
     builtin engine, which animates the mouth at `mouth` (crop fractions, from the avatar's landmarks)
-    when given. musetalk: a MuseTalkConfig (default settings when None)."""
+    when given. musetalk: a MuseTalkConfig (default settings when None). audio False: an engine that
+    is given its audio windows and never makes them (MuseTalk then loads no whisper encoder)."""
     if model is None:
         from streamer.lipsync.builtin import MOUTH, BuiltinEngine
 
@@ -299,7 +301,7 @@ def load_engine(model: str | Path | None, device: str = "auto", dtype: str = "au
 
         mt = musetalk or MuseTalkConfig()
         return MuseTalkInfer(resolve_model(model, models_dir), device=device, dtype=dtype, audio_pe=mt.audio_pe == "on",
-                             block_ms=mt.block_ms, context_ms=mt.context_ms)
+                             block_ms=mt.block_ms, context_ms=mt.context_ms, audio=audio)
     return Wav2LipInfer(resolve_model(model, models_dir), device=device, dtype=dtype)
 
 

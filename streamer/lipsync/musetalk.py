@@ -104,7 +104,9 @@ class MuseTalkInfer:
     face_size = FACE
 
     def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto", audio_pe: bool = True,
-                 block_ms: int = 80, context_ms: int = 160, warmup: bool = True):
+                 block_ms: int = 80, context_ms: int = 160, warmup: bool = True, audio: bool = True):
+        """audio False: whisper's config only, not its encoder (a server's inference service runs the UNet
+        on windows its media workers make)."""
         try:
             import diffusers  # noqa: F401
             import torch
@@ -124,7 +126,7 @@ class MuseTalkInfer:
         self.encoded = 0  # crops VAE-encoded so far
         self.unet = self._load_unet(files)
         self.vae = self._load_vae(files)
-        self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms, warmup)
+        self.features = _whisper(files, self.device, self._tdtype, block_ms, context_ms, warmup, audio)
         self._check_fit()
         rows, width = self.features.shape
         self._pe = torch.from_numpy(positional_encoding(rows, width)).to(self.device, self._tdtype)
@@ -386,12 +388,13 @@ def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None
         tmp.unlink(missing_ok=True)
 
 
-def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int, warmup: bool = True):
+def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int, warmup: bool = True,
+             encoder: bool = True):
     from streamer.audio.whisper import load_whisper
 
     folder = files["whisper config"].parent
     try:
-        return load_whisper(folder, device, tdtype, block_ms, context_ms, warmup)
+        return load_whisper(folder, device, tdtype, block_ms, context_ms, warmup, encoder)
     except ValueError as e:
         raise UserError(f"musetalk: {e}") from None
     except Exception as e:  # noqa: BLE001
