@@ -430,10 +430,11 @@ def _cpu_seconds(pid: int) -> float:
 
 
 @contextlib.contextmanager
-def server_process(args: list[str], video_avatar: float = 0):
+def server_process(args: list[str], video_avatar: float = 0, cores: list[int] | None = None):
     """`streamer serve ARGS` on a free loopback port, its avatars in a temporary folder, until ready:
     yields (process, url, /healthz answer); stopped on the way out. Its log ends any start failure.
-    video_avatar: serve a 512x512 video avatar of that many seconds (made and prepared here), not the photo."""
+    video_avatar: serve a 512x512 video avatar of that many seconds (made and prepared here), not the photo.
+    cores: the only cores it and its child processes may run on (its `auto` settings count these)."""
     import subprocess
     import urllib.request
 
@@ -451,7 +452,8 @@ def server_process(args: list[str], video_avatar: float = 0):
         log = Path(tmp) / "serve.log"
         with open(log, "w") as err:
             server = subprocess.Popen([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--avatars",
-                                       tmp, "-q", *args], stdout=subprocess.DEVNULL, stderr=err)
+                                       tmp, "-q", *args], stdout=subprocess.DEVNULL, stderr=err,
+                                      preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None)
         try:
             for _ in range(900):
                 try:
@@ -524,25 +526,36 @@ def _sum_metric(metrics: str, name: str) -> float:
 def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, sessions: int = 1,
               viewers: int = 0, voice_path: str | None = None, pause: float = 1.0, workers: int | str | None = None,
               client_processes: int | None = None, max_batch: int | None = None,
-              decode: bool = True, video_avatar: float = 0) -> list[tuple[str, str]]:
+              decode: bool = True, video_avatar: float = 0, client_cores: int = 0) -> list[tuple[str, str]]:
     """Real sessions on this machine: `streamer serve` in its own process (and its media workers); aiortc
     clients (`sessions` talkers on their own channels, `viewers` WHEP viewers of the first channel)
     in `client_processes` other processes, over the host address. The server's CPU (all its
-    processes) is measured apart from the clients' (which decode every frame)."""
+    processes) is measured apart from the clients' (which decode every frame). client_cores K: the
+    clients run on the last K usable cores and the server on the others."""
     import multiprocessing
     import re
     import threading
     import urllib.request
 
     voice = _voice(voice_path, seconds, pause)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    procs = client_processes or max(1, min(8, sessions + viewers, cores // 2))
+    from streamer.errors import UserError
+
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    cores = len(usable)
+    server_cores = client_set = None
+    if client_cores:
+        if not hasattr(os, "sched_setaffinity"):
+            raise UserError("--client-cores needs a system that can pin processes to cores (Linux)")
+        if not 0 < client_cores < cores:
+            raise UserError(f"--client-cores must leave the server a core: 1 to {cores - 1} here")
+        server_cores, client_set = usable[:-client_cores], usable[-client_cores:]
+    procs = client_processes or max(1, min(8, sessions + viewers, client_cores or cores // 2))
     args = ["--max-sessions", str(max(sessions, 4))]
     args += ["--model", model] if model else []
     args += ["--delay-ms", str(delay_ms)] if delay_ms else []
     args += ["--workers", str(workers)] if workers else []
     args += ["--max-batch", str(max_batch)] if max_batch else []
-    with server_process(args, video_avatar) as (server, url, health):
+    with server_process(args, video_avatar, server_cores) as (server, url, health):
         channels = [f"bench{k}" for k in range(sessions)]
         jobs = [(url, voice, seconds, channels[p::procs], viewers // procs + (p < viewers % procs), decode)
                 for p in range(procs)]
@@ -550,7 +563,8 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
         watcher = threading.Thread(target=_gpu_busy, args=(gpu, stop), daemon=True)
         watcher.start()
         cpu0, t0 = _cpu_seconds(server.pid), time.perf_counter()
-        with multiprocessing.get_context("spawn").Pool(procs) as pool:
+        pin = (os.sched_setaffinity, (0, client_set)) if client_set else (None, ())
+        with multiprocessing.get_context("spawn").Pool(procs, *pin) as pool:
             results = [r for part in pool.starmap(_clients, jobs) for r in part]
         cpu = (_cpu_seconds(server.pid) - cpu0) / (time.perf_counter() - t0)
         stop.set()
@@ -577,7 +591,9 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
             ("sessions", f"{sessions} talkers for {seconds:g} s, voice after {pause:g} s of silence"
                          + (f", {viewers} WHEP viewers of the first" if viewers else "")
                          + f"; clients in {procs} processes{'' if decode else ', video counted, not decoded'}; "
-                           f"server workers: {health.get('workers', 1)}"),
+                           f"server workers: {health.get('workers', 1)}"
+                         + (f"; server on cores {_span(server_cores)}, clients on {_span(client_set)}"
+                            if client_set else "")),
             ("video received per talker", f"min {min(fps):.2f} fps, mean {np.mean(fps):.2f} fps; frame gap p99 "
                                           f"worst {max(r['gap_p99_ms'] for r in talks):.0f} ms"),
             ("voice in -> lips out at the server", f"p50 {np.median(p50):.1f} ms, worst p95 {max(p95):.1f} ms "
@@ -599,6 +615,11 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     if viewers:
         rows.append(("frames received per viewer", f"min {min(r['frames'] for r in results if not r['talker'])}"))
     return rows
+
+
+def _span(cores: list[int]) -> str:
+    return f"{cores[0]}-{cores[-1]}" if len(cores) > 1 and cores[-1] - cores[0] == len(cores) - 1 else \
+        ",".join(map(str, cores))
 
 
 def fine_detail(img: np.ndarray, where: np.ndarray) -> float:

@@ -47,7 +47,8 @@ def _bench(args) -> int:
                                                                     args.sessions or 1, args.viewers, args.voice,
                                                                     args.pause_first, args.workers,
                                                                     args.client_processes, args.max_batch,
-                                                                    not args.no_decode, args.video_avatar))
+                                                                    not args.no_decode, args.video_avatar,
+                                                                    args.client_cores))
     elif args.what == "soak":
         from streamer.soak import soak_rows
 
@@ -377,6 +378,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live: the server's media worker processes (default: serve's own default, auto)")
     b.add_argument("--client-processes", type=int, metavar="K",
                    help="live: processes the clients run in (default: one per two cores, at most 8)")
+    b.add_argument("--client-cores", type=int, default=0, metavar="K",
+                   help="live: run the clients on the last K usable cores and the server (all its processes) on "
+                        "the others, so that neither takes the other's cores: the server's capacity on the rest "
+                        "(default 0: both share every core)")
     b.add_argument("--max-batch", type=int, metavar="N", help="live: the server's --max-batch (default: its own)")
     b.add_argument("--no-decode", action="store_true",
                    help="live: clients count the video frames they receive without decoding them, so that many "

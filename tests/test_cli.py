@@ -52,3 +52,11 @@ def test_serve_refuses_bad_starts_with_one_line(tmp_path):
         proc = run_cli("serve", "--port", port, "--avatars", avatars, "-q")
     assert proc.returncode == 2 and "cannot listen" in proc.stderr and "open http" not in proc.stdout
     assert "Traceback" not in proc.stderr
+
+
+def test_bench_live_refuses_client_cores_that_leave_the_server_none():
+    import os
+
+    proc = run_cli("bench", "live", "--client-cores", len(os.sched_getaffinity(0)))
+    assert proc.returncode == 2 and "--client-cores must leave the server a core" in proc.stderr
+    assert "Traceback" not in proc.stderr
