@@ -99,9 +99,10 @@ class ServerConfig:
 
 @dataclass
 class LiveConfig:
-    delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the model's lookahead up to the "
-                                       "end of the 20 ms voice packet that brings it (220 ms for Wav2Lip, 340 for "
-                                       "MuseTalk at its defaults); the rest is the "
+    delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the floor: the model's lookahead "
+                                       "up to the end of the 20 ms voice packet that brings it (220 ms for Wav2Lip, "
+                                       "360 for MuseTalk at its defaults; at the floor inference has no time left); "
+                                       "the rest is the "
                                        "budget for inference. auto: that + what this machine's measured feature and "
                                        "inference times need to keep up (at most 500, unless the floor and feature "
                                        "time alone are more), set when a voice starts",

@@ -237,8 +237,8 @@ def test_a_frame_that_fails_goes_out_as_the_avatars_first_frame_and_is_logged_on
 def test_every_frames_audio_is_in_by_the_delay_floor(packet_ms):
     """Voice in packets from its first sample, through the channel's resampler and Wav2Lip's windows:
     each frame's window is out by the packet that ends `packet_floor` after the frame's start. With
-    20 ms packets that is 220 ms, not the lookahead plus a whole packet (232.5), and some frames need
-    all of it."""
+    10 or 20 ms packets that is 220 ms, not the lookahead plus a whole packet (232.5), and the latest
+    frames need all of it."""
     resampler, stream = StreamResampler(VOICE_RATE), MelFeatures().stream()
     voice = np.random.default_rng(0).standard_normal(4 * VOICE_RATE).astype(np.float32) * 0.1
     size = VOICE_RATE * packet_ms // 1000
@@ -250,5 +250,25 @@ def test_every_frames_audio_is_in_by_the_delay_floor(packet_ms):
     floor = packet_floor(LOOKAHEAD_S, packet_ms / 1000)
     assert max(waits.values()) <= floor + 1e-9
     if packet_ms <= 20:
-        assert floor == pytest.approx(0.22) and max(waits.values()) == pytest.approx(floor)
-    assert MIN_DELAY_S == pytest.approx(0.22)
+        assert floor == pytest.approx(0.22) == MIN_DELAY_S and max(waits.values()) == pytest.approx(floor)
+
+
+@pytest.mark.parametrize("phase", [0.0, 0.0137, 0.031])
+def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(avatar, phase):
+    """The channel pins the voice to its first packet and re-phases its clock, so with the delay at the
+    floor (220 ms) each speech frame's window is cut no later than its slot, whatever the clock's phase
+    against the packets; the tightest has no time to spare (the floor is exact, not padded)."""
+    x, rate = speak("One two three, lips and voice together.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(48000, np.float32)])
+    now, worker, ch = simulated_channel(avatar, delay_s=MIN_DELAY_S)
+    slack = {}
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + phase + (k + CHUNK) / 48000  # each packet arrives as its last sample is spoken
+        ch.push_voice(voice[k : k + CHUNK])
+        slack.update({step: want[3] for step, want in ch._expected.items() if step not in slack})
+        assert worker.drain()
+    worker.close()
+    ch.close()
+    assert ch.delay_s == pytest.approx(MIN_DELAY_S) and len(slack) > 30
+    assert -1e-9 <= min(slack.values()) < 0.001

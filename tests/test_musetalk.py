@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from streamer.audio.resample import StreamResampler
 from streamer.audio.whisper import POSITION
 from streamer.errors import UserError
 from streamer.lipsync.engine import load_engine
@@ -92,12 +93,27 @@ def test_streamed_audio_windows_equal_offline_for_any_chunking(engine, clip, chu
             got[i] = w
             if not background:  # handed out as soon as its audio and the encoder's context are in
                 assert stream.samples - 640 * i <= f.lookahead_s * 16000 + chunk
-                if chunk == 320:  # 20 ms packets: in by the live delay's floor
-                    assert stream.samples - 640 * i <= round(packet_floor(f.lookahead_s) * 16000)
     for i, w in stream.flush():
         got[i] = w
     assert sorted(got) == list(range(frames))
     assert max(np.abs(got[i] - want[i]).max() for i in got) == 0
+
+
+@pytest.mark.parametrize("block_ms", [60, 80, 100])
+def test_every_frames_window_is_in_by_the_live_delays_floor(musetalk_dir, block_ms):
+    """20 ms packets of 48 kHz voice from its first sample, through the channel's resampler: each
+    frame's whisper window is out by `packet_floor` after the frame's start, and the floor is at most
+    one packet more than the latest one needs."""
+    f = MuseTalkInfer(musetalk_dir, device="cpu", block_ms=block_ms, warmup=False).features
+    resampler, stream = StreamResampler(48000), f.stream(background=False)
+    voice = (0.1 * np.random.default_rng(0).standard_normal(48000 * 3)).astype(np.float32)
+    waits = {}
+    for k in range(0, voice.size, 960):
+        for i, _ in stream.push(resampler.push(voice[k : k + 960])):
+            waits[i] = (k + 960) / 48000 - i / 25
+    assert len(waits) > 50
+    floor = packet_floor(f.lookahead_s)
+    assert floor - 0.02 < max(waits.values()) <= floor + 1e-9
 
 
 def test_the_lookahead_is_what_the_blocks_and_context_need(musetalk_dir):

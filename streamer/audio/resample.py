@@ -64,6 +64,11 @@ class StreamResampler:
         self._m = 0  # next output index
         self.closed = False
 
+    @property
+    def hold(self) -> float:
+        """Input samples held back: an output sample needs this much input past its own time."""
+        return self._half / self.up
+
     def push(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32).reshape(-1)
         if self.up == self.down:

@@ -40,8 +40,9 @@ PACKET_S = 0.02  # the voice's packets as WebRTC senders make them (browsers, ai
 RESYNC_S = 0.03
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
-# network jitter (a lost packet holds a window back 20 ms) and event-loop lag. Measured on an H100 box with
-# slow cores (BENCHMARKS.md): 16 talkers got 99.5% of speech frames in time at 42.5 ms, 97.4% at 30 ms
+# network jitter (a lost packet holds a window back 20 ms) and event-loop lag. 42.5 ms keeps the total the
+# auto delay had before the floor was counted exactly (265 ms with Wav2Lip on a GPU); 30 ms (253) was tried on
+# an H100 box and gave 16 talkers 97.4% of speech frames in time (BENCHMARKS.md): not shown to be as safe
 AUTO_MARGIN_S = 0.0425
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
@@ -49,14 +50,20 @@ AUTO_WINDOW = 25  # speech frames judged at least before widening again
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
 
 
+RESAMPLER_HOLD_S = StreamResampler(VOICE_RATE).hold / VOICE_RATE  # what the 48 -> 16 kHz filter waits for: 0.625 ms
+
+
 def packet_floor(lookahead_s: float, packet_s: float = PACKET_S) -> float:
-    """The least delay at which every frame's audio has arrived: `lookahead_s` past the frame's start,
-    up to the end of the packet that brings it. The voice's timeline is pinned to a packet's start, so
-    when packets divide a frame (20 ms in 40) each frame starts on a packet boundary and the wait is
-    the lookahead rounded up to whole packets (Wav2Lip: 212.5 -> 220 ms); otherwise a whole packet."""
+    """The least delay at which every frame's audio has arrived and passed the resampler: `lookahead_s`
+    past the frame's start (and the resampler's hold), up to the end of the packet that brings it. The
+    voice's timeline is pinned to a packet's start, so when packets divide a frame (20 ms in 40) each
+    frame starts on a packet boundary and the wait is that rounded up to whole packets (Wav2Lip: 212.5
+    -> 220 ms); otherwise a whole packet more. It only says the audio is in: inference needs time on
+    top (the auto delay adds it)."""
+    need = lookahead_s + RESAMPLER_HOLD_S
     if abs(1 / FPS / packet_s - round(1 / FPS / packet_s)) < 1e-9:
-        return math.ceil(lookahead_s / packet_s - 1e-9) * packet_s
-    return lookahead_s + packet_s
+        return math.ceil(need / packet_s - 1e-9) * packet_s
+    return need + packet_s
 
 
 MIN_DELAY_S = packet_floor(LOOKAHEAD_S)  # Wav2Lip's, with 20 ms packets: 220 ms
@@ -118,8 +125,8 @@ class Channel:
         self.features = worker.engine.features
         self.min_delay_s = packet_floor(cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s))
         if delay_s is not None and delay_s < self.min_delay_s:
-            log.warning("delay %.0f ms is below what the voice activity settings need: %.0f ms used", 1000 * delay_s,
-                        1000 * self.min_delay_s)
+            log.warning("delay %.0f ms is below the floor (the engine's lookahead and voice activity settings, up to "
+                        "the end of a 20 ms packet): %.0f ms used", 1000 * delay_s, 1000 * self.min_delay_s)
             delay_s = self.min_delay_s
         self.name = name
         self.avatar = avatar
