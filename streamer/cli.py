@@ -117,7 +117,8 @@ def _prepare(args) -> int:
     if args.model is not None:  # crops at the model's size, and what it keeps per crop
         from streamer.lipsync.engine import load_engine
 
-        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk)
+        # prepare runs no audio: MuseTalk's whisper encoder stays on disk
+        engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, musetalk=cfg.musetalk, audio=False)
         face_size = engine.face_size
     settings = PrepareSettings(face_size=face_size, max_height=cfg.avatar.max_height,
                                raw_frames_mb=cfg.avatar.raw_frames_mb)

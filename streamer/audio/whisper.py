@@ -94,6 +94,8 @@ class WhisperFeatures:
         samples of the stream; `audio` holds exactly those). Positions past `end` are zeros."""
         import torch
 
+        if self.encoder is None:
+            raise RuntimeError("these whisper features were loaded without the encoder (geometry only)")
         t = time.perf_counter()
         feats = self.extractor(audio, sampling_rate=RATE, return_tensors="np").input_features
         with self._lock, torch.inference_mode():
@@ -309,13 +311,13 @@ def _done(value) -> Future:
 
 
 def load_whisper(folder: Path, device: str, dtype, block_ms: int = 80, context_ms: int = 160,
-                 warmup: bool = True, encoder: bool = True) -> WhisperFeatures:
+                 warmup: bool = True, with_encoder: bool = True) -> WhisperFeatures:
     """The encoder and feature extractor of a `whisper/` folder (config.json, weights,
-    preprocessor_config.json), nothing fetched from the network. encoder False: its config alone (the
-    windows' geometry; no weights loaded)."""
+    preprocessor_config.json), nothing fetched from the network. with_encoder False: its config alone
+    (the windows' geometry; no weights loaded)."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
-    if not encoder:
+    if not with_encoder:
         config = WhisperConfig.from_pretrained(str(folder), local_files_only=True)
         return WhisperFeatures(None, None, device, dtype, block_ms, context_ms, config=config)
 

@@ -374,7 +374,7 @@ def ensure_latents(folder: Path, avatar, device: str = "auto", dtype: str = "aut
 def _compute_latents(folder: str, root: str, name: str, device: str, dtype: str) -> None:
     from streamer.avatar.cache import Avatar
 
-    MuseTalkInfer(folder, device, dtype, warmup=False).use_avatar(Avatar.load(root, name), progress=True)
+    MuseTalkInfer(folder, device, dtype, warmup=False, audio=False).use_avatar(Avatar.load(root, name), progress=True)
 
 
 def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None:
