@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """What a talker's per-packet and per-frame work costs on this machine, one call at a time.
 
-    python scripts/stage-costs.py
+    OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 OPENCV_FOR_THREADS_NUM=1 python scripts/stage-costs.py
+
+(the one-thread pools are how BENCHMARKS.md compared machines: a talker's stages each run on one thread)
 
 Prints wall and process CPU time per call (CPU above wall means other threads of the process ran
 meanwhile, e.g. a math library's pool spinning) and the process's thread count. Run it on two
