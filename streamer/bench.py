@@ -537,7 +537,6 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
     import threading
     import urllib.request
 
-    voice = _voice(voice_path, seconds, pause)
     from streamer.errors import UserError
 
     usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -550,6 +549,7 @@ def live_rows(model: str | None, seconds: float, delay_ms: int | str | None, ses
             raise UserError(f"--client-cores must leave the server a core: 1 to {cores - 1} here")
         server_cores, client_set = usable[:-client_cores], usable[-client_cores:]
     procs = client_processes or max(1, min(8, sessions + viewers, client_cores or cores // 2))
+    voice = _voice(voice_path, seconds, pause)  # (after the checks: it may synthesize speech)
     args = ["--max-sessions", str(max(sessions, 4))]
     args += ["--model", model] if model else []
     args += ["--delay-ms", str(delay_ms)] if delay_ms else []

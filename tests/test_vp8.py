@@ -97,7 +97,7 @@ def test_a_channel_encodes_once_and_every_reader_decodes_its_whole_stream(tmp_pa
             return await read(late, 2.0)
 
         out = await asyncio.gather(*jobs, join_late())
-        chain = ch.shared["video"]
+        chain = late.chain  # the channel's one chain, which every track of it reads
         await asyncio.sleep(0.1)
         return out, chain
 

@@ -389,12 +389,12 @@ def _write_latents(path: Path, digests: np.ndarray, latents: np.ndarray) -> None
 
 
 def _whisper(files: dict[str, Path], device: str, tdtype, block_ms: int, context_ms: int, warmup: bool = True,
-             encoder: bool = True):
+             with_encoder: bool = True):
     from streamer.audio.whisper import load_whisper
 
     folder = files["whisper config"].parent
     try:
-        return load_whisper(folder, device, tdtype, block_ms, context_ms, warmup, encoder)
+        return load_whisper(folder, device, tdtype, block_ms, context_ms, warmup, with_encoder)
     except ValueError as e:
         raise UserError(f"musetalk: {e}") from None
     except Exception as e:  # noqa: BLE001

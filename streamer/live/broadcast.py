@@ -181,7 +181,7 @@ class SharedVideoTrack(MediaStreamTrack):
 
     def __init__(self, channel: Channel, sender: RTCRtpSender):
         super().__init__()
-        self.chain = video_chain(channel)
+        self.chain: VideoChain = _shared(channel, VideoChain)
         self.sender = sender
         self.cursor: int | None = None  # last frame of the chain sent
         self.synced = False  # sent a keyframe and every frame since
@@ -249,18 +249,12 @@ class VoicePackets:
         return packet
 
 
-def video_chain(channel: Channel) -> VideoChain:
-    chain = channel.shared.get("video")
-    if not isinstance(chain, VideoChain):
-        chain = channel.shared["video"] = VideoChain(channel)
-    return chain
-
-
-def voice_packets(channel: Channel) -> VoicePackets:
-    packets = channel.shared.get("voice")
-    if not isinstance(packets, VoicePackets):
-        packets = channel.shared["voice"] = VoicePackets(channel)
-    return packets
+def _shared(channel: Channel, kind: type):
+    """The channel's one `kind` (VideoChain, VoicePackets), made by the first viewer that needs it."""
+    made = channel.shared.get(kind.__name__)
+    if not isinstance(made, kind):
+        made = channel.shared[kind.__name__] = kind(channel)
+    return made
 
 
 class VoiceTrack(MediaStreamTrack):
@@ -271,7 +265,7 @@ class VoiceTrack(MediaStreamTrack):
     def __init__(self, channel: Channel):
         super().__init__()
         self.channel = channel
-        self.packets = voice_packets(channel)
+        self.packets: VoicePackets = _shared(channel, VoicePackets)
         self._last = None
 
     async def recv(self) -> av.Packet:
