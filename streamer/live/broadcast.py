@@ -37,6 +37,9 @@ KEEP = 25  # encoded frames kept: a viewer this far behind (1 s) starts again fr
 KEY_GAP_S = 0.2  # keyframes for newcomers and viewers that fell behind: at most one this often
 LOSS_KEY_GAP_S = 0.5  # keyframes for receivers that lost a picture: at most one this often
 RAISE_S = 5.0  # the bitrate goes down as soon as a viewer needs it, up at most this often (each a keyframe)
+# ... and only when the frames (their median) use at least this share of the one they have: a still avatar needs
+# ~100 kb/s whatever the receiver allows, and each raise costs a keyframe and ~1 s of frames refining it again
+RAISE_USE = 0.5
 IDLE_S = 2.0  # a chain whose viewers have all stopped reading this long stops encoding
 # aiortc's sender notes a receiver's keyframe request here and uses it only when it encodes itself
 _WANTS_KEY = "_RTCRtpSender__force_keyframe"
@@ -64,6 +67,7 @@ class VideoChain:
         self._key_at = -LOSS_KEY_GAP_S
         self._codec: av.CodecContext | None = None
         self._opened_at = 0.0
+        self._sizes: deque[int] = deque(maxlen=FPS)  # bytes of the last frames encoded, keyframes not counted
         self._encoding = threading.Lock()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -159,13 +163,18 @@ class VideoChain:
         c = self._codec
         if c is not None and rate is not None:
             down, up = rate < 0.9 * c.bit_rate, rate > 1.1 * c.bit_rate and now - self._opened_at >= RAISE_S
+            up = up and 8 * FPS * float(np.median(self._sizes or [0])) >= RAISE_USE * c.bit_rate
         if c is None or frame.width != c.width or frame.height != c.height or (rate is not None and (down or up)):
             rate = rate or (c.bit_rate if c is not None else vpx.DEFAULT_BITRATE)
             c = self._codec = vp8.open_encoder(frame.width, frame.height, rate)  # starts with a keyframe
             self._opened_at = now
+            self._sizes.clear()
         if key:
             frame.pict_type = av.video.frame.PictureType.I
-        return b"".join(bytes(p) for p in c.encode(frame))
+        data = b"".join(bytes(p) for p in c.encode(frame))
+        if data and data[0] & 1:  # (what a picture costs from nothing is not what the stream needs)
+            self._sizes.append(len(data))
+        return data
 
 
 def _bitrate(sender: RTCRtpSender | None) -> int | None:

@@ -1,11 +1,18 @@
-"""VP8 for rendered frames: aiortc's encoder with its settings, less the denoiser.
+"""VP8 for rendered frames: aiortc's encoder with its settings, tuned for pictures that do not change.
 
-aiortc tunes libvpx for cameras: `noise-sensitivity 4` runs a temporal denoiser over every frame.
-An avatar's frames are rendered, clean, and mostly unchanged between frames; denoising them costs a
-fifth of the encoder's time (512x512 demo frames on the team's CPU: 1.17 -> 0.92 ms a frame, same
-bitrate) and removes nothing. aiortc has no setting for it, so the senders of this process get an
-encoder that opens libvpx itself with the same settings, denoiser off. `install()` is idempotent; if
-aiortc's encoder no longer has the shape this relies on, it leaves aiortc's own in place."""
+aiortc tunes libvpx for cameras. An avatar's frames are rendered, clean, and mostly unchanged between
+frames (a still portrait: all but the mouth, and all of it in silence). Three settings differ, each
+measured on the team's CPU with 512x512 demo frames (BENCHMARKS.md):
+- `noise-sensitivity 0`: aiortc's 4 runs a temporal denoiser over every frame, a fifth of the
+  encoder's time, and there is no noise to remove;
+- `static-thresh 400`: a macroblock whose prediction is within a squared error of 400 (46 dB for that
+  block) is not coded again. With aiortc's 1 the rate control spends the bitrate refining the same
+  still picture every frame: ~1.4 KB and 0.8 ms a frame against ~0.3 KB and 0.3 ms, 0.4 dB apart;
+- `cpu-used -8` (aiortc: -6): 10% less time on frames that change everywhere (a video avatar), same
+  quality.
+Keyframes come out as aiortc's, bit for bit. aiortc has no setting for these, so the senders of this
+process get an encoder that opens libvpx itself. `install()` is idempotent; if aiortc's encoder no
+longer has the shape this relies on, it leaves aiortc's own in place."""
 
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 class RenderedVp8Encoder(vpx.Vp8Encoder):
-    """aiortc's Vp8Encoder; the libvpx context is opened here, denoiser off, before aiortc's `encode`
+    """aiortc's Vp8Encoder; the libvpx context is opened here (`open_encoder`) before aiortc's `encode`
     would open its own (it keeps a context whose size and bitrate still match)."""
 
     reported = False  # its receiver has said what it can take (REMB); aiortc starts from a guess
@@ -47,10 +54,10 @@ def open_encoder(width: int, height: int, rate: int) -> av.CodecContext:
     c.width, c.height, c.bit_rate, c.pix_fmt = width, height, rate, "yuv420p"
     c.gop_size, c.qmin, c.qmax = 3000, 2, 56
     c.options = {
-        "bufsize": str(rate), "cpu-used": "-6", "deadline": "realtime", "lag-in-frames": "0",
+        "bufsize": str(rate), "deadline": "realtime", "lag-in-frames": "0",
         "minrate": str(rate), "maxrate": str(rate),  # CBR, as aiortc's
-        "noise-sensitivity": "0",  # the one difference
-        "overshoot-pct": "15", "partitions": "0", "static-thresh": "1", "undershoot-pct": "100",
+        "noise-sensitivity": "0", "static-thresh": "400", "cpu-used": "-8",  # the differences (above)
+        "overshoot-pct": "15", "partitions": "0", "undershoot-pct": "100",
     }
     c.thread_count = vpx.number_of_threads(width * height, multiprocessing.cpu_count())
     return c
