@@ -427,8 +427,7 @@ class Channel:
         if v is None or v.n0 is None or step < v.n0:
             return
         sample = (step - v.n0) * SAMPLES_PER_FRAME
-        starts = [s for s, _ in v.arrivals]
-        k = bisect.bisect_right(starts, sample) - 1
+        k = bisect.bisect_right(v.arrivals, sample, key=lambda a: a[0]) - 1
         if k < 0 or sample >= v.received:
             return
         _, arrival = v.arrivals[k]
