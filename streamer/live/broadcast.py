@@ -164,13 +164,15 @@ class VideoChain:
         if c is not None and rate is not None:
             down, up = rate < 0.9 * c.bit_rate, rate > 1.1 * c.bit_rate and now - self._opened_at >= RAISE_S
             up = up and 8 * FPS * float(np.median(self._sizes or [0])) >= RAISE_USE * c.bit_rate
-        if c is None or frame.width != c.width or frame.height != c.height or (rate is not None and (down or up)):
+        # a keyframe comes from a new encoder: one forced on a running encoder is followed by an inter frame
+        # that codes the whole picture again at the quality the encoder had reached (~80 KB, 1-2 s of the
+        # bitrate in one burst, for a 512x512 still picture); a new one climbs back over ~1 s
+        resized = c is not None and (frame.width != c.width or frame.height != c.height)
+        if key or c is None or resized or (rate is not None and (down or up)):
             rate = rate or (c.bit_rate if c is not None else vpx.DEFAULT_BITRATE)
             c = self._codec = vp8.open_encoder(frame.width, frame.height, rate)  # starts with a keyframe
             self._opened_at = now
             self._sizes.clear()
-        if key:
-            frame.pict_type = av.video.frame.PictureType.I
         data = b"".join(bytes(p) for p in c.encode(frame))
         if data and data[0] & 1:  # (what a picture costs from nothing is not what the stream needs)
             self._sizes.append(len(data))

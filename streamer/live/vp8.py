@@ -5,14 +5,17 @@ frames (a still portrait: all but the mouth, and all of it in silence). Three se
 measured on the team's CPU with 512x512 demo frames (BENCHMARKS.md):
 - `noise-sensitivity 0`: aiortc's 4 runs a temporal denoiser over every frame, a fifth of the
   encoder's time, and there is no noise to remove;
-- `static-thresh 400`: a macroblock whose prediction is within a squared error of 400 (46 dB for that
-  block) is not coded again. With aiortc's 1 the rate control spends the bitrate refining the same
-  still picture every frame: ~1.4 KB and 0.8 ms a frame against ~0.3 KB and 0.3 ms, 0.4 dB apart;
+- `static-thresh 400`: a macroblock is not coded again when its prediction's luma is within a squared
+  error of 400 of the source (46 dB for that block; at low bitrates the quantiser's own bound is
+  larger) and its chroma within 200. aiortc's 1 skips next to nothing: CBR then spends the bitrate refining
+  the same still picture every frame. A channel's frames at 900 kb/s: 1,807 -> 467 bytes and 0.86 ->
+  0.27 ms a frame, 0.2 dB apart;
 - `cpu-used -8` (aiortc: -6): 10% less time on frames that change everywhere (a video avatar), same
   quality.
-Keyframes come out as aiortc's, bit for bit. aiortc has no setting for these, so the senders of this
-process get an encoder that opens libvpx itself. `install()` is idempotent; if aiortc's encoder no
-longer has the shape this relies on, it leaves aiortc's own in place."""
+Every keyframe is a new encoder's first (broadcast.py says why), and that comes out as aiortc's, bit
+for bit. aiortc has no setting for these, so the senders of this process get an encoder that opens
+libvpx itself. `install()` is idempotent; if aiortc's encoder no longer has the shape this relies on,
+it leaves aiortc's own in place."""
 
 from __future__ import annotations
 
@@ -44,9 +47,10 @@ class RenderedVp8Encoder(vpx.Vp8Encoder):
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False):
         rate = self.target_bitrate
         c = self.codec
-        if c is None or frame.width != c.width or frame.height != c.height or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
-            self.codec = open_encoder(frame.width, frame.height, rate)
-        return super().encode(frame, force_keyframe)
+        if (force_keyframe or c is None or frame.width != c.width or frame.height != c.height
+                or abs(rate - c.bit_rate) / c.bit_rate > 0.1):
+            self.codec = open_encoder(frame.width, frame.height, rate)  # a keyframe (why new: broadcast.py)
+        return super().encode(frame, False)
 
 
 def open_encoder(width: int, height: int, rate: int) -> av.CodecContext:
