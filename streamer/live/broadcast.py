@@ -167,8 +167,7 @@ class VideoChain:
         # a keyframe comes from a new encoder: one forced on a running encoder is followed by an inter frame
         # that codes the whole picture again at the quality the encoder had reached (~80 KB, 1-2 s of the
         # bitrate in one burst, for a 512x512 still picture); a new one climbs back over ~1 s
-        resized = c is not None and (frame.width != c.width or frame.height != c.height)
-        if key or c is None or resized or (rate is not None and (down or up)):
+        if key or not vp8.fits(c, frame) or (rate is not None and (down or up)):
             rate = rate or (c.bit_rate if c is not None else vpx.DEFAULT_BITRATE)
             c = self._codec = vp8.open_encoder(frame.width, frame.height, rate)  # starts with a keyframe
             self._opened_at = now

@@ -47,10 +47,14 @@ class RenderedVp8Encoder(vpx.Vp8Encoder):
     def encode(self, frame: av.VideoFrame, force_keyframe: bool = False):
         rate = self.target_bitrate
         c = self.codec
-        if (force_keyframe or c is None or frame.width != c.width or frame.height != c.height
-                or abs(rate - c.bit_rate) / c.bit_rate > 0.1):
+        if force_keyframe or not fits(c, frame) or abs(rate - c.bit_rate) / c.bit_rate > 0.1:
             self.codec = open_encoder(frame.width, frame.height, rate)  # a keyframe (why new: broadcast.py)
         return super().encode(frame, False)
+
+
+def fits(c: av.CodecContext | None, frame: av.VideoFrame) -> bool:
+    """Whether encoder `c` is open and of `frame`'s size."""
+    return c is not None and c.width == frame.width and c.height == frame.height
 
 
 def open_encoder(width: int, height: int, rate: int) -> av.CodecContext:
