@@ -19,6 +19,7 @@ from scipy import signal as sps
 
 from streamer.live.client import publish, talk, watch
 from tests.conftest import speak
+from tests.test_live import voice_back_ms
 
 TOKEN = "s3cret"
 
@@ -108,6 +109,8 @@ def test_talk_whip_whep_and_limits_through_the_front(front, voice):
     speech = stats["lipsync_frames"] + stats["late_frames"]
     assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 0.08 * speech, stats
     assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 30, stats
+    back = voice_back_ms(got, voice)  # what the talker meets, from outside: the same
+    assert abs(back - stats["target_delay_ms"]) < 30, (back, stats)
     viewed, _ = out["view"]
     assert fps_of(viewed, viewed.video[0][0] + 1) > 24 and len(viewed.audio) > 100
     b_got, _ = out["b_view"]

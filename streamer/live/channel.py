@@ -110,6 +110,7 @@ class VoiceIn:
         self.buffer = np.zeros(0, np.float32)  # received voice from absolute sample buffer0 on
         self.buffer0 = 0
         self.received = 0
+        self.interrupted_to = 0  # voice received before this sample was silenced by an interrupt
         self.arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (first sample, arrival time)
         self.lateness: deque[float] = deque(maxlen=100)  # per packet, vs the pinned timeline (2 s)
 
@@ -275,6 +276,21 @@ class Channel:
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
             self._expected[step] = (strength, face, taken, self.start + step / FPS - self.clock())
 
+    def late_voice(self, behind: int, mono48: np.ndarray) -> None:
+        """A packet that came after later ones, starting `behind` samples before the end of the voice
+        received: silence stands in its place, and its voice replaces that where not yet sent (the
+        mouths there were cut with the silence)."""
+        v = self.voice
+        if self.closed or v is None or v.n0 is None:
+            return
+        start = v.received - behind
+        if start < v.interrupted_to:  # an interrupt silenced what had come: so it stays
+            return
+        with self._lock:
+            lo, hi = max(start, v.buffer0), min(start + mono48.size, v.buffer0 + v.buffer.size)
+            if hi > lo:
+                v.buffer[lo - v.buffer0 : hi - v.buffer0] = mono48[lo - start : hi - start]
+
     def output_sample(self) -> int | None:
         """The voice sample (counted from the voice's first) going out to the viewers now."""
         v = self.voice
@@ -298,6 +314,7 @@ class Channel:
                 fade = v.buffer[lo : lo + FADE_OUT]
                 fade *= np.linspace(1, 0, FADE_OUT, dtype=np.float32)[: fade.size]
                 v.buffer[lo + FADE_OUT :] = 0
+            v.interrupted_to = v.received
             for j in [j for j in self._voice_memo if j * CHUNK - v.n0 * SAMPLES_PER_FRAME >= cut]:
                 del self._voice_memo[j]
             step = int(now * FPS) + 1

@@ -12,30 +12,27 @@ import av
 import numpy as np
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.rtp import is_rtcp
 
 from streamer.live.tracks import OpusPackets
 
 
 class VoiceSource(MediaStreamTrack):
-    """48 kHz mono float voice as 20 ms Opus packets, paced in real time; silence after the end.
-    With `lose_every=k`, every k-th packet is never sent, as on a lossy network."""
+    """48 kHz mono float voice as 20 ms Opus packets, paced in real time from `t0`; silence after the end."""
 
     kind = "audio"
 
-    def __init__(self, voice: np.ndarray, lose_every: int = 0, pause: tuple[float, float] | None = None):
+    def __init__(self, voice: np.ndarray, pause: tuple[float, float] | None = None):
         super().__init__()
         self.pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
         self.j = 0
-        self.t0 = None
-        self.lose_every = lose_every
+        self.t0: float | None = None  # (time.monotonic) when the first packet went
         self.pause = pause  # (from s, for s): nothing sent meanwhile, as a sender that stops; time runs on
         self.opus = OpusPackets()  # as the server's voice: not aiortc's encoder and its thread pool
 
     async def recv(self):
         if self.t0 is None:
             self.t0 = time.monotonic()
-        if self.lose_every and self.j % self.lose_every == self.lose_every - 1:
-            self.j += 1  # this packet is lost: the next one comes with a timestamp gap
         if self.pause and self.pause[0] <= self.j * 0.02 < sum(self.pause):
             self.j = round(sum(self.pause) / 0.02)  # the next packet comes after the pause, timestamps jumped
         wait = self.t0 + self.j * 0.02 - time.monotonic()
@@ -75,6 +72,7 @@ class Received:
         self.keep = keep
         self.video: list[tuple[float, np.ndarray | None]] = []  # (arrival, BGR frame)
         self.audio: list[tuple[float, np.ndarray | None]] = []  # (arrival, mono float 48 kHz)
+        self.voice_t0: float | None = None  # when the voice sent began (`talk`)
 
 
 async def _collect(track, sink, kind):
@@ -112,12 +110,15 @@ async def _stop(tasks: list[asyncio.Task]) -> None:
 
 
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
-               token: str | None = None, lose_every: int = 0,
+               token: str | None = None, lose_every: int = 0, swap_every: int = 0,
                pause: tuple[float, float] | None = None, keep: bool = True) -> tuple[Received, dict]:
-    """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats."""
+    """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats.
+    `lose_every=k`: every k-th voice packet is lost on the way; `swap_every=k`: every k-th comes after the
+    next. `pause`: (from s, for s) the sender sends nothing, its timestamps run on."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc, keep)
-    pc.addTransceiver(VoiceSource(voice, lose_every, pause), direction="sendrecv")
+    source = VoiceSource(voice, pause)
+    voice_out = pc.addTransceiver(source, direction="sendrecv").sender
     pc.addTransceiver("video", direction="recvonly")
     await pc.setLocalDescription(await pc.createOffer())
     headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -127,6 +128,8 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             body = await res.json()
             assert res.status == 200, body
         await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
+        if lose_every or swap_every:
+            _on_the_way(voice_out, lose_every, swap_every)
         await asyncio.sleep(seconds)
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
@@ -135,7 +138,34 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             pass
     await pc.close()
     await _stop(tasks)
+    got.voice_t0 = source.t0
     return got, stats
+
+
+def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0) -> None:
+    """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
+    sequence number used, never delivered, as a receiver sees a real loss); every `swap_every`-th
+    comes after the one sent next."""
+    transport, count, held = sender.transport, 0, None
+    send = transport._send_rtp  # aiortc's way out for RTP and RTCP alike, before encryption
+
+    async def network(data: bytes) -> None:
+        nonlocal count, held
+        if is_rtcp(data) or int.from_bytes(data[8:12], "big") != sender._ssrc:
+            await send(data)
+            return
+        count += 1
+        if lose_every and count % lose_every == 0:
+            return
+        if swap_every and count % swap_every == 0:
+            held = data
+            return
+        await send(data)
+        if held is not None:
+            held, data = None, held
+            await send(data)
+
+    transport._send_rtp = network
 
 
 async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float, token: str | None) -> str:

@@ -14,6 +14,7 @@ from aiortc.mediastreams import MediaStreamError
 
 from streamer.audio import to_mono_float
 from streamer.live.channel import FPS, VOICE_RATE, Channel
+from streamer.live.wire import VoiceArrivals
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,16 @@ class OpusPackets:
 MAX_GAP = 2 * VOICE_RATE  # a silence from the sender up to this long is filled; a longer one re-pins the voice
 
 
-async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
+async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArrivals | None = None) -> None:
     """Feed a received audio track into the channel until it ends. Reading also keeps aiortc's
-    receive queue from growing without bound.
+    receive queue from growing without bound. `wire`: when each packet came off the wire
+    (`wire.unbuffered`); without it, a packet counts as in when it is read here.
 
     Packets are placed by their RTP timestamps, not counted: a lost packet (or a sender's
     discontinuous transmission in silence) becomes silence in its place. Counting would move every
     later sample earlier, shrinking the delay by 20 ms per lost packet until voice and lips are late.
+    A packet that comes after a later one (reordered on the way) still puts its voice in its place,
+    if that has not been sent yet; the mouths there were cut with the silence.
     """
     warned = False
     expected = None
@@ -131,6 +135,7 @@ async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
             frame = await track.recv()
         except MediaStreamError:
             return
+        arrival = wire.arrival(frame.pts) if wire is not None else None
         channel.heard()
         if frame.sample_rate != VOICE_RATE:
             if not warned:
@@ -142,11 +147,13 @@ async def read_voice(track: MediaStreamTrack, channel: Channel) -> None:
         if frame.pts is not None:
             if expected is not None:
                 gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
-                if gap >= 1 << 31:  # behind: a duplicate or a packet reordered past its turn
+                if gap >= 1 << 31:  # behind: reordered past its turn, or a duplicate
+                    channel.late_voice((1 << 32) - gap, mono)
                     continue
                 if gap > MAX_GAP:  # the sender paused: filling it would place what follows in the past
                     channel.resume_voice()
-                elif gap:
-                    channel.push_voice(np.zeros(gap, np.float32))
+                elif gap:  # lost on the way: silence, in by the time this packet began
+                    channel.push_voice(np.zeros(gap, np.float32),
+                                       None if arrival is None else arrival - mono.size / VOICE_RATE)
             expected = (frame.pts + mono.size) % (1 << 32)
-        channel.push_voice(mono)
+        channel.push_voice(mono, arrival)

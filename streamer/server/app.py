@@ -32,6 +32,7 @@ from streamer.live import vp8
 from streamer.live.broadcast import SharedVideoTrack, VoiceTrack, can_share
 from streamer.live.channel import FPS, Channel
 from streamer.live.tracks import AvatarVideoTrack, read_voice
+from streamer.live.wire import unbuffered
 from streamer.live.worker import InferenceWorker
 from streamer.pauses import settle
 from streamer.server.metrics import Metrics
@@ -332,7 +333,9 @@ class Server:
         @pc.on("track")
         def on_track(track):
             if track.kind == "audio" and session.publishes:
-                session.tasks.add(self._spawn(read_voice(track, ch), f"voice-{sid}"))
+                receiver = next(r for r in pc.getReceivers() if r.track is track)
+                wire = unbuffered(receiver, ch.clock)  # (no packet can have come yet: ICE has not started)
+                session.tasks.add(self._spawn(read_voice(track, ch, wire), f"voice-{sid}"))
 
         @pc.on("connectionstatechange")
         async def on_state():
