@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""How long a talker's voice takes to come back, and how many mouths are in time, when the network
+loses some of its packets. One talker, builtin engine, a server in this process, real peers.
+
+    python scripts/voice-arrival.py [--lose-every K] [--aiortc-buffer]
+
+`--lose-every K`: every K-th voice packet is lost on the way to the server (50: 2%).
+`--aiortc-buffer`: the server keeps aiortc's own audio jitter buffer, as before `streamer/live/wire.py`.
+
+Prints the voice's round trip as the talker meets it (from when its first sound was spoken, as a
+microphone's packet would carry it, to when it came back, less the client's own jitter-buffer hold;
+two Opus encodes add their 6.5 ms lookahead each), the server's own figure, and the speech frames
+lip-synced in time (BENCHMARKS.md, "The voice off the wire").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import numpy as np
+from aiohttp import web
+
+import streamer.server.app as app
+from streamer.avatar.cache import demo_avatar
+from streamer.bench import _espeak_voice
+from streamer.config import load_config
+from streamer.lipsync.builtin import BuiltinEngine
+from streamer.live.client import talk
+
+CLIENT_AUDIO_HOLD_S = 0.08  # the client's aiortc holds each voice packet until 4 newer ones are in
+PACKET_S = 0.02  # a sample goes out with its packet, once the packet's last sample is in
+
+
+async def main(args) -> None:
+    avatar = demo_avatar("/tmp/voice-arrival-avatars")
+    speech = _espeak_voice()[: 48000 * 10]
+    voice = np.concatenate([np.zeros(48000, np.float32), speech, np.zeros(48000, np.float32)])
+    server = app.Server(load_config(None, {}), BuiltinEngine(), avatar)
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    try:
+        got, stats = await talk(url, voice, voice.size / 48000, lose_every=args.lose_every)
+    finally:
+        await runner.cleanup()
+    went = got.voice_t0 + np.argmax(np.abs(voice) > 0.05) / 48000 - PACKET_S  # as a microphone's would be
+    k = next(k for k, (_, a) in enumerate(got.audio) if np.abs(a).max() > 0.05)
+    back = got.audio[k][0] - CLIENT_AUDIO_HOLD_S + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000
+    speech_frames = stats["lipsync_frames"] + stats["late_frames"]
+    print(f"{'aiortc buffer' if args.aiortc_buffer else 'off the wire'}, every {args.lose_every or '-'} lost: "
+          f"voice back after {1000 * (back - went):.0f} ms (target {stats['target_delay_ms']} ms, server's "
+          f"figure p50 {stats['delay_ms_p50']} / p95 {stats['delay_ms_p95']} ms), "
+          f"{stats['lipsync_frames']} of {speech_frames} speech frames in time")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lose-every", type=int, default=0)
+    p.add_argument("--aiortc-buffer", action="store_true")
+    args = p.parse_args()
+    if args.aiortc_buffer:
+        app.unbuffered = lambda receiver, clock: None
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(main(args))
