@@ -8,7 +8,7 @@ loses some of its packets. One talker, builtin engine, a server in this process,
 `--aiortc-buffer`: the server keeps aiortc's own audio jitter buffer, as before `streamer/live/wire.py`.
 
 Prints the voice's round trip as the talker meets it (from when its first sound was spoken, as a
-microphone's packet would carry it, to when it came back, less the client's own jitter-buffer hold;
+microphone's packet would carry it, to when its packet came back to the client;
 two Opus encodes add their 6.5 ms lookahead each), the server's own figure, and the speech frames
 lip-synced in time (BENCHMARKS.md, "The voice off the wire").
 """
@@ -29,7 +29,6 @@ from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.live.client import talk
 
-CLIENT_AUDIO_HOLD_S = 0.08  # the client's aiortc holds each voice packet until 4 newer ones are in
 PACKET_S = 0.02  # a sample goes out with its packet, once the packet's last sample is in
 
 
@@ -49,7 +48,7 @@ async def main(args) -> None:
         await runner.cleanup()
     went = got.voice_t0 + np.argmax(np.abs(voice) > 0.05) / 48000 - PACKET_S  # as a microphone's would be
     k = next(k for k, (_, a) in enumerate(got.audio) if np.abs(a).max() > 0.05)
-    back = got.audio[k][0] - CLIENT_AUDIO_HOLD_S + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000
+    back = got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000
     speech_frames = stats["lipsync_frames"] + stats["late_frames"]
     print(f"{'aiortc buffer' if args.aiortc_buffer else 'off the wire'}, every {args.lose_every or '-'} lost: "
           f"voice back after {1000 * (back - went):.0f} ms (target {stats['target_delay_ms']} ms, server's "

@@ -1,7 +1,12 @@
 """The channel's pipeline on a driven clock: no network, no codec, exact answers."""
 
+import asyncio
+
+import av
 import numpy as np
 import pytest
+from aiortc import MediaStreamTrack
+from aiortc.mediastreams import MediaStreamError
 from scipy import signal
 
 from streamer.audio.features import MelFeatures
@@ -10,6 +15,7 @@ from streamer.audio.resample import StreamResampler
 from streamer.avatar.cache import demo_avatar
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.live.channel import CHUNK, FPS, MIN_DELAY_S, SAMPLES_PER_FRAME, VOICE_RATE, Channel, packet_floor
+from streamer.live.tracks import read_voice
 from streamer.live.worker import InferenceWorker
 from tests.conftest import speak
 
@@ -272,3 +278,51 @@ def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(
     ch.close()
     assert ch.delay_s == pytest.approx(MIN_DELAY_S) and len(slack) > 30
     assert -1e-9 <= min(slack.values()) < 0.001
+
+
+class _Packets(MediaStreamTrack):
+    """Decoded voice packets as aiortc's receiver hands them over (48 kHz stereo s16, stamped), then the end."""
+
+    kind = "audio"
+
+    def __init__(self, packets: list[tuple[int, np.ndarray]]):
+        super().__init__()
+        self.packets = list(packets)
+
+    async def recv(self):
+        if not self.packets:
+            raise MediaStreamError
+        pts, mono = self.packets.pop(0)
+        pcm = np.repeat(np.round(mono * 32767).astype(np.int16), 2)[None]
+        frame = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+        frame.sample_rate, frame.pts = VOICE_RATE, pts
+        return frame
+
+
+def test_a_packet_that_comes_after_the_next_puts_its_voice_in_its_place(avatar):
+    now, worker, ch = simulated_channel(avatar)
+    rng = np.random.default_rng(1)
+    voice = np.clip(0.1 * rng.standard_normal(20 * CHUNK), -1, 1)
+    packets = [(k * CHUNK, voice[k * CHUNK : (k + 1) * CHUNK]) for k in range(20)]
+    packets[5], packets[6] = packets[6], packets[5]  # 5 comes after 6
+    packets[12], packets[14] = packets[14], packets[12]  # 12 after 14 (and 13)
+    asyncio.run(read_voice(_Packets(packets), ch))
+    assert ch.voice.received == voice.size
+    assert np.abs(ch.voice.buffer - voice).max() < 1e-3  # each in its place; silence stood in meanwhile
+    worker.close()
+    ch.close()
+
+
+def test_a_sender_whose_timestamps_jump_back_is_pinned_afresh_not_ignored(avatar):
+    """A sender that starts again (new stream, timestamps behind the old ones): its voice is a new voice on
+    the channel's clock. Taken for packets behind their turn, all of it used to be dropped."""
+    now, worker, ch = simulated_channel(avatar)
+    voice = np.full(CHUNK, 0.25)
+    first = [(k * CHUNK, voice) for k in range(50)]
+    again = [((k - 600) * CHUNK % (1 << 32), voice) for k in range(30)]  # 12 s back
+    asyncio.run(read_voice(_Packets(first), ch))
+    old = ch.voice
+    asyncio.run(read_voice(_Packets(first + again), ch))
+    assert ch.voice is not old and ch.voice.received == 30 * CHUNK
+    worker.close()
+    ch.close()

@@ -1,7 +1,10 @@
+from types import SimpleNamespace
+
+from aiortc import RTCRtpReceiver
 from aiortc.rtcrtpreceiver import TimestampMapper
 from aiortc.rtp import RtpPacket
 
-from streamer.live.wire import KEEP, VoiceArrivals
+from streamer.live.wire import KEEP, LATEST, RESTART, VoiceArrivals, unbuffered
 
 
 def packet(seq, ts, data=b"\x01"):
@@ -33,3 +36,22 @@ def test_padding_is_not_decoded_and_what_is_kept_is_bounded():
     for k in range(KEEP * 3):
         buf.add(packet(k, k * 960))
     assert len(buf._arrived) == KEEP
+
+
+def test_what_the_network_repeats_or_brings_too_late_is_not_decoded_but_a_restarted_sender_is():
+    buf = VoiceArrivals()
+    assert buf.add(packet(1000, 0))[1] is not None
+    assert buf.add(packet(1000, 0)) == (False, None)  # a duplicate
+    assert buf.add(packet(1000 + LATEST + 1, 960))[1] is not None
+    assert buf.add(packet(1000, 0)) == (False, None)  # still a duplicate
+    assert buf.add(packet(1001, 960))[1] is not None  # late, still of use
+    assert buf.add(packet(999, 0)) == (False, None)  # later than any delay can use
+    assert buf.add(packet((1000 + LATEST + 1 - RESTART) % 65536, 5000))[1] is not None  # numbered afresh
+    assert buf.add(packet((1000 + LATEST + 2 - RESTART) % 65536, 5960))[1] is not None  # and on from there
+
+
+def test_aiortc_keeps_its_receivers_jitter_buffer_where_it_is_replaced():
+    """An aiortc that moved it would leave the voice in its 80 ms buffer (with a warning): caught here."""
+    receiver = RTCRtpReceiver("audio", SimpleNamespace(state="new"))
+    assert isinstance(unbuffered(receiver), VoiceArrivals)
+    assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, VoiceArrivals)

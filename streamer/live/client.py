@@ -15,6 +15,7 @@ from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import is_rtcp
 
 from streamer.live.tracks import OpusPackets
+from streamer.live.wire import VoiceArrivals, unbuffered
 
 
 class VoiceSource(MediaStreamTrack):
@@ -75,13 +76,14 @@ class Received:
         self.voice_t0: float | None = None  # when the voice sent began (`talk`)
 
 
-async def _collect(track, sink, kind):
+async def _collect(track, sink, kind, wire: VoiceArrivals | None = None):
     while True:
         try:
             frame = await track.recv()
         except MediaStreamError:
             return
-        now = time.monotonic()
+        now = wire.arrival(frame.pts) if wire is not None else None
+        now = time.monotonic() if now is None else now
         if not sink.keep:
             (sink.video if kind == "video" else sink.audio).append((now, None))
         elif kind == "video":
@@ -93,12 +95,17 @@ async def _collect(track, sink, kind):
 
 
 def _receive(pc: RTCPeerConnection, keep: bool = True) -> tuple[Received, list[asyncio.Task]]:
-    """Collect every track `pc` receives; returns what arrives and the collecting tasks."""
+    """Collect every track `pc` receives; returns what arrives and the collecting tasks. Audio is
+    taken off the wire as the server takes it (`wire.unbuffered`), so its arrival times are the
+    packets'; video waits in aiortc's jitter buffer until the next frame starts (40 ms at 25 fps)."""
     got, tasks = Received(keep), []
 
     @pc.on("track")
     def on_track(track):
-        tasks.append(asyncio.ensure_future(_collect(track, got, track.kind)))
+        wire = None
+        if track.kind == "audio":
+            wire = unbuffered(next(r for r in pc.getReceivers() if r.track is track))
+        tasks.append(asyncio.ensure_future(_collect(track, got, track.kind, wire)))
 
     return got, tasks
 
@@ -146,6 +153,7 @@ def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0) -> None:
     """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
     sequence number used, never delivered, as a receiver sees a real loss); every `swap_every`-th
     comes after the one sent next."""
+    assert swap_every != 1, "every packet after the next: none would ever be sent"
     transport, count, held = sender.transport, 0, None
     send = transport._send_rtp  # aiortc's way out for RTP and RTCP alike, before encryption
 

@@ -147,11 +147,12 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
         if frame.pts is not None:
             if expected is not None:
                 gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
-                if gap >= 1 << 31:  # behind: reordered past its turn, or a duplicate
-                    channel.late_voice((1 << 32) - gap, mono)
+                behind = (1 << 32) - gap if gap >= 1 << 31 else 0
+                if 0 < behind <= MAX_GAP:  # reordered past its turn
+                    channel.late_voice(behind, mono)
                     continue
-                if gap > MAX_GAP:  # the sender paused: filling it would place what follows in the past
-                    channel.resume_voice()
+                if gap > MAX_GAP:  # the sender paused, or started again elsewhere: filling it would place
+                    channel.resume_voice()  # what follows in the past (or far ahead)
                 elif gap:  # lost on the way: silence, in by the time this packet began
                     channel.push_voice(np.zeros(gap, np.float32),
                                        None if arrival is None else arrival - mono.size / VOICE_RATE)

@@ -4,23 +4,31 @@ aiortc's audio receiver holds every packet until four newer ones are in (its jit
 prefetch: 80 ms at 20 ms packets), and it releases nothing past a lost packet until the sixteenth
 after it is in; from then on it runs that far behind for good. On the team's CPU, one talker: the
 voice reached the channel 81 ms after it was sent, and with 2% of its packets lost on the way, 281-302
-ms, 0 of 178 speech frames lip-synced in time, most of the voice too late for its slot
+ms, and 0 of 262 speech frames lip-synced in time, most of the voice too late for its slot
 (BENCHMARKS.md, "The voice off the wire"). A channel has no use for that buffer: it places packets by
 their timestamps and fills a hole with silence, and the voice it sends out is held back by the
 channel's delay anyway, which is where a reordered packet still finds its place (`read_voice`).
 
-An Opus RTP packet is one whole frame (RFC 7587), so passing each on as it comes loses nothing."""
+An Opus RTP packet is one whole frame (RFC 7587), so passing each on as it comes loses nothing. What
+the network repeats is dropped here, and so is what comes too late to be placed: each would go
+through the decoder out of turn."""
 
 from __future__ import annotations
 
+import logging
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from aiortc import RTCRtpReceiver
 from aiortc.jitterbuffer import JitterFrame
+from aiortc.utils import uint16_add
+
+log = logging.getLogger(__name__)
 
 _BUFFER = "_RTCRtpReceiver__jitter_buffer"
 KEEP = 64  # arrival times kept for packets not yet decoded (1.3 s of 20 ms packets)
+LATEST = 25  # a packet more than this many behind the newest is dropped: past any delay's use (0.5 s)
+RESTART = 100  # ... unless this many or more: the sender's numbers started again (aiortc's own rule)
 
 
 class VoiceArrivals:
@@ -33,11 +41,25 @@ class VoiceArrivals:
         self.clock = clock
         self._origin: int | None = None
         self._arrived: OrderedDict[int, float] = OrderedDict()
+        self._newest: int | None = None  # sequence number
+        self._seen: deque[int] = deque(maxlen=2 * LATEST)
 
     def add(self, packet) -> tuple[bool, JitterFrame | None]:
         """aiortc's call for each packet: (ask for a keyframe?, the frame to decode now)."""
         if not packet._data:  # padding only: nothing to decode
             return False, None
+        seq = packet.sequence_number
+        if seq in self._seen:  # sent twice by the network
+            return False, None
+        if self._newest is None or uint16_add(seq, -self._newest) < 1 << 15:
+            self._newest = seq  # the first, or the newest yet
+        else:
+            behind = uint16_add(self._newest, -seq)
+            if behind >= RESTART:  # the sender started again from elsewhere
+                self._newest = seq
+            elif behind > LATEST:
+                return False, None
+        self._seen.append(seq)
         if self._origin is None:
             self._origin = packet.timestamp
         # keyed as the frame's pts will be: aiortc counts timestamps from the first frame it decodes
@@ -51,9 +73,14 @@ class VoiceArrivals:
         return None if pts is None else self._arrived.pop(pts % (1 << 32), None)
 
 
-def unbuffered(receiver: RTCRtpReceiver, clock=time.monotonic) -> VoiceArrivals:
+def unbuffered(receiver: RTCRtpReceiver, clock=time.monotonic) -> VoiceArrivals | None:
     """Make audio `receiver` pass its packets on as they come (call before any arrives); returns what
-    tells when each came."""
+    tells when each came. None, with a warning, if this aiortc keeps its buffer elsewhere: the voice
+    then goes through aiortc's buffer, as before."""
+    if not hasattr(receiver, _BUFFER):
+        log.warning("this aiortc's receiver has no %s: the voice waits in its jitter buffer (80 ms or more)",
+                    _BUFFER)
+        return None
     arrivals = VoiceArrivals(clock)
     setattr(receiver, _BUFFER, arrivals)
     return arrivals
