@@ -27,9 +27,7 @@ from streamer.avatar.cache import demo_avatar
 from streamer.bench import _espeak_voice
 from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.client import talk
-
-PACKET_S = 0.02  # a sample goes out with its packet, once the packet's last sample is in
+from streamer.live.client import round_trip_s, talk
 
 
 async def main(args) -> None:
@@ -46,12 +44,10 @@ async def main(args) -> None:
         got, stats = await talk(url, voice, voice.size / 48000, lose_every=args.lose_every)
     finally:
         await runner.cleanup()
-    went = got.voice_t0 + np.argmax(np.abs(voice) > 0.05) / 48000 - PACKET_S  # as a microphone's would be
-    k = next(k for k, (_, a) in enumerate(got.audio) if np.abs(a).max() > 0.05)
-    back = got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000
+    back = round_trip_s(got, voice)
     speech_frames = stats["lipsync_frames"] + stats["late_frames"]
     print(f"{'aiortc buffer' if args.aiortc_buffer else 'off the wire'}, every {args.lose_every or '-'} lost: "
-          f"voice back after {1000 * (back - went):.0f} ms (target {stats['target_delay_ms']} ms, server's "
+          f"voice back after {1000 * back:.0f} ms (target {stats['target_delay_ms']} ms, server's "
           f"figure p50 {stats['delay_ms_p50']} / p95 {stats['delay_ms_p95']} ms), "
           f"{stats['lipsync_frames']} of {speech_frames} speech frames in time")
 

@@ -14,7 +14,7 @@ from scipy import signal
 from streamer.avatar.cache import demo_avatar
 from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.client import talk
+from streamer.live.client import round_trip_s, talk
 from streamer.server.app import Server
 from tests.conftest import speak
 
@@ -65,10 +65,7 @@ def voice_back_ms(got, sent: np.ndarray) -> float:
     meets, measured outside the server. Spoken: as a microphone's packet carries it (sent once its last
     sample is in). Back: when its packet came, the two Opus encodes' lookahead (the talker's and the
     server's) taken off, which the server's delay does not count."""
-    went = got.voice_t0 + np.argmax(np.abs(sent) > 0.05) / 48000 - 0.02
-    k = next(k for k, (_, a) in enumerate(got.audio) if np.abs(a).max() > 0.05)
-    back = got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000
-    return 1000 * (back - went - 2 * OPUS_LOOKAHEAD_S)
+    return 1000 * (round_trip_s(got, sent) - 2 * OPUS_LOOKAHEAD_S)
 
 
 async def _until(cond, seconds):

@@ -149,6 +149,15 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
     return got, stats
 
 
+def round_trip_s(got: Received, sent: np.ndarray) -> float:
+    """Seconds from when the first sound of the voice `talk` sent was spoken (as a microphone's packet
+    carries it: sent once its last sample is in) to when its packet came back (both Opus encodes'
+    lookahead, the talker's and the server's, still in)."""
+    went = got.voice_t0 + np.argmax(np.abs(sent) > 0.05) / 48000 - 0.02
+    k = next(k for k, (_, a) in enumerate(got.audio) if np.abs(a).max() > 0.05)
+    return got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000 - went
+
+
 def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0) -> None:
     """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
     sequence number used, never delivered, as a receiver sees a real loss); every `swap_every`-th

@@ -35,8 +35,6 @@ class VoiceArrivals:
     """Stands in for aiortc's jitter buffer in an audio receiver: hands each packet to the decoder at
     once and notes when it arrived, for the frame decoded from it (`arrival`)."""
 
-    capacity = 16  # (aiortc's, for anything that reads it)
-
     def __init__(self, clock=time.monotonic):
         self.clock = clock
         self._origin: int | None = None
