@@ -1,9 +1,14 @@
 from types import SimpleNamespace
 
+import numpy as np
 from aiortc import RTCRtpReceiver
-from aiortc.rtcrtpreceiver import TimestampMapper
+from aiortc.codecs.opus import OpusDecoder
+from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
+from aiortc.rtcrtpreceiver import RemoteStreamTrack, TimestampMapper
 from aiortc.rtp import RtpPacket
 
+from streamer.live.tracks import OpusPackets
 from streamer.live.wire import KEEP, LATEST, RESTART, VoiceArrivals, unbuffered
 
 
@@ -50,8 +55,61 @@ def test_what_the_network_repeats_or_brings_too_late_is_not_decoded_but_a_restar
     assert buf.add(packet((1000 + LATEST + 2 - RESTART) % 65536, 5960))[1] is not None  # and on from there
 
 
-def test_aiortc_keeps_its_receivers_jitter_buffer_where_it_is_replaced():
-    """An aiortc that moved it would leave the voice in its 80 ms buffer (with a warning): caught here."""
+def audio_receiver() -> RTCRtpReceiver:
+    """An audio receiver as aiortc's peer connection leaves it before packets come: its track made."""
     receiver = RTCRtpReceiver("audio", SimpleNamespace(state="new"))
-    assert isinstance(unbuffered(receiver), VoiceArrivals)
-    assert isinstance(receiver._RTCRtpReceiver__jitter_buffer, VoiceArrivals)
+    receiver._track = RemoteStreamTrack("audio")
+    return receiver
+
+
+def test_aiortc_keeps_its_receivers_jitter_buffer_track_queue_and_codecs_where_they_are_used():
+    """An aiortc that moved the buffer would leave the voice in its 80 ms buffer, one that moved the
+    track's queue or the codecs would decode on its thread again (each with a warning): caught here."""
+    receiver = audio_receiver()
+    arrivals = unbuffered(receiver)
+    assert isinstance(arrivals, VoiceArrivals)
+    assert receiver._RTCRtpReceiver__jitter_buffer is arrivals
+    assert arrivals.frames is receiver.track._queue
+    assert arrivals.codecs is receiver._RTCRtpReceiver__codecs
+
+
+def test_each_packet_is_decoded_onto_the_track_at_once_as_aiortcs_decoder_thread_would():
+    """Real Opus packets, one reordered and one lost: the frames on the track queue, in the order the
+    packets came, carry the pts the arrivals are found by, and the same samples aiortc's decoder gives."""
+    receiver = audio_receiver()
+    now = [0.0]
+    arrivals = unbuffered(receiver, clock=lambda: now[0])
+    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
+                                                                 channels=2, payloadType=111)
+    t = np.arange(960 * 8) / 48000
+    pcm = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
+    opus = OpusPackets()
+    data = [bytes(opus.encode(pcm[k * 960:(k + 1) * 960], k * 960)) for k in range(8)]
+    first = (1 << 32) - 3 * 960
+    order = [0, 1, 3, 2, 4, 6, 7]  # 3 before 2, 5 lost
+    reference, got = OpusDecoder(), []
+    for k in order:
+        now[0] = 0.02 * k
+        assert arrivals.add(packet(1000 + k, (first + 960 * k) % (1 << 32), data[k])) == (False, None)
+        assert receiver.track._queue.qsize() == 1  # on the track now, not after a thread's hop
+        frame = receiver.track._queue.get_nowait()
+        assert frame.pts == 960 * k and arrivals.arrival(frame.pts) == 0.02 * k
+        want = reference.decode(JitterFrame(data=data[k], timestamp=960 * k))[0]
+        assert (frame.sample_rate, frame.layout.name, frame.format.name) == (48000, "stereo", "s16")
+        got.append(frame.to_ndarray())
+        assert np.array_equal(got[-1], want.to_ndarray())
+    assert np.abs(got[-1]).max() > 2000  # a tone, not silence
+
+
+def test_a_packet_the_decoder_refuses_is_lost_and_the_next_still_decodes(caplog):
+    receiver = audio_receiver()
+    arrivals = unbuffered(receiver)
+    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
+                                                                 channels=2, payloadType=111)
+    pcm = np.zeros(960, np.int16)
+    good = bytes(OpusPackets().encode(pcm, 0))
+    assert arrivals.add(packet(1, 0, b"\xff" * 3)) == (False, None)  # not Opus: an error, no frame
+    assert arrivals.add(packet(2, 960, good)) == (False, None)
+    assert [f.pts for f in [receiver.track._queue.get_nowait()]] == [960]
+    assert receiver.track._queue.empty()
+    assert "voice packet not decoded" in caplog.text

@@ -11,32 +11,48 @@ channel's delay anyway, which is where a reordered packet still finds its place 
 
 An Opus RTP packet is one whole frame (RFC 7587), so passing each on as it comes loses nothing. What
 the network repeats is dropped here, and so is what comes too late to be placed: each would go
-through the decoder out of turn."""
+through the decoder out of turn.
+
+Each packet is also decoded here, on the event loop, and its frame put straight on the track: aiortc
+hands every packet to a decoder thread, whose frame comes back through a task made for it and a
+wake-up of the loop; that hop cost 53 us of CPU a packet, the 20 ms decode itself 35 (the team's
+CPU; BENCHMARKS.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
 
+import av
 from aiortc import RTCRtpReceiver
+from aiortc.codecs import get_decoder
+from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
+from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.utils import uint16_add
 
 log = logging.getLogger(__name__)
 
 _BUFFER = "_RTCRtpReceiver__jitter_buffer"
+_CODECS = "_RTCRtpReceiver__codecs"  # payload type -> codec, filled in place when the receiver starts
 KEEP = 64  # arrival times kept for packets not yet decoded (1.3 s of 20 ms packets)
 LATEST = 25  # a packet more than this many behind the newest is dropped: past any delay's use (0.5 s)
 RESTART = 100  # ... unless this many or more: the sender's numbers started again (aiortc's own rule)
 
 
 class VoiceArrivals:
-    """Stands in for aiortc's jitter buffer in an audio receiver: hands each packet to the decoder at
-    once and notes when it arrived, for the frame decoded from it (`arrival`)."""
+    """Stands in for aiortc's jitter buffer in an audio receiver: notes when each packet arrived, for
+    the frame decoded from it (`arrival`), and decodes it at once into `frames` (the track's queue),
+    given the receiver's `codecs`; without them it hands the packet to aiortc's decoder thread."""
 
-    def __init__(self, clock=time.monotonic):
+    def __init__(self, clock=time.monotonic, frames: asyncio.Queue | None = None,
+                 codecs: dict[int, RTCRtpCodecParameters] | None = None):
         self.clock = clock
+        self.frames, self.codecs = frames, codecs
+        self._decoders: dict[str, Decoder] = {}
+        self._warned = False
         self._origin: int | None = None
         self._arrived: OrderedDict[int, float] = OrderedDict()
         self._newest: int | None = None  # sequence number
@@ -61,10 +77,31 @@ class VoiceArrivals:
         if self._origin is None:
             self._origin = packet.timestamp
         # keyed as the frame's pts will be: aiortc counts timestamps from the first frame it decodes
-        self._arrived[(packet.timestamp - self._origin) % (1 << 32)] = self.clock()
+        pts = (packet.timestamp - self._origin) % (1 << 32)
+        self._arrived[pts] = self.clock()
         while len(self._arrived) > KEEP:
             self._arrived.popitem(last=False)
-        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+        if self.frames is None or self.codecs is None:
+            return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
+        self._decode(packet, pts)
+        return False, None
+
+    def _decode(self, packet, pts: int) -> None:
+        codec = self.codecs.get(packet.payload_type)
+        if codec is None:  # aiortc drops these before its buffer
+            return
+        decoder = self._decoders.get(codec.name)
+        if decoder is None:
+            decoder = self._decoders[codec.name] = get_decoder(codec)
+        try:
+            frames = decoder.decode(JitterFrame(data=packet._data, timestamp=pts))
+        except av.FFmpegError as exc:  # as aiortc's decoder thread: the packet is lost, the decoder kept
+            if not self._warned:
+                log.warning("voice packet not decoded (%s): treated as lost", exc)
+                self._warned = True
+            return
+        for frame in frames:
+            self.frames.put_nowait(frame)  # read at once by the channel's reader (read_voice)
 
     def arrival(self, pts: int | None) -> float | None:
         """When the packet of the decoded frame stamped `pts` came off the wire (None if unknown)."""
@@ -72,13 +109,19 @@ class VoiceArrivals:
 
 
 def unbuffered(receiver: RTCRtpReceiver, clock=time.monotonic) -> VoiceArrivals | None:
-    """Make audio `receiver` pass its packets on as they come (call before any arrives); returns what
-    tells when each came. None, with a warning, if this aiortc keeps its buffer elsewhere: the voice
-    then goes through aiortc's buffer, as before."""
+    """Make audio `receiver` decode its packets as they come onto its track (call before any arrives);
+    returns what tells when each came. None, with a warning, if this aiortc keeps its buffer elsewhere:
+    the voice then goes through aiortc's buffer, as before. If only its track's queue or its codecs
+    moved, packets go on at once through aiortc's decoder thread."""
     if not hasattr(receiver, _BUFFER):
         log.warning("this aiortc's receiver has no %s: the voice waits in its jitter buffer (80 ms or more)",
                     _BUFFER)
         return None
-    arrivals = VoiceArrivals(clock)
+    frames, codecs = getattr(receiver.track, "_queue", None), getattr(receiver, _CODECS, None)
+    if not isinstance(frames, asyncio.Queue) or not isinstance(codecs, dict):
+        log.warning("this aiortc's receiver keeps its track's queue or its codecs elsewhere: the voice is "
+                    "decoded on aiortc's thread")
+        frames = codecs = None
+    arrivals = VoiceArrivals(clock, frames, codecs)
     setattr(receiver, _BUFFER, arrivals)
     return arrivals
