@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from fractions import Fraction
 
@@ -18,6 +19,35 @@ from streamer.live.tracks import OpusPackets
 from streamer.live.wire import VoiceArrivals, unbuffered
 
 
+class _EncodedVoice:
+    """One voice's Opus packets, encoded once for every client of a process that sends it: from a fresh
+    encoder and in the same order each packet is the same, so a client reading them gets what its own
+    encoder would have made, for a sixth of a client's CPU (the team's CPU, 8 talkers; BENCHMARKS.md)."""
+
+    KEEP = 3000  # packets kept (60 s): clients of one run start within seconds of each other
+
+    def __init__(self, pcm: np.ndarray):
+        self.pcm = pcm
+        self.opus = OpusPackets()
+        self.packets: dict[int, bytes | None] = {}
+        self.last = -1  # the last j encoded: j comes in the same order for every reader
+
+    def packet(self, j: int) -> bytes | None:
+        if j > self.last:
+            chunk = self.pcm[j * 960 : (j + 1) * 960]
+            if chunk.size < 960:
+                chunk = np.pad(chunk, (0, 960 - chunk.size))
+            p = self.opus.encode(chunk, j * 960)
+            self.packets[j] = bytes(p) if p is not None else None
+            self.last = j
+            while next(iter(self.packets)) <= j - self.KEEP:
+                del self.packets[next(iter(self.packets))]
+        return self.packets[j]
+
+
+_VOICES: dict[tuple, _EncodedVoice] = {}  # (voice's digest, pause) -> its packets: a process's clients share them
+
+
 class VoiceSource(MediaStreamTrack):
     """48 kHz mono float voice as 20 ms Opus packets, paced in real time from `t0`; silence after the end."""
 
@@ -25,11 +55,16 @@ class VoiceSource(MediaStreamTrack):
 
     def __init__(self, voice: np.ndarray, pause: tuple[float, float] | None = None):
         super().__init__()
-        self.pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
+        pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
+        key = (hashlib.sha1(pcm.tobytes()).hexdigest(), pcm.size, pause)
+        self.encoded = _VOICES.get(key)
+        if self.encoded is None:
+            if len(_VOICES) > 8:
+                _VOICES.clear()  # voices of clients long gone
+            self.encoded = _VOICES[key] = _EncodedVoice(pcm)
         self.j = 0
         self.t0: float | None = None  # (time.monotonic) when the first packet went
         self.pause = pause  # (from s, for s): nothing sent meanwhile, as a sender that stops; time runs on
-        self.opus = OpusPackets()  # as the server's voice: not aiortc's encoder and its thread pool
 
     async def recv(self):
         if self.t0 is None:
@@ -39,11 +74,16 @@ class VoiceSource(MediaStreamTrack):
         wait = self.t0 + self.j * 0.02 - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
-        chunk = self.pcm[self.j * 960 : (self.j + 1) * 960]
-        chunk = np.pad(chunk, (0, 960 - chunk.size))
-        packet = self.opus.encode(chunk, self.j * 960)
+        j = self.j
         self.j += 1
-        return packet if packet is not None else await self.recv()
+        if j <= self.encoded.last - _EncodedVoice.KEEP:  # far behind the others: an encoder of its own,
+            self.encoded = _EncodedVoice(self.encoded.pcm)  # starting here (its packets valid, not the same bytes)
+        data = self.encoded.packet(j)
+        if data is None:
+            return await self.recv()
+        packet = av.Packet(data)
+        packet.pts, packet.time_base = j * 960, Fraction(1, 48000)
+        return packet
 
 
 class _CountingDecoder:
