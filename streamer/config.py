@@ -100,13 +100,13 @@ class ServerConfig:
 @dataclass
 class LiveConfig:
     delay_ms: int | str = _opt("auto", "voice-in to lips-out delay in ms, at least the floor: the model's lookahead "
-                                       "up to the end of the 20 ms voice packet that brings it (220 ms for Wav2Lip, "
-                                       "360 for MuseTalk at its defaults; at the floor inference has no time left); "
+                                       "and the resampler's 0.6 ms (213.1 ms for Wav2Lip, 340.6 for MuseTalk at its "
+                                       "defaults; at the floor inference has no time left); "
                                        "the rest is the "
                                        "budget for inference. auto: that + what this machine's measured feature and "
                                        "inference times need to keep up (at most 500, unless the floor and feature "
                                        "time alone are more), set when a voice starts",
-                               min=220, max=3000, auto=True)
+                               min=214, max=3000, auto=True)
     max_batch: int = _opt(8, "most frames in one inference call, across all sessions", min=1, max=256)
     fade_frames: int = _opt(2, "frames over which the mouth fades into and out of speech", min=0, max=12)
 

@@ -14,7 +14,8 @@ from streamer.audio.mel import LOOKAHEAD_S
 from streamer.audio.resample import StreamResampler
 from streamer.avatar.cache import demo_avatar
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.channel import CHUNK, FPS, MIN_DELAY_S, SAMPLES_PER_FRAME, VOICE_RATE, Channel, packet_floor
+from streamer.live.channel import (CHUNK, FPS, MIN_DELAY_S, SAMPLES_PER_FRAME, VOICE_RATE, Channel, packet_floor,
+                                   voice_lead)
 from streamer.live.tracks import read_voice
 from streamer.live.worker import InferenceWorker
 from tests.conftest import speak
@@ -63,9 +64,9 @@ def test_channel_timeline_is_exact(avatar):
     assert len(d) > 100 and np.abs(d - 0.3).max() < 0.021  # within one 20 ms packet
     assert ch.late == 0 and ch.lipsync_frames > 30
 
-    # the voice comes out delayed by exactly n0 frames
+    # the voice comes out delayed by exactly n0 frames and the lead
     out = np.concatenate([chunks[i] for i in range(j)])
-    shift = ch.n0 * SAMPLES_PER_FRAME
+    shift = ch.n0 * SAMPLES_PER_FRAME + ch.lead
     m = min(out.size - shift, voice.size)
     assert np.abs(out[shift : shift + m] - voice[:m]).max() < 1e-6
 
@@ -160,7 +161,7 @@ def test_voice_with_no_viewer_stays_bounded(avatar):
         ch.push_voice(voice[k : k + CHUNK])
     assert ch.voice.buffer.size < 2 * 48000, ch.voice.buffer.size
     j = int((now[0] - ch.start) * 48000 / CHUNK)  # a viewer now gets the voice delayed as ever
-    s = j * CHUNK - ch.n0 * SAMPLES_PER_FRAME
+    s = j * CHUNK - ch.n0 * SAMPLES_PER_FRAME - ch.lead
     assert np.array_equal(ch.voice_chunk(j), voice[s : s + CHUNK])
     worker.close()
     ch.close()
@@ -241,28 +242,42 @@ def test_a_frame_that_fails_goes_out_as_the_avatars_first_frame_and_is_logged_on
 
 @pytest.mark.parametrize("packet_ms", [10, 20, 40, 60])
 def test_every_frames_audio_is_in_by_the_delay_floor(packet_ms):
-    """Voice in packets from its first sample, through the channel's resampler and Wav2Lip's windows:
-    each frame's window is out by the packet that ends `packet_floor` after the frame's start. With
-    10 or 20 ms packets that is 220 ms, not the lookahead plus a whole packet (232.5), and the latest
-    frames need all of it."""
+    """Voice in packets from its first sample, led by the channel's silence (`voice_lead`), through the
+    channel's resampler and Wav2Lip's windows: each frame's window is out by the packet that ends
+    `packet_floor` after the frame's start. With 10, 20 or 40 ms packets that is the lookahead and the
+    resampler's hold (213.125 ms), not whole packets from the frame's start (220) nor a packet more
+    (232.5), and the latest frames need all of it."""
     resampler, stream = StreamResampler(VOICE_RATE), MelFeatures().stream()
+    lead = voice_lead(LOOKAHEAD_S)  # the channel's, made for 20 ms packets
     voice = np.random.default_rng(0).standard_normal(4 * VOICE_RATE).astype(np.float32) * 0.1
     size = VOICE_RATE * packet_ms // 1000
     waits = {}
+    stream.push(resampler.push(np.zeros(lead, np.float32)))  # (no window is out with the lead alone)
     for k in range(0, voice.size, size):
         for i, _ in stream.push(resampler.push(voice[k : k + size])):
-            waits[i] = (k + size) / VOICE_RATE - i / FPS
+            waits[i] = (lead + k + size) / VOICE_RATE - i / FPS  # timeline: the lead's start is frame 0's
     assert len(waits) > 90
     floor = packet_floor(LOOKAHEAD_S, packet_ms / 1000)
     assert max(waits.values()) <= floor + 1e-9
-    if packet_ms <= 20:
-        assert floor == pytest.approx(0.22) == MIN_DELAY_S and max(waits.values()) == pytest.approx(floor)
+    if packet_ms <= 40:
+        assert lead == 630 and floor == pytest.approx(0.213125) == MIN_DELAY_S
+        assert max(waits.values()) == pytest.approx(floor)
+
+
+def test_without_the_lead_a_frames_audio_waits_for_whole_packets():
+    """What the lead is for: from the voice's first sample alone, 20 ms packets bring each window 220 ms
+    after its frame's start, 6.9 ms past the floor."""
+    resampler, stream = StreamResampler(VOICE_RATE), MelFeatures().stream()
+    voice = np.random.default_rng(0).standard_normal(2 * VOICE_RATE).astype(np.float32) * 0.1
+    waits = [(k + CHUNK) / VOICE_RATE - i / FPS for k in range(0, voice.size, CHUNK)
+             for i, _ in stream.push(resampler.push(voice[k : k + CHUNK]))]
+    assert max(waits) == pytest.approx(0.22)
 
 
 @pytest.mark.parametrize("phase", [0.0, 0.0137, 0.031])
 def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(avatar, phase):
     """The channel pins the voice to its first packet and re-phases its clock, so with the delay at the
-    floor (220 ms) each speech frame's window is cut no later than its slot, whatever the clock's phase
+    floor (213.125 ms) each speech frame's window is cut no later than its slot, whatever the clock's phase
     against the packets; the tightest has no time to spare (the floor is exact, not padded)."""
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
@@ -307,8 +322,8 @@ def test_a_packet_that_comes_after_the_next_puts_its_voice_in_its_place(avatar):
     packets[5], packets[6] = packets[6], packets[5]  # 5 comes after 6
     packets[12], packets[14] = packets[14], packets[12]  # 12 after 14 (and 13)
     asyncio.run(read_voice(_Packets(packets), ch))
-    assert ch.voice.received == voice.size
-    assert np.abs(ch.voice.buffer - voice).max() < 1e-3  # each in its place; silence stood in meanwhile
+    assert ch.voice.received == ch.lead + voice.size and ch.lead == 630
+    assert np.abs(ch.voice.buffer[ch.lead :] - voice).max() < 1e-3  # each in its place; silence stood in meanwhile
     worker.close()
     ch.close()
 
@@ -323,6 +338,6 @@ def test_a_sender_whose_timestamps_jump_back_is_pinned_afresh_not_ignored(avatar
     asyncio.run(read_voice(_Packets(first), ch))
     old = ch.voice
     asyncio.run(read_voice(_Packets(first + again), ch))
-    assert ch.voice is not old and ch.voice.received == 30 * CHUNK
+    assert ch.voice is not old and ch.voice.received == ch.lead + 30 * CHUNK
     worker.close()
     ch.close()

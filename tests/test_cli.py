@@ -44,7 +44,7 @@ def test_serve_refuses_bad_starts_with_one_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("live:\n  delay_ms: 100\n")
     proc = run_cli("serve", "--config", bad)
-    assert proc.returncode == 2 and "live.delay_ms must be at least 220" in proc.stderr
+    assert proc.returncode == 2 and "live.delay_ms must be at least 214" in proc.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

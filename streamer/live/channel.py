@@ -7,6 +7,9 @@ n0 = ceil((a0 + delay - start) * 25). The mapping never changes: a prediction no
 frame's deadline is replaced by the idle frame, late voice by silence. So lips and voice cannot
 drift apart and the delay cannot grow, however slow inference is.
 
+A voice starts with a little silence (`voice_lead`) so that every frame's audio window is complete
+exactly at the end of a packet, not up to a packet later: the least delay is then the lookahead itself.
+
 The sender's sound card is never exactly 48 kHz (±100 ppm is common: 60 ms in 10 minutes). When the
 voice keeps arriving more than RESYNC_S off its pinned timeline, the pin moves by one whole frame
 (voice and video together, so sync is kept) during silence, where repeating or skipping 40 ms of
@@ -53,20 +56,34 @@ HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to
 RESAMPLER_HOLD_S = StreamResampler(VOICE_RATE).hold / VOICE_RATE  # what the 48 -> 16 kHz filter waits for: 0.625 ms
 
 
+def _packets_divide_frames(packet_s: float) -> bool:
+    return abs(1 / FPS / packet_s - round(1 / FPS / packet_s)) < 1e-9
+
+
+def voice_lead(lookahead_s: float, packet_s: float = PACKET_S) -> int:
+    """Samples of silence a voice starts with so that, frames starting on packet boundaries, each
+    frame's audio (`lookahead_s` past its start, and the resampler's hold) is complete exactly at the
+    end of a packet: 630 for Wav2Lip (213.125 ms = 10 packets and 13.125 ms), 30 for MuseTalk. 0 when
+    packets do not divide a frame. The lead for 20 ms packets suits 10 and 40 ms ones as well."""
+    if not _packets_divide_frames(packet_s):
+        return 0
+    return round((lookahead_s + RESAMPLER_HOLD_S) * VOICE_RATE) % round(packet_s * VOICE_RATE)
+
+
 def packet_floor(lookahead_s: float, packet_s: float = PACKET_S) -> float:
     """The least delay at which every frame's audio has arrived and passed the resampler: `lookahead_s`
-    past the frame's start (and the resampler's hold), up to the end of the packet that brings it. The
-    voice's timeline is pinned to a packet's start, so when packets divide a frame (20 ms in 40) each
-    frame starts on a packet boundary and the wait is that rounded up to whole packets (Wav2Lip: 212.5
-    -> 220 ms); otherwise a whole packet more. It only says the audio is in: inference needs time on
-    top (the auto delay adds it)."""
+    past the frame's start, and the resampler's hold. The voice's timeline is pinned to a packet's
+    start, led by `voice_lead`, so when packets divide a frame (20 ms in 40) each frame's audio is in
+    with the packet that ends just then (Wav2Lip: 213.1 ms, not the 220 of whole packets from the
+    frame's start); otherwise up to a whole packet more. It only says the audio is in: inference
+    needs time on top (the auto delay adds it)."""
     need = lookahead_s + RESAMPLER_HOLD_S
-    if abs(1 / FPS / packet_s - round(1 / FPS / packet_s)) < 1e-9:
-        return math.ceil(need / packet_s - 1e-9) * packet_s
+    if _packets_divide_frames(packet_s):
+        return need
     return need + packet_s
 
 
-MIN_DELAY_S = packet_floor(LOOKAHEAD_S)  # Wav2Lip's, with 20 ms packets: 220 ms
+MIN_DELAY_S = packet_floor(LOOKAHEAD_S)  # Wav2Lip's, with 20 ms packets: 213.125 ms
 
 
 def cut_lookahead(vad: VoiceActivity, fade: int, lookahead_s: float = LOOKAHEAD_S) -> float:
@@ -124,10 +141,12 @@ class Channel:
         """delay_s None: `auto_delay`, set anew when each voice starts."""
         self._vad_factory = vad_factory or (lambda: VoiceActivity(fps=FPS))
         self.features = worker.engine.features
-        self.min_delay_s = packet_floor(cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s))
-        if delay_s is not None and delay_s < self.min_delay_s:
-            log.warning("delay %.0f ms is below the floor (the engine's lookahead and voice activity settings, up to "
-                        "the end of a 20 ms packet): %.0f ms used", 1000 * delay_s, 1000 * self.min_delay_s)
+        lookahead = cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s)
+        self.min_delay_s = packet_floor(lookahead)
+        self.lead = voice_lead(lookahead)  # samples of silence each voice starts with
+        if delay_s is not None and delay_s < self.min_delay_s - 1e-6:
+            log.warning("delay %.1f ms is below the floor (the engine's lookahead and voice activity settings): "
+                        "%.1f ms used", 1000 * delay_s, 1000 * self.min_delay_s)
             delay_s = self.min_delay_s
         self.name = name
         self.avatar = avatar
@@ -230,6 +249,7 @@ class Channel:
             return
         arrival = self.clock() if arrival is None else arrival
         if v.n0 is None:
+            mono48 = np.concatenate([np.zeros(self.lead, np.float32), mono48])  # (as if heard just before)
             first = arrival - mono48.size / VOICE_RATE  # when its first sample was spoken, as we see it
             v.n0 = max(0, math.ceil((first + self.delay_s - self.start) * FPS))
             # Re-phase the clock once, by under a frame, so the delay is exactly delay_s, not up to a
@@ -292,11 +312,11 @@ class Channel:
                 v.buffer[lo - v.buffer0 : hi - v.buffer0] = mono48[lo - start : hi - start]
 
     def output_sample(self) -> int | None:
-        """The voice sample (counted from the voice's first) going out to the viewers now."""
+        """The voice sample (counted from the voice's first, its lead not counted) going out to the viewers now."""
         v = self.voice
         if v is None or v.n0 is None:
             return None
-        return int((self.clock() - self.start) * VOICE_RATE) - v.n0 * SAMPLES_PER_FRAME
+        return int((self.clock() - self.start) * VOICE_RATE) - v.n0 * SAMPLES_PER_FRAME - self.lead
 
     def interrupt(self) -> None:
         """Barge-in: what the voice brought and the viewers have not yet seen or heard is dropped now,
