@@ -14,8 +14,16 @@ from streamer.audio.mel import LOOKAHEAD_S
 from streamer.audio.resample import StreamResampler
 from streamer.avatar.cache import demo_avatar
 from streamer.lipsync.builtin import BuiltinEngine
-from streamer.live.channel import (CHUNK, FPS, MIN_DELAY_S, SAMPLES_PER_FRAME, VOICE_RATE, Channel, packet_floor,
-                                   voice_lead)
+from streamer.live.channel import (
+    CHUNK,
+    FPS,
+    MIN_DELAY_S,
+    SAMPLES_PER_FRAME,
+    VOICE_RATE,
+    Channel,
+    packet_floor,
+    voice_lead,
+)
 from streamer.live.tracks import read_voice
 from streamer.live.worker import InferenceWorker
 from tests.conftest import speak

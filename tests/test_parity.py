@@ -1,5 +1,6 @@
 """Live and offline are one pipeline: the same voice gives the same frames through a live channel as
-through `render`, fade into speech included; and both play an avatar at its own speed (a 30 fps
+through `render` (a live voice starts with the channel's short lead of silence, `voice_lead`), fade
+into speech included; and both play an avatar at its own speed (a 30 fps
 avatar is not slowed to 25 fps)."""
 
 import cv2
@@ -18,7 +19,7 @@ from tests.test_channel import simulated_channel
 
 
 def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True, engine=None, delay_s: float = 0.3):
-    """Frames 0..steps-1 of a channel fed `voice48` in 20 ms packets on a simulated clock; and n0."""
+    """Frames 0..steps-1 of a channel fed `voice48` in 20 ms packets on a simulated clock; n0; the lead."""
     now, worker, ch = simulated_channel(avatar, voice=speaking, engine=engine, delay_s=delay_s)
     frames, n = {}, 0
     for k in range(0, voice48.size + 48000, CHUNK):
@@ -34,7 +35,7 @@ def live_frames(avatar, voice48: np.ndarray, steps: int, speaking: bool = True, 
     n0 = ch.n0
     worker.close()
     ch.close()
-    return frames, n0
+    return frames, n0, ch.lead
 
 
 @pytest.mark.parametrize("kind", ["builtin", "musetalk"])
@@ -50,12 +51,14 @@ def test_live_frames_equal_rendered_frames_for_the_same_voice(kind, tmp_path, re
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 480, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(48000, np.float32), speech, np.zeros(48000, np.float32)])
-    audio16 = resample(voice, 48000)
+    # MuseTalk: its 340 ms lookahead and room for its real call time on the simulated clock
+    steps = round(voice.size / 48000 * FPS) + 21
+    live, n0, lead = live_frames(avatar, voice, steps, engine=engine, delay_s=0.3 if kind == "builtin" else 0.8)
+    assert lead == (630 if kind == "builtin" else 30)
+    audio16 = resample(np.concatenate([np.zeros(lead, np.float32), voice]), 48000)  # as the channel hears it
     count = round(audio16.size / 16000 * FPS)
     windows, strength = plan(audio16, count, VoiceActivity(fps=FPS), features=engine.features)
     offline = list(render_frames(avatar, windows, strength, engine))
-    # MuseTalk: its 340 ms lookahead and room for its real call time on the simulated clock
-    live, n0 = live_frames(avatar, voice, count + 20, engine=engine, delay_s=0.3 if kind == "builtin" else 0.8)
     idle = offline[0]
     compared = [i for i in range(count - 10) if i + n0 in live]
     assert len(compared) > count - 20
@@ -91,6 +94,6 @@ def test_a_30_fps_avatar_plays_at_its_own_speed_live_and_offline(avatar30):
     assert avatar30.fps == 30 and avatar30.frames == 60
     want = [ping_pong(int(n * 30 / 25 + 1e-6), 60) for n in range(120)]  # 4.8 s: forward, then back
     offline = [index_of(f) for _, _, f in avatar_frames(avatar30, 120)]
-    live, _ = live_frames(avatar30, np.zeros(48000 * 5, np.float32), 120, speaking=False)
+    live, _, _ = live_frames(avatar30, np.zeros(48000 * 5, np.float32), 120, speaking=False)
     assert offline == want
     assert [index_of(live[n]) for n in range(120)] == want

@@ -113,3 +113,15 @@ def test_a_packet_the_decoder_refuses_is_lost_and_the_next_still_decodes(caplog)
     assert [f.pts for f in [receiver.track._queue.get_nowait()]] == [960]
     assert receiver.track._queue.empty()
     assert "voice packet not decoded" in caplog.text
+
+
+def test_frames_nobody_reads_stay_bounded():
+    """A sender that says BYE (aiortc ends the track) and sends on: what it sends is not kept without end."""
+    receiver = audio_receiver()
+    arrivals = unbuffered(receiver)
+    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
+                                                                 channels=2, payloadType=111)
+    silence = bytes(OpusPackets().encode(np.zeros(960, np.int16), 0))
+    for k in range(10 * KEEP):
+        arrivals.add(packet(k, 960 * k, silence))
+    assert receiver.track._queue.qsize() == KEEP and len(arrivals._arrived) == KEEP

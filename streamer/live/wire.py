@@ -90,6 +90,8 @@ class VoiceArrivals:
         codec = self.codecs.get(packet.payload_type)
         if codec is None:  # aiortc drops these before its buffer
             return
+        if self.frames.qsize() >= KEEP:  # nobody reads them (the track ended: an RTCP BYE, then more RTP)
+            return
         decoder = self._decoders.get(codec.name)
         if decoder is None:
             decoder = self._decoders[codec.name] = get_decoder(codec)
