@@ -230,27 +230,30 @@ def can_share(pc: RTCPeerConnection, sender: RTCRtpSender) -> bool:
 
 class VoicePackets:
     """The channel's outgoing voice as Opus packets, encoded once for all its viewers. Opus packets
-    stand alone (no keyframes): a viewer behind or ahead takes the packets of its own slots."""
+    stand alone (no keyframes): a viewer behind or ahead takes the packets of its own slots. The test
+    clients share their voice's packets the same way (`client.VoiceSource`)."""
 
     KEEP = 50  # packets kept (1 s): a slower viewer's slots
 
-    def __init__(self, channel: Channel):
+    def __init__(self, channel: Channel, keep: int = KEEP):
+        """channel: anything whose `voice_chunk(j)` gives slot j's 20 ms of float voice."""
         self.channel = channel
+        self.keep = keep
         self._opus = OpusPackets()
-        self._packets: dict[int, bytes | None] = {}
-        self._last: int | None = None
+        self._packets: dict[int, bytes | None] = {}  # slot -> packet, slots in the order encoded
+        self.last: int | None = None  # the last slot encoded
 
     def packet(self, j: int) -> av.Packet | None:
         """Slot `j`'s packet (20 ms of voice), None where the encoder has none."""
         if j not in self._packets:
-            if self._last is not None and j < self._last:
+            if self.last is not None and j < self.last:
                 return None  # older than anything encoded for the others: skipped, as a late slot is
             pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)
             p = self._opus.encode(pcm, j * CHUNK)
             self._packets[j] = bytes(p) if p is not None else None
-            self._last = j
-            for k in [k for k in self._packets if k <= j - self.KEEP]:
-                del self._packets[k]
+            self.last = j
+            while next(iter(self._packets)) <= j - self.keep:
+                del self._packets[next(iter(self._packets))]
         data = self._packets[j]
         if data is None:
             return None

@@ -15,53 +15,42 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCRtp
 from aiortc.mediastreams import MediaStreamError
 from aiortc.rtp import is_rtcp
 
-from streamer.live.tracks import OpusPackets
+from streamer.live.broadcast import VoicePackets
 from streamer.live.wire import VoiceArrivals, unbuffered
 
 
-class _EncodedVoice:
-    """One voice's Opus packets, encoded once for every client of a process that sends it: from a fresh
-    encoder and in the same order each packet is the same, so a client reading them gets what its own
-    encoder would have made, for a sixth of a client's CPU (the team's CPU, 8 talkers; BENCHMARKS.md)."""
+class _Voice:
+    """A client's voice as `VoicePackets` reads a channel's: slot j's 20 ms, silence after its end."""
 
-    KEEP = 3000  # packets kept (60 s): clients of one run start within seconds of each other
+    def __init__(self, voice: np.ndarray):
+        self.voice = voice
 
-    def __init__(self, pcm: np.ndarray):
-        self.pcm = pcm
-        self.opus = OpusPackets()
-        self.packets: dict[int, bytes | None] = {}
-        self.last = -1  # the last j encoded: j comes in the same order for every reader
-
-    def packet(self, j: int) -> bytes | None:
-        if j > self.last:
-            chunk = self.pcm[j * 960 : (j + 1) * 960]
-            if chunk.size < 960:
-                chunk = np.pad(chunk, (0, 960 - chunk.size))
-            p = self.opus.encode(chunk, j * 960)
-            self.packets[j] = bytes(p) if p is not None else None
-            self.last = j
-            while next(iter(self.packets)) <= j - self.KEEP:
-                del self.packets[next(iter(self.packets))]
-        return self.packets[j]
+    def voice_chunk(self, j: int) -> np.ndarray:
+        chunk = self.voice[j * 960 : (j + 1) * 960]
+        return chunk if chunk.size == 960 else np.pad(chunk, (0, 960 - chunk.size))
 
 
-_VOICES: dict[tuple, _EncodedVoice] = {}  # (voice's digest, pause) -> its packets: a process's clients share them
+KEEP_SENT = 3000  # packets of a voice kept (60 s) for its other clients: those of one run start within seconds
+_VOICES: dict[tuple, VoicePackets] = {}  # (voice's digest, pause) -> its packets: a process's clients share them
 
 
 class VoiceSource(MediaStreamTrack):
-    """48 kHz mono float voice as 20 ms Opus packets, paced in real time from `t0`; silence after the end."""
+    """48 kHz mono float voice as 20 ms Opus packets, paced in real time from `t0`; silence after the end.
+    The clients of a process that send one voice share its packets: from a fresh encoder and in the
+    same order each packet is the same, so each client sends what its own encoder would have made,
+    for a sixth of a client's CPU (the team's CPU, 8 talkers; BENCHMARKS.md)."""
 
     kind = "audio"
 
     def __init__(self, voice: np.ndarray, pause: tuple[float, float] | None = None):
         super().__init__()
-        pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
-        key = (hashlib.sha1(pcm.tobytes()).hexdigest(), pcm.size, pause)
+        voice = np.asarray(voice, np.float32)
+        key = (hashlib.sha1(voice.tobytes()).hexdigest(), voice.size, pause)
         self.encoded = _VOICES.get(key)
         if self.encoded is None:
             if len(_VOICES) > 8:
                 _VOICES.clear()  # voices of clients long gone
-            self.encoded = _VOICES[key] = _EncodedVoice(pcm)
+            self.encoded = _VOICES[key] = VoicePackets(_Voice(voice), keep=KEEP_SENT)
         self.j = 0
         self.t0: float | None = None  # (time.monotonic) when the first packet went
         self.pause = pause  # (from s, for s): nothing sent meanwhile, as a sender that stops; time runs on
@@ -76,14 +65,10 @@ class VoiceSource(MediaStreamTrack):
             await asyncio.sleep(wait)
         j = self.j
         self.j += 1
-        if j <= self.encoded.last - _EncodedVoice.KEEP:  # far behind the others: an encoder of its own,
-            self.encoded = _EncodedVoice(self.encoded.pcm)  # starting here (its packets valid, not the same bytes)
-        data = self.encoded.packet(j)
-        if data is None:
-            return await self.recv()
-        packet = av.Packet(data)
-        packet.pts, packet.time_base = j * 960, Fraction(1, 48000)
-        return packet
+        if self.encoded.last is not None and j <= self.encoded.last - KEEP_SENT:  # far behind the others: an
+            self.encoded = VoicePackets(self.encoded.channel, keep=KEEP_SENT)  # encoder of its own from here
+        packet = self.encoded.packet(j)
+        return packet if packet is not None else await self.recv()
 
 
 class _CountingDecoder:
