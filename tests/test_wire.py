@@ -56,9 +56,12 @@ def test_what_the_network_repeats_or_brings_too_late_is_not_decoded_but_a_restar
 
 
 def audio_receiver() -> RTCRtpReceiver:
-    """An audio receiver as aiortc's peer connection leaves it before packets come: its track made."""
+    """An audio receiver as aiortc's peer connection leaves it before packets come: its track made, and
+    Opus as payload type 111 (as its start fills the codecs in)."""
     receiver = RTCRtpReceiver("audio", SimpleNamespace(state="new"))
     receiver._track = RemoteStreamTrack("audio")
+    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
+                                                                 channels=2, payloadType=111)
     return receiver
 
 
@@ -79,8 +82,6 @@ def test_each_packet_is_decoded_onto_the_track_at_once_as_aiortcs_decoder_thread
     receiver = audio_receiver()
     now = [0.0]
     arrivals = unbuffered(receiver, clock=lambda: now[0])
-    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
-                                                                 channels=2, payloadType=111)
     t = np.arange(960 * 8) / 48000
     pcm = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
     opus = OpusPackets()
@@ -104,8 +105,6 @@ def test_each_packet_is_decoded_onto_the_track_at_once_as_aiortcs_decoder_thread
 def test_a_packet_the_decoder_refuses_is_lost_and_the_next_still_decodes(caplog):
     receiver = audio_receiver()
     arrivals = unbuffered(receiver)
-    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
-                                                                 channels=2, payloadType=111)
     pcm = np.zeros(960, np.int16)
     good = bytes(OpusPackets().encode(pcm, 0))
     assert arrivals.add(packet(1, 0, b"\xff" * 3)) == (False, None)  # not Opus: an error, no frame
@@ -119,8 +118,6 @@ def test_frames_nobody_reads_stay_bounded():
     """A sender that says BYE (aiortc ends the track) and sends on: what it sends is not kept without end."""
     receiver = audio_receiver()
     arrivals = unbuffered(receiver)
-    receiver._RTCRtpReceiver__codecs[111] = RTCRtpCodecParameters(mimeType="audio/opus", clockRate=48000,
-                                                                 channels=2, payloadType=111)
     silence = bytes(OpusPackets().encode(np.zeros(960, np.int16), 0))
     for k in range(10 * KEEP):
         arrivals.add(packet(k, 960 * k, silence))
