@@ -282,21 +282,27 @@ def test_without_the_lead_a_frames_audio_waits_for_whole_packets():
     assert max(waits) == pytest.approx(0.22)
 
 
-@pytest.mark.parametrize("phase", [0.0, 0.0137, 0.031])
-def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(avatar, phase):
+@pytest.mark.parametrize("phase, packet", [(0.0, CHUNK), (0.0137, CHUNK), (0.031, CHUNK), (0.0137, CHUNK // 2),
+                                           (0.0137, 2 * CHUNK)])
+def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(avatar, phase, packet):
     """The channel pins the voice to its first packet and re-phases its clock, so with the delay at the
     floor (213.125 ms) each speech frame's window is cut no later than its slot, whatever the clock's phase
-    against the packets; the tightest has no time to spare (the floor is exact, not padded)."""
+    against the packets, with 10, 20 or 40 ms packets; the tightest has no time to spare (the floor is
+    exact, not padded). The front end runs once a frame, not per packet, and that costs no time."""
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(48000, np.float32)])
     now, worker, ch = simulated_channel(avatar, delay_s=MIN_DELAY_S)
     slack = {}
-    for k in range(0, voice.size, CHUNK):
-        now[0] = 100.0 + phase + (k + CHUNK) / 48000  # each packet arrives as its last sample is spoken
-        ch.push_voice(voice[k : k + CHUNK])
+    runs = 0  # packets after which the front end had nothing left waiting: it ran
+    for k in range(0, voice.size, packet):
+        now[0] = 100.0 + phase + (k + packet) / 48000  # each packet arrives as its last sample is spoken
+        ch.push_voice(voice[k : k + packet])
         slack.update({step: want[3] for step, want in ch._expected.items() if step not in slack})
         assert worker.drain()
+        assert ch.voice.pending_size < SAMPLES_PER_FRAME
+        runs += ch.voice.pending_size == 0
+    assert runs == pytest.approx(voice.size / max(packet, SAMPLES_PER_FRAME), abs=1)
     worker.close()
     ch.close()
     assert ch.delay_s == pytest.approx(MIN_DELAY_S) and len(slack) > 30

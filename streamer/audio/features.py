@@ -8,7 +8,8 @@ Every engine says what it hears through its `features` object:
   for_clip(audio16, frames)  `offline`'s windows, indexable by frame lists (render asks in rising
                order); may make them as asked rather than hold them all
   stream()     an object with push(audio16) -> [(i, window)] and flush(), equal to `offline` for any
-               chunking of the same audio
+               chunking of the same audio; its `ready_when_pushed` is True when a push returns every
+               window its audio completes (a live channel may then push once per frame, not per packet)
 """
 
 from __future__ import annotations

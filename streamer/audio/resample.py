@@ -58,6 +58,7 @@ class StreamResampler:
         self.rate = rate
         self.up, self.down = _ratio(rate, target)
         self._h, self._half = _filter(self.up, self.down) if self.up != self.down else (None, 0)
+        self._reversed = None if self._h is None else self._h[::-1].copy()
         self._x = np.zeros(0, np.float64)  # input from absolute index _x0 on
         self._x0 = 0
         self._n = 0
@@ -130,4 +131,6 @@ class StreamResampler:
         a, b = max(lo, self._x0), min(hi, self._n)
         if b > a:
             seg[a - lo : b - lo] = self._x[a - self._x0 : b - self._x0]
-        return np.lib.stride_tricks.sliding_window_view(seg, taps)[::down] @ h[::-1]
+        step = seg.strides[0]
+        windows = np.lib.stride_tricks.as_strided(seg, (count, taps), (down * step, step), writeable=False)
+        return windows @ self._reversed

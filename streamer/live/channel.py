@@ -119,6 +119,10 @@ class VoiceIn:
         self.resampler = StreamResampler(VOICE_RATE)
         self.features = features.stream()  # the engine's audio windows
         self.vad = vad
+        # packets not yet through the front end: it runs once a frame's audio is complete, not per packet
+        self.pending: list[np.ndarray] = []
+        self.pending_size = 0
+        self.per_frame = getattr(self.features, "ready_when_pushed", False)
         self.level = 0.0  # mouth strength of the last frame cut
         self.windows: dict[int, np.ndarray] = {}
         self.speech: dict[int, bool] = {}  # decisions from frame next_i - fade on
@@ -144,6 +148,8 @@ class Channel:
         lookahead = cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s)
         self.min_delay_s = packet_floor(lookahead)
         self.lead = voice_lead(lookahead)  # samples of silence each voice starts with
+        # voice (lead included) needed past a frame's start before it can be cut
+        self._need = math.ceil((lookahead + RESAMPLER_HOLD_S) * VOICE_RATE - 1e-6)
         if delay_s is not None and delay_s < self.min_delay_s - 1e-6:
             log.warning("delay %.1f ms is below the floor (the engine's lookahead and voice activity settings): "
                         "%.1f ms used", 1000 * delay_s, 1000 * self.min_delay_s)
@@ -272,13 +278,33 @@ class Channel:
             if sent > v.buffer0:
                 cut = min(sent - v.buffer0, v.buffer.size)
                 v.buffer, v.buffer0 = v.buffer[cut:], v.buffer0 + cut
+        v.pending.append(mono48)
+        v.pending_size += mono48.size
+        # The front end (resampling, features, voice activity) costs per call more than per sample: it runs
+        # when the next frame can be cut, or a frame's worth has come, so once per frame with 20 ms packets
+        # (the lead puts every window's end on a packet's end). Features made off the loop (MuseTalk's
+        # whisper) come back on a later push: those go through with every packet.
+        if not v.per_frame or v.received >= v.next_i * SAMPLES_PER_FRAME + self._need \
+                or v.pending_size >= SAMPLES_PER_FRAME:
+            self._analyse(v)
+        self._resync(v)
+        self._widen(v)
+        self._cut(v)
+
+    def _analyse(self, v: VoiceIn) -> None:
+        """The packets waiting for the front end through it: windows and speech decisions."""
+        if not v.pending:
+            return
+        mono48 = v.pending[0] if len(v.pending) == 1 else np.concatenate(v.pending)
+        v.pending.clear()
+        v.pending_size = 0
         audio16 = v.resampler.push(mono48)
         for i, w in v.features.push(audio16):
             v.windows[i] = w
         for i, speech in v.vad.push(audio16):
             v.speech[i] = speech
-        self._resync(v)
-        self._widen(v)
+
+    def _cut(self, v: VoiceIn) -> None:
         # a frame is cut once its audio window and the speech decisions `fade` frames ahead are in (the
         # fade into speech starts before it, as offline)
         fade = self.fade
@@ -325,6 +351,8 @@ class Channel:
         v = self.voice
         if v is None or v.n0 is None:
             return
+        self._analyse(v)  # what was heard before the interrupt counts as heard, then is forgotten
+        self._cut(v)
         now = self.clock() - self.start
         with self._lock:
             cut = (int(now * VOICE_RATE / CHUNK) + 1) * CHUNK - v.n0 * SAMPLES_PER_FRAME  # next chunk's first sample
