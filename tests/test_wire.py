@@ -122,3 +122,42 @@ def test_frames_nobody_reads_stay_bounded():
     for k in range(10 * KEEP):
         arrivals.add(packet(k, 960 * k, silence))
     assert receiver.track._queue.qsize() == KEEP and len(arrivals._arrived) == KEEP
+
+
+def test_silence_goes_out_as_the_encoders_settled_silence_packet_and_decodes_as_well(monkeypatch):
+    """An avatar listening sends digital silence: after SETTLE silent chunks coded, the encoder's own
+    3-byte silence packet is reused rather than coding each again. Decoded, the voice is as close to
+    its source as when every chunk is coded, the silences are silent, and speech after them is whole."""
+    import av
+    from scipy import signal
+
+    from streamer.live import tracks
+    from tests.conftest import speak
+
+    x, rate = speak("One two three, lips and voice together.")
+    speech = signal.resample_poly(x, 480, rate // 100)
+    voice = np.concatenate([np.zeros(48000), speech, np.zeros(30000), speech, np.zeros(20000)])
+    pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
+    chunks = [pcm[k : k + 960] for k in range(0, pcm.size - 959, 960)]
+
+    def sent(settle):
+        monkeypatch.setattr(tracks, "SETTLE", settle)
+        opus, decoder = OpusPackets(), av.CodecContext.create("libopus", "r")
+        packets = [bytes(opus.encode(c, j * 960)) for j, c in enumerate(chunks)]
+        heard = np.concatenate([f.to_ndarray().reshape(-1, 2)[:, 0] for p in packets
+                                for f in decoder.decode(av.Packet(p))]).astype(np.float64)
+        return packets, heard, opus.reused
+
+    coded, heard_coded, none = sent(10**9)
+    packets, heard, reused = sent(5)
+    silent = [j for j, c in enumerate(chunks) if not c.any()]
+    assert none == 0 and reused >= 0.7 * len(silent) > 80
+    assert {len(packets[j]) for j in range(10, 50)} == {3}  # in the first second, from the 3rd chunk on
+    source, lag = pcm.astype(np.float64), 312  # Opus's pre-skip
+
+    def snr(y):
+        n = min(source.size, y.size - lag)
+        return 10 * np.log10((source[:n] ** 2).sum() / ((y[lag : lag + n] - source[:n]) ** 2).sum())
+
+    assert abs(snr(heard) - snr(heard_coded)) < 0.5 and snr(heard) > 10
+    assert not heard[lag + 10 * 960 : lag + 45 * 960].any()  # the first second's silence is silent

@@ -85,6 +85,9 @@ class AvatarVideoTrack(MediaStreamTrack):
         return frame
 
 
+SETTLE = 5  # silent chunks the Opus encoder codes itself before its silence packet is reused
+
+
 class OpusPackets:
     """20 ms chunks of 48 kHz mono int16 in, one Opus packet each out, for a track to hand to aiortc
     (which sends a packet as it is). aiortc's own encoder first pushes every chunk through an FFmpeg
@@ -101,15 +104,31 @@ class OpusPackets:
         # (WebRTC itself uses 9 on desktops, 5 on phones); it matters at low bitrates, not at 96 kb/s
         self.codec.options = {"application": "voip", "compression_level": "6"}
         self.codec.thread_count = 1
+        self.quiet = 0  # silent chunks in a row
+        self.reused = 0  # silent chunks sent as the settled encoder's silence packet, not encoded
+        self._silence: bytes | None = None
 
     def encode(self, pcm: np.ndarray, pts: int) -> av.Packet | None:
-        """One chunk of CHUNK samples, sent at `pts` (in samples): its packet."""
-        frame = av.AudioFrame.from_ndarray(np.repeat(pcm, 2)[None], format="s16", layout="stereo")
-        frame.sample_rate, frame.pts, frame.time_base = VOICE_RATE, pts, Fraction(1, VOICE_RATE)
-        packets = self.codec.encode(frame)
-        if not packets:
-            return None
-        packet = packets[0]
+        """One chunk of CHUNK samples, sent at `pts` (in samples): its packet.
+
+        Digital silence (an avatar listening, a voice not yet in) costs the encoder as much as speech.
+        Once it has coded SETTLE silent chunks in a row, its packet for the last (3 bytes: "silence" to
+        the decoder) stands for every further one, so decoders hear what they would have; the encoder
+        takes up again from silence when the voice comes back."""
+        silent = not pcm.any()
+        self.quiet = self.quiet + 1 if silent else 0
+        if silent and self._silence is not None and self.quiet > SETTLE:
+            self.reused += 1
+            packet = av.Packet(self._silence)
+        else:
+            frame = av.AudioFrame.from_ndarray(np.repeat(pcm, 2)[None], format="s16", layout="stereo")
+            frame.sample_rate, frame.pts, frame.time_base = VOICE_RATE, pts, Fraction(1, VOICE_RATE)
+            packets = self.codec.encode(frame)
+            if not packets:
+                return None
+            packet = packets[0]
+            if self.quiet == SETTLE:
+                self._silence = bytes(packet)
         packet.pts, packet.time_base = pts, Fraction(1, VOICE_RATE)
         return packet
 
