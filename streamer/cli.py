@@ -244,6 +244,10 @@ def _serve(args) -> int:
     elif remote is None:
         _use_avatar(engine, avatar, not args.quiet)
     log.info("engine: %s; avatar: %s (%d frames, %dx%d)", engine.name, avatar.name, avatar.frames, *avatar.size)
+    if remote is None:  # one process serving (as a media worker, above): OpenCV's calls are per frame, on the
+        import cv2  # event loop, too small to share; a second thread made 4 talkers cost 21% of a core each, not 18%
+
+        cv2.setNumThreads(1)
     host, port = cfg.server.host, cfg.server.port
 
     async def run() -> None:
