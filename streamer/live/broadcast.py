@@ -248,7 +248,9 @@ class VoicePackets:
         if j not in self._packets:
             if self.last is not None and j < self.last:
                 return None  # older than anything encoded for the others: skipped, as a late slot is
-            pcm = np.round(np.clip(self.channel.voice_chunk(j), -1, 1) * 32767).astype(np.int16)
+            # round(clip(x, -1, 1) * 32767), in place: the same values at a third of the numpy calls' cost
+            pcm = self.channel.voice_chunk(j) * np.float32(32767)
+            pcm = np.rint(np.minimum(np.maximum(pcm, -32767, out=pcm), 32767, out=pcm), out=pcm).astype(np.int16)
             p = self._opus.encode(pcm, j * CHUNK)
             self._packets[j] = bytes(p) if p is not None else None
             self.last = j
