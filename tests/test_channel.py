@@ -288,25 +288,58 @@ def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(
     """The channel pins the voice to its first packet and re-phases its clock, so with the delay at the
     floor (213.125 ms) each speech frame's window is cut no later than its slot, whatever the clock's phase
     against the packets, with 10, 20 or 40 ms packets; the tightest has no time to spare (the floor is
-    exact, not padded). The front end runs once a frame, not per packet, and that costs no time."""
+    exact, not padded)."""
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(48000, np.float32)])
     now, worker, ch = simulated_channel(avatar, delay_s=MIN_DELAY_S)
     slack = {}
-    runs = 0  # packets after which the front end had nothing left waiting: it ran
     for k in range(0, voice.size, packet):
         now[0] = 100.0 + phase + (k + packet) / 48000  # each packet arrives as its last sample is spoken
         ch.push_voice(voice[k : k + packet])
         slack.update({step: want[3] for step, want in ch._expected.items() if step not in slack})
         assert worker.drain()
-        assert ch.voice.pending_size < SAMPLES_PER_FRAME
-        runs += ch.voice.pending_size == 0
-    assert runs == pytest.approx(voice.size / max(packet, SAMPLES_PER_FRAME), abs=1)
     worker.close()
     ch.close()
     assert ch.delay_s == pytest.approx(MIN_DELAY_S) and len(slack) > 30
     assert -1e-9 <= min(slack.values()) < 0.001
+
+
+@pytest.mark.parametrize("packet, preroll_ms, fade", [(CHUNK // 2, 40, 2), (CHUNK, 40, 2), (2 * CHUNK, 40, 2),
+                                                      (CHUNK, 100, 2), (CHUNK // 2, 300, 0)])
+def test_the_front_end_once_a_frame_cuts_every_frame_on_the_packet_it_did_per_packet(avatar, packet, preroll_ms,
+                                                                                      fade):
+    """Running the front end only when the next frame can be cut (or a frame's worth waits) loses no time:
+    each frame is cut on the very packet that completed its window and speech decisions before."""
+    from streamer.audio import VoiceActivity
+
+    x, rate = speak("One two three.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(12000, np.float32), speech, np.zeros(24000, np.float32)])
+
+    def cut_on(per_frame):
+        now = [100.0]
+        worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+        ch = Channel("c", avatar, worker, delay_s=0.4, fade=fade, clock=lambda: now[0],
+                     vad_factory=lambda: VoiceActivity(fps=FPS, preroll_ms=preroll_ms))
+        ch.viewers = 1
+        ch.attach_voice("s")
+        ch.voice.per_frame = per_frame
+        cut, runs = {}, 0
+        for k in range(0, voice.size, packet):
+            now[0] = 100.0 + (k + packet) / 48000
+            before = ch.voice.next_i
+            ch.push_voice(voice[k : k + packet])
+            cut.update({i: k for i in range(before, ch.voice.next_i)})
+            runs += ch.voice.pending_size == 0
+            worker.drain()
+        worker.close()
+        ch.close()
+        return cut, runs
+
+    (per_packet, every), (per_frame, fewer) = cut_on(False), cut_on(True)
+    assert per_frame == per_packet and len(per_frame) > 40
+    assert fewer <= 0.6 * every if packet < SAMPLES_PER_FRAME else fewer >= every - 1  # (a short last packet)
 
 
 class _Packets(MediaStreamTrack):

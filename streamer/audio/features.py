@@ -8,8 +8,9 @@ Every engine says what it hears through its `features` object:
   for_clip(audio16, frames)  `offline`'s windows, indexable by frame lists (render asks in rising
                order); may make them as asked rather than hold them all
   stream()     an object with push(audio16) -> [(i, window)] and flush(), equal to `offline` for any
-               chunking of the same audio; its `ready_when_pushed` is True when a push returns every
-               window its audio completes (a live channel may then push once per frame, not per packet)
+               chunking of the same audio; where a push returns every window its audio completes, the
+               stream may say when: `samples_for(i)`, the samples pushed when window i comes out (a live
+               channel then pushes once per frame, not per packet)
 """
 
 from __future__ import annotations

@@ -137,7 +137,6 @@ class MelStream:
 
     lookahead_s = LOOKAHEAD_S
     lookahead_samples = LOOKAHEAD_SAMPLES
-    ready_when_pushed = True  # windows come out of the push that completes them
 
     def __init__(self, fps: float = 25):
         self.fps = fps
@@ -154,6 +153,10 @@ class MelStream:
     @property
     def samples(self) -> int:
         return self._n
+
+    def samples_for(self, i: int) -> int:
+        """Samples pushed when window i comes out: its last STFT frame and that frame's half window."""
+        return HOP * (window_start(i, self.fps) + WINDOW_FRAMES - 1) + N_FFT // 2
 
     def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
         if self.closed:

@@ -70,6 +70,12 @@ class StreamResampler:
         """Input samples held back: an output sample needs this much input past its own time."""
         return self._half / self.up
 
+    def inputs_for(self, count: int) -> int:
+        """Input samples pushed when the first `count` outputs are out."""
+        if self.up == self.down or count <= 0:
+            return max(0, count)
+        return -(-((count - 1) * self.down + self._half) // self.up) + 1
+
     def push(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32).reshape(-1)
         if self.up == self.down:

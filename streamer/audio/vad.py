@@ -45,6 +45,10 @@ class VoiceActivity:
         end = round((i + 1) * RATE / self.fps)
         return start - self.hangover, end + self.preroll
 
+    def samples_for(self, i: int) -> int:
+        """Samples pushed when frame i is decided: the VAD frames up to its pre-roll's end, whole."""
+        return -(-self._bounds(i)[1] // self.frame) * self.frame
+
     def push(self, samples: np.ndarray) -> list[tuple[int, bool]]:
         """16 kHz mono float audio in; (video frame, is_speech) for frames now decided."""
         pcm = np.minimum(np.asarray(samples, np.float32), 1)  # clipped to [-1, 1] (np.clip costs twice this)

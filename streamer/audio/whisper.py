@@ -211,11 +211,6 @@ class WhisperStream:
     def samples(self) -> int:
         return self._n
 
-    @property
-    def ready_when_pushed(self) -> bool:
-        """In the background, a window comes out of a later push than the one that completes its audio."""
-        return not self.background
-
     def push(self, samples: np.ndarray) -> list[tuple[int, np.ndarray]]:
         if self.closed:
             raise RuntimeError("push after flush")

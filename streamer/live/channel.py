@@ -122,7 +122,7 @@ class VoiceIn:
         # packets not yet through the front end: it runs once a frame's audio is complete, not per packet
         self.pending: list[np.ndarray] = []
         self.pending_size = 0
-        self.per_frame = getattr(self.features, "ready_when_pushed", False)
+        self.per_frame = hasattr(self.features, "samples_for")  # (MuseTalk's whisper windows come back later)
         self.level = 0.0  # mouth strength of the last frame cut
         self.windows: dict[int, np.ndarray] = {}
         self.speech: dict[int, bool] = {}  # decisions from frame next_i - fade on
@@ -148,8 +148,6 @@ class Channel:
         lookahead = cut_lookahead(self._vad_factory(), fade, self.features.lookahead_s)
         self.min_delay_s = packet_floor(lookahead)
         self.lead = voice_lead(lookahead)  # samples of silence each voice starts with
-        # voice (lead included) needed past a frame's start before it can be cut
-        self._need = math.ceil((lookahead + RESAMPLER_HOLD_S) * VOICE_RATE - 1e-6)
         if delay_s is not None and delay_s < self.min_delay_s - 1e-6:
             log.warning("delay %.1f ms is below the floor (the engine's lookahead and voice activity settings): "
                         "%.1f ms used", 1000 * delay_s, 1000 * self.min_delay_s)
@@ -284,12 +282,17 @@ class Channel:
         # when the next frame can be cut, or a frame's worth has come, so once per frame with 20 ms packets
         # (the lead puts every window's end on a packet's end). Features made off the loop (MuseTalk's
         # whisper) come back on a later push: those go through with every packet.
-        if not v.per_frame or v.received >= v.next_i * SAMPLES_PER_FRAME + self._need \
-                or v.pending_size >= SAMPLES_PER_FRAME:
+        if not v.per_frame or v.pending_size >= SAMPLES_PER_FRAME or v.received >= self._cuttable(v):
             self._analyse(v)
         self._resync(v)
         self._widen(v)
         self._cut(v)
+
+    def _cuttable(self, v: VoiceIn) -> int:
+        """Voice received (lead included) when frame `next_i` can be cut: its window and the speech
+        decision `fade` frames ahead, through the resampler."""
+        i = v.next_i
+        return v.resampler.inputs_for(max(v.features.samples_for(i), v.vad.samples_for(i + self.fade)))
 
     def _analyse(self, v: VoiceIn) -> None:
         """The packets waiting for the front end through it: windows and speech decisions."""
