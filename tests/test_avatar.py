@@ -138,6 +138,31 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p != root) == ["clip.mp4", "empty.mp4", "noise.png", "tiny.png"]
 
 
+def test_blend_is_the_plain_formula_to_the_level():
+    """The live path's in-place blend (every speech frame) gives what its plain numpy statement gives, bit
+    for bit: colour matched by the upper face's float32 means, src + mask * strength * (pred - src),
+    rounded, and the source untouched where the mask is 0. Offsets of whole levels included."""
+    rng = np.random.default_rng(1)
+    for size, box in [(96, (40, 30, 135, 160)), (96, (10, 20, 70, 90)), (256, (20, 10, 140, 150))]:
+        frame = rng.integers(20, 236, (200, 200, 3), np.uint8)
+        x1, y1, x2, y2 = box
+        crop = cv2.resize(frame[y1:y2, x1:x2], (size, size), interpolation=cv2.INTER_AREA)
+        for k, strength in enumerate((0.25, 1.0)):
+            shifted = crop + np.uint8(7)  # a whole-level offset (the means' float32 rounding decides the level)
+            pred = rng.integers(0, 256, (size, size, 3), np.uint8) if k else shifted
+            top = slice(size // 8, size // 2)
+            offset = (crop[top].reshape(-1, 3).astype(np.float32).mean(0)
+                      - pred[top].reshape(-1, 3).astype(np.float32).mean(0))
+            matched = np.clip(pred.astype(np.float32) + offset, 0, 255).astype(np.uint8)
+            mask = cv2.resize(lower_face_mask(size), (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
+            m = (mask * strength)[..., None]
+            src = frame[y1:y2, x1:x2].astype(np.float32)
+            big = cv2.resize(matched, (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+            want = frame.copy()
+            want[y1:y2, x1:x2] = np.where(m > 0, np.clip(src + m * (big - src) + 0.5, 0, 255), src).astype(np.uint8)
+            assert np.array_equal(blend(frame, box, pred, strength=strength, crop=crop, detail=False), want)
+
+
 def test_blend_has_no_seam_and_leaves_the_rest_untouched():
     rng = np.random.default_rng(0)
     frame = cv2.GaussianBlur(rng.integers(60, 200, (300, 300, 3), np.uint8), (0, 0), 3)

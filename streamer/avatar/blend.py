@@ -36,19 +36,22 @@ def color_match(pred: np.ndarray, crop: np.ndarray) -> np.ndarray:
     # cv2.mean: the exact means (a numpy mean over the pixels' axis took ~8x as long, per live frame)
     source, predicted = cv2.mean(crop[top]), cv2.mean(pred[top])
     shifted = pred.astype(np.float32)
-    shifted += np.array([source[c] - predicted[c] for c in range(3)], np.float32)
+    shifted += np.array(source[:3], np.float32) - np.array(predicted[:3], np.float32)  # (float32 means, as before)
     return np.minimum(np.maximum(shifted, 0, out=shifted), 255, out=shifted).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=32)
 def _mask_in_box(size: int, w: int, h: int) -> tuple[np.ndarray, slice, slice] | None:
-    """`lower_face_mask` resized to a w x h box, and the rows and columns it reaches (None: none)."""
+    """`lower_face_mask` resized to a w x h box: the rows and columns it reaches, and its values there
+    (None: it reaches none). A still avatar's box keeps its size; a video's may change every frame."""
     mask = cv2.resize(lower_face_mask(size), (w, h), interpolation=cv2.INTER_LINEAR)
     rows, cols = np.flatnonzero(mask.max(axis=1) > 0), np.flatnonzero(mask.max(axis=0) > 0)
     if rows.size == 0:
         return None
-    mask.flags.writeable = False  # shared by every frame of that box size
-    return mask, slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    sy, sx = slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+    reach = mask[sy, sx].copy()
+    reach.flags.writeable = False  # shared by every frame of that box size
+    return reach, sy, sx
 
 
 DETAIL_FROM = 1.25  # box this much larger than the prediction: it lacks detail the source has
@@ -83,7 +86,7 @@ def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match
     reach = _mask_in_box(size, w, h)
     if reach is None:
         return out
-    mask, sy, sx = reach  # only where the mask reaches
+    mask, sy, sx = reach  # only where the mask reaches: `mask` is that part
     part = region[sy, sx]
     src = part.astype(np.float32)
     big = cv2.resize(pred, (w, h), interpolation=cv2.INTER_LINEAR)[sy, sx].astype(np.float32)
@@ -96,7 +99,7 @@ def blend(frame: np.ndarray, box, pred: np.ndarray, strength: float = 1.0, match
         big += (src - low) * keep[sy, sx, None]
     # src + m (big - src), rounded, in place; where m is 0 that is src exactly, so the source's pixels stay
     big -= src
-    big *= (mask[sy, sx] * np.float32(strength))[..., None]
+    big *= (mask * np.float32(strength))[..., None]
     big += src
     big += np.float32(0.5)
     part[...] = np.minimum(np.maximum(big, 0, out=big), 255, out=big).astype(np.uint8)
