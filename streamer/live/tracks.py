@@ -86,6 +86,7 @@ class AvatarVideoTrack(MediaStreamTrack):
 
 
 SETTLE = 5  # silent chunks the Opus encoder codes itself before its silence packet is reused
+SILENCE_BYTES = 3  # libopus's packet for a silent 20 ms frame: its TOC byte and a 2-byte "silence" frame
 
 
 class OpusPackets:
@@ -106,18 +107,21 @@ class OpusPackets:
         self.codec.thread_count = 1
         self.quiet = 0  # silent chunks in a row
         self.reused = 0  # silent chunks sent as the settled encoder's silence packet, not encoded
-        self._silence: bytes | None = None
+        self._silence: bytes | None = None  # the encoder's own packet for silence, once it has settled
 
     def encode(self, pcm: np.ndarray, pts: int) -> av.Packet | None:
         """One chunk of CHUNK samples, sent at `pts` (in samples): its packet.
 
         Digital silence (an avatar listening, a voice not yet in) costs the encoder as much as speech.
-        Once it has coded SETTLE silent chunks in a row, its packet for the last (3 bytes: "silence" to
-        the decoder) stands for every further one, so decoders hear what they would have; the encoder
-        takes up again from silence when the voice comes back."""
+        Once it has coded SETTLE silent chunks in a row and made a packet that says only "silence" (3
+        bytes; its first ones after speech still carry the speech's tail), that packet stands for every
+        further silent chunk, so decoders hear what they would have; the encoder takes up again from
+        silence when the voice comes back."""
         silent = not np.count_nonzero(pcm)
         self.quiet = self.quiet + 1 if silent else 0
-        if silent and self._silence is not None and self.quiet > SETTLE:
+        if not silent:
+            self._silence = None
+        if self._silence is not None:
             self.reused += 1
             packet = av.Packet(self._silence)
         else:
@@ -127,7 +131,7 @@ class OpusPackets:
             if not packets:
                 return None
             packet = packets[0]
-            if self.quiet == SETTLE:
+            if self.quiet >= SETTLE and packet.size <= SILENCE_BYTES:
                 self._silence = bytes(packet)
         packet.pts, packet.time_base = pts, Fraction(1, VOICE_RATE)
         return packet
