@@ -140,8 +140,8 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
 
 def test_blend_is_the_plain_formula_to_the_level():
     """The live path's in-place blend (every speech frame) gives what its plain numpy statement gives, bit
-    for bit: colour matched by the upper face's float32 means, src + mask * strength * (pred - src),
-    rounded, and the source untouched where the mask is 0. Offsets of whole levels included."""
+    for bit: colour shifted by the difference of the upper face's means, rounded; src + mask * strength *
+    (pred - src), rounded; the source untouched where the mask is 0. Offsets of whole levels included."""
     rng = np.random.default_rng(1)
     for size, box in [(96, (40, 30, 135, 160)), (96, (10, 20, 70, 90)), (256, (20, 10, 140, 150))]:
         frame = rng.integers(20, 236, (200, 200, 3), np.uint8)
@@ -151,9 +151,10 @@ def test_blend_is_the_plain_formula_to_the_level():
             shifted = crop + np.uint8(7)  # a whole-level offset (the means' float32 rounding decides the level)
             pred = rng.integers(0, 256, (size, size, 3), np.uint8) if k else shifted
             top = slice(size // 8, size // 2)
-            offset = (crop[top].reshape(-1, 3).astype(np.float32).mean(0)
-                      - pred[top].reshape(-1, 3).astype(np.float32).mean(0))
-            matched = np.clip(pred.astype(np.float32) + offset, 0, 255).astype(np.uint8)
+            offset = crop[top].reshape(-1, 3).mean(0) - pred[top].reshape(-1, 3).mean(0)
+            matched = np.clip(pred.astype(np.float32) + (offset + 0.5).astype(np.float32), 0, 255).astype(np.uint8)
+            if not k:
+                assert np.array_equal(matched, crop)  # a whole-level shift is undone exactly
             mask = cv2.resize(lower_face_mask(size), (x2 - x1, y2 - y1), interpolation=cv2.INTER_LINEAR)
             m = (mask * strength)[..., None]
             src = frame[y1:y2, x1:x2].astype(np.float32)

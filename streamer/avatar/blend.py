@@ -36,7 +36,8 @@ def color_match(pred: np.ndarray, crop: np.ndarray) -> np.ndarray:
     # cv2.mean: the exact means (a numpy mean over the pixels' axis took ~8x as long, per live frame)
     source, predicted = cv2.mean(crop[top]), cv2.mean(pred[top])
     shifted = pred.astype(np.float32)
-    shifted += np.array(source[:3], np.float32) - np.array(predicted[:3], np.float32)  # (float32 means, as before)
+    # rounded to the nearest level (truncating, as this did until 2026-11, took half a level off on average)
+    shifted += np.array([source[c] - predicted[c] + 0.5 for c in range(3)], np.float32)
     return np.minimum(np.maximum(shifted, 0, out=shifted), 255, out=shifted).astype(np.uint8)
 
 
