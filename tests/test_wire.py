@@ -8,7 +8,7 @@ from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.rtcrtpreceiver import RemoteStreamTrack, TimestampMapper
 from aiortc.rtp import RtpPacket
 
-from streamer.live.tracks import OpusPackets
+from streamer.live.tracks import OpusPackets, voice_samples
 from streamer.live.wire import KEEP, LATEST, RESTART, VoiceArrivals, unbuffered
 
 
@@ -161,3 +161,29 @@ def test_silence_goes_out_as_the_encoders_settled_silence_packet_and_decodes_as_
 
     assert abs(snr(heard) - snr(heard_coded)) < 0.5 and snr(heard) > 10
     assert not heard[lag + 10 * 960 : lag + 45 * 960].any()  # the first second's silence is silent
+    # reused only once the encoder says silence alone: its first packets after speech still carry the speech's tail
+    hasty, heard_hasty, _ = sent(1)
+    assert abs(snr(heard_hasty) - snr(heard_coded)) < 0.5
+    gap = 48000 + speech.size  # the silence between the two phrases, from its 6th chunk on
+    assert not heard_hasty[lag + gap + 5 * 960 : lag + gap + 30000 - 960].any()
+
+
+def test_decoded_voice_is_read_as_mono_whatever_its_layout():
+    """What aiortc's Opus decoder hands over (packed stereo s16, its buffer padded past the samples) and
+    planar or 32-bit frames another decoder might give, as mono float voice."""
+    import av
+
+    t = np.arange(960) / 48000
+    left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 660 * t)
+    pcm = np.round(np.stack([left, right], 1).reshape(-1) * 32767).astype(np.int16)
+    decoder, opus = OpusDecoder(), OpusPackets()
+    for j in range(3):  # (the encoder's first packets hold its warm-up)
+        frame = decoder.decode(JitterFrame(data=bytes(opus.encode(pcm[0::2], j * 960)), timestamp=j * 960))[0]
+    assert frame.format.name == "s16" and frame.planes[0].buffer_size > 4 * frame.samples  # padded
+    want = frame.to_ndarray().reshape(-1, 2).astype(np.float32).mean(1) / 32768
+    assert np.allclose(voice_samples(frame), want, atol=1e-6)
+    for fmt, data in [("fltp", np.stack([left, right]).astype(np.float32)),
+                      ("s16p", np.round(np.stack([left, right]) * 32767).astype(np.int16)),
+                      ("s32", np.round(np.stack([left, right], 1).reshape(1, -1) * 2**31).astype(np.int32))]:
+        f = av.AudioFrame.from_ndarray(data, format=fmt, layout="stereo")
+        assert np.allclose(voice_samples(f), (left + right) / 2, atol=1e-4), fmt

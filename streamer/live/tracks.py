@@ -137,6 +137,21 @@ class OpusPackets:
         return packet
 
 
+def voice_samples(frame: av.AudioFrame) -> np.ndarray:
+    """A decoded audio frame as mono float32 in [-1, 1]."""
+    channels = len(frame.layout.channels)
+    if frame.format.name == "s16":  # packed, as Opus decodes: straight from the buffer, which is padded past the
+        # samples (to_ndarray, stacking the planes, took five times as long per packet)
+        return to_mono_float(np.frombuffer(frame.planes[0], np.int16, count=frame.samples * channels), channels)
+    x = frame.to_ndarray()
+    if frame.format.is_planar:  # (channels, samples): interleave
+        x = x.T
+    x = x.reshape(-1)
+    if x.dtype == np.int32:
+        x = x.astype(np.float32) * np.float32(2**-31)
+    return to_mono_float(x, channels)
+
+
 MAX_GAP = 2 * VOICE_RATE  # a silence from the sender up to this long is filled; a longer one re-pins the voice
 
 
@@ -166,12 +181,7 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
                             frame.sample_rate)
                 warned = True
             continue
-        channels = len(frame.layout.channels)
-        if frame.format.name == "s16":  # packed, as Opus decodes: the samples straight from the buffer
-            pcm = np.frombuffer(frame.planes[0], np.int16, count=frame.samples * channels)
-        else:  # (to_ndarray stacks the planes: a fifth of the time again)
-            pcm = frame.to_ndarray().reshape(-1)
-        mono = to_mono_float(pcm, channels)
+        mono = voice_samples(frame)
         if frame.pts is not None:
             if expected is not None:
                 gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
