@@ -339,7 +339,11 @@ def test_the_front_end_once_a_frame_cuts_every_frame_on_the_packet_it_did_per_pa
 
     (per_packet, every), (per_frame, fewer) = cut_on(False), cut_on(True)
     assert per_frame == per_packet and len(per_frame) > 40
-    assert fewer <= 0.6 * every if packet < SAMPLES_PER_FRAME else fewer >= every - 1  # (a short last packet)
+    share = {CHUNK // 2: 0.35, CHUNK: 0.55}  # of the packets, the front end runs on about 1 in 4 and 1 in 2
+    if packet in share:
+        assert fewer <= share[packet] * every
+    else:  # a frame or more a packet: on every one (a short last packet aside)
+        assert fewer >= every - 1
 
 
 class _Packets(MediaStreamTrack):
