@@ -118,6 +118,24 @@ def test_an_engine_slower_than_25_fps_says_so_at_start(caplog):
     assert 8 <= float(rate) <= 10 and 32 <= int(share) <= 40
 
 
+def test_an_engine_too_slow_for_any_delay_in_reach_says_what_delay_would_do(caplog):
+    """A call longer than the longest auto delay leaves after the audio's lookahead: throughput is not
+    what limits, no mouth can be in time, and the user learns which delay would give them time."""
+
+    class Slow(BuiltinEngine):
+        def predict(self, mel, faces):
+            time.sleep(0.35)
+            return super().predict(mel, faces)
+
+    with caplog.at_level("WARNING"):
+        worker = InferenceWorker(Slow(), max_batch=1)
+    worker.close()
+    said = [r.getMessage() for r in caplog.records if "a call here" in r.getMessage()]
+    assert len(said) == 1 and not [r for r in caplog.records if "frames/s here" in r.getMessage()]
+    call, delay = re.search(r"takes (\d+) ms a call.* A delay of (\d+) ms", said[0]).groups()
+    assert 350 <= int(call) <= 450 and int(delay) >= 212 + 2 * int(call)
+
+
 @pytest.mark.parametrize("warm", [False, True], ids=["first-call-slow", "stall-after-warm-up"])
 def test_worker_recovers_within_a_second_of_a_2s_call(warm):
     """Before: one 2 s call set the cost estimate to 2 s, every later frame was skipped as hopeless,

@@ -126,9 +126,21 @@ class InferenceWorker:
         spent = time.perf_counter() - t0
         per = ", ".join(f"{n}: {1000 * s / n:.1f}" for n, s in self.cost.known().items())
         log.info("inference warmed up in %.1f s; ms per frame by batch size: %s", spent, per)
-        rates = [n / s for n, s in self.cost.known().items() if s > 0]
+        known = self.cost.known()
+        rates = [n / s for n, s in known.items() if s > 0]
         best = max(rates) if rates else FPS
-        if best < FPS:  # said once, at start: a slow machine is expected to show held mouths
+        from streamer.live.channel import AUTO_MAX_S  # (the channel module imports this one)
+
+        features = self.engine.features
+        ahead = features.lookahead_s + features.compute_s  # a frame's audio is in this long after its start
+        call = known[min(known)] if known else 0.0  # the least a mouth waits for, once its audio is in
+        if call > AUTO_MAX_S - ahead:  # throughput is not the limit then: no mouth can be in time
+            log.warning("%s takes %.0f ms a call here; the auto delay (at most %.0f ms) leaves a mouth %.0f ms "
+                        "once its audio is in: no speech frame will get its own mouth in time (the idle mouth "
+                        "shows). A delay of %.0f ms or more (--delay-ms, setting live.delay_ms) gives them time",
+                        self.engine.name, 1000 * call, 1000 * AUTO_MAX_S, 1000 * max(0.0, AUTO_MAX_S - ahead),
+                        1000 * (ahead + 2 * call))
+        elif best < FPS:  # said once, at start: a slow machine is expected to show held mouths
             log.warning("%s does at most %.1f frames/s here and a talker needs %d: about %.0f%% of one talker's "
                         "speech frames (less with more talkers) can get their own mouth; the others show the "
                         "last one if it is at most two frames old, else the idle mouth (counted in the page's "
