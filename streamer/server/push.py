@@ -34,6 +34,9 @@ from streamer.server.app import Server, error
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20  # bytes of audio in one message (10 s at 48 kHz); more: an error event
+# samples resampled at a time on the event loop: 3 s of 16 kHz audio at once held it ~180 ms on a slow
+# 2-core CPU, past the delay's margin (late mouths on every channel of the process); a piece ~20 ms
+FEED_PIECE = 4800
 HARD_MAX_MESSAGE = 4 << 20  # beyond this the WebSocket layer itself closes with 1009 before we see it
 START_TIMEOUT_S = 10
 MAX_SPEAK_BYTES = 50 << 20
@@ -215,8 +218,11 @@ async def _handle(msg, voice: PushedVoice, events: asyncio.Queue) -> bool:
         if len(msg.data) % 2:
             _fail(events, "audio is 16-bit PCM: a message of an odd number of bytes")
             return True
-        if msg.data:
-            voice.feed(np.frombuffer(msg.data, "<i2"))
+        pcm = np.frombuffer(msg.data, "<i2")
+        for i in range(0, pcm.size, FEED_PIECE):
+            voice.feed(pcm[i : i + FEED_PIECE])
+            if i + FEED_PIECE < pcm.size:
+                await asyncio.sleep(0)  # every channel's frames and packets go out between pieces
         return False
     if msg.type == WSMsgType.TEXT:
         cmd = _json(msg.data)
