@@ -124,9 +124,9 @@ class InferenceWorker:
             for _ in range(2):
                 self._call(mel, crops)
         spent = time.perf_counter() - t0
-        per = ", ".join(f"{n}: {1000 * s / n:.1f}" for n, s in self.cost.known().items())
-        log.info("inference warmed up in %.1f s; ms per frame by batch size: %s", spent, per)
         known = self.cost.known()
+        per = ", ".join(f"{n}: {1000 * s / n:.1f}" for n, s in known.items())
+        log.info("inference warmed up in %.1f s; ms per frame by batch size: %s", spent, per)
         rates = [n / s for n, s in known.items() if s > 0]
         best = max(rates) if rates else FPS
         from streamer.live.channel import AUTO_MAX_S  # (the channel module imports this one)

@@ -28,15 +28,12 @@ from aiohttp import WSMsgType, web
 
 from streamer.audio import to_mono_float
 from streamer.live.channel import VOICE_RATE
-from streamer.live.pushed import RATES, PushedVoice
+from streamer.live.pushed import FEED_PIECE, RATES, PushedVoice
 from streamer.server.app import Server, error
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE = 1 << 20  # bytes of audio in one message (10 s at 48 kHz); more: an error event
-# samples resampled at a time on the event loop: 3 s of 16 kHz audio at once held it ~180 ms on a slow
-# 2-core CPU, past the delay's margin (late mouths on every channel of the process); a piece ~20 ms
-FEED_PIECE = 4800
 HARD_MAX_MESSAGE = 4 << 20  # beyond this the WebSocket layer itself closes with 1009 before we see it
 START_TIMEOUT_S = 10
 MAX_SPEAK_BYTES = 50 << 20
