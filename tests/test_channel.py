@@ -50,16 +50,22 @@ def test_channel_timeline_is_exact(avatar):
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     lead = 48000  # 1 s of silence first
     voice = np.concatenate([np.zeros(lead, np.float32), speech, np.zeros(2 * 48000, np.float32)])
+    from streamer.live.tracks import I420Frames, encoder_frame
+
     now, worker, ch = simulated_channel(avatar)
     idle = next(iter(avatar.read_frames(0, count=1)))[2]
     frames, chunks = {}, {}
     n = j = 0
+    yuv = I420Frames()
     for k in range(0, voice.size, CHUNK):
         now[0] = 100.0 + (k + CHUNK) / 48000  # each packet arrives as its last sample is spoken
         ch.push_voice(voice[k : k + CHUNK])
         assert worker.drain()
         while ch.start + n / FPS <= now[0]:  # the video track's schedule
             frames[n] = ch.video_frame(n)
+            # what the encoder gets, converting only what changed: as if the whole frame were converted
+            got = yuv.frame(frames[n], *ch.made_from(n))
+            assert np.array_equal(got.to_ndarray(), encoder_frame(frames[n]).to_ndarray()), n
             n += 1
         while ch.start + j * CHUNK / 48000 <= now[0]:  # the voice track's schedule
             chunks[j] = ch.voice_chunk(j)
@@ -71,6 +77,7 @@ def test_channel_timeline_is_exact(avatar):
     d = np.array(ch.delays)
     assert len(d) > 100 and np.abs(d - 0.3).max() < 0.021  # within one 20 ms packet
     assert ch.late == 0 and ch.lipsync_frames > 30
+    assert np.array_equal(yuv._base, idle)  # the still avatar's frame, converted once
 
     # the voice comes out delayed by exactly n0 frames and the lead
     out = np.concatenate([chunks[i] for i in range(j)])

@@ -213,3 +213,44 @@ def test_the_bitrate_goes_up_only_for_frames_that_need_it(tmp_path):
             assert opened == [(0, 400_000), (7 * FPS, 300_000)]
         else:
             assert opened == [(0, 400_000), (broadcast.RAISE_S * FPS, 1_200_000)]
+
+
+def test_i420_frames_convert_what_changed_and_equal_a_whole_conversion():
+    """A still avatar's frame is converted once and a mouth only in its box (rounded out to whole
+    chroma samples): the same planes as converting the whole picture, boxes at odd places and at the
+    edges included. A video avatar (a new frame every time) and frames without an avatar frame are
+    converted whole."""
+    from streamer.live.tracks import I420Frames
+
+    rng = np.random.default_rng(3)
+    base = rng.integers(0, 256, (96, 128, 3), np.uint8)
+    yuv = I420Frames()
+
+    def planes(frame):
+        return [np.frombuffer(p, np.uint8).copy() for p in frame.planes]
+
+    assert all(np.array_equal(a, b) for a, b in zip(planes(yuv.frame(base, base)), planes(encoder_frame(base))))
+    for box in [(31, 17, 77, 60), (0, 0, 5, 3), (120, 90, 128, 96), (-3, -1, 9, 7), (1, 1, 127, 95)]:
+        x1, y1, x2, y2 = box
+        image = base.copy()
+        image[max(0, y1):y2, max(0, x1):x2] = rng.integers(0, 256, image[max(0, y1):y2, max(0, x1):x2].shape)
+        got, want = planes(yuv.frame(image, base, box)), planes(encoder_frame(image))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), box
+    assert yuv._base is base  # converted once, reused since
+    # what it takes from the avatar frame's conversion: outside the box, the frame is not read at all
+    image = base.copy()
+    image[40:50, 40:50] = 255
+    image[0:4, 0:4] = 0  # (a frame that broke the contract)
+    got = yuv.frame(image, base, (40, 40, 50, 50)).to_ndarray()
+    assert np.array_equal(got[:4, :4], encoder_frame(base).to_ndarray()[:4, :4])
+    assert np.array_equal(got[40:50, 40:50], encoder_frame(image).to_ndarray()[40:50, 40:50])
+    # a video avatar: each frame new, each converted whole
+    video = I420Frames()
+    for _ in range(3):
+        frame = rng.integers(0, 256, (96, 128, 3), np.uint8)
+        image = frame.copy()
+        image[10:20, 10:20] = 0
+        got = video.frame(image, frame, (10, 10, 20, 20))
+        assert np.array_equal(got.to_ndarray(), encoder_frame(image).to_ndarray())
+    assert video._base is None
+    assert np.array_equal(video.frame(image).to_ndarray(), encoder_frame(image).to_ndarray())

@@ -29,7 +29,7 @@ from aiortc.rtcrtpsender import RTCRtpSender
 
 from streamer.live import vp8
 from streamer.live.channel import CHUNK, FPS, VOICE_RATE, Channel
-from streamer.live.tracks import VIDEO_CLOCK, OpusPackets, output_frame, pace
+from streamer.live.tracks import VIDEO_CLOCK, I420Frames, OpusPackets, output_frame, pace
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class VideoChain:
         self._task: asyncio.Task | None = None
         self._frame_failed = 0
         self._encode_failed = 0
+        self._yuv = I420Frames()
 
     def join(self, track: SharedVideoTrack) -> None:
         self.viewers.add(track)
@@ -135,7 +136,8 @@ class VideoChain:
                 self._codec = None  # (no encode runs now: this task awaited its own)
                 self.frames.clear()
                 break
-            frame, failed = output_frame(ch, n, self._frame_failed > 0)  # (a defect: every viewer's video goes on)
+            # (a frame that fails goes out as the avatar's first: every viewer's video goes on)
+            frame, failed = output_frame(ch, n, self._frame_failed > 0, self._yuv)
             self._frame_failed += failed
             gap = now - self._key_at
             key = (self._key_now and gap >= KEY_GAP_S) or (self._key_soon and gap >= LOSS_KEY_GAP_S)

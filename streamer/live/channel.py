@@ -172,6 +172,7 @@ class Channel:
         self._lock = threading.Lock()
         self._held: np.ndarray | None = None
         self._video_memo: dict[int, np.ndarray] = {}
+        self._video_made: dict[int, tuple[np.ndarray | None, tuple | None]] = {}  # step -> (avatar frame, mouth box)
         self._voice_memo: dict[int, np.ndarray] = {}
         # speech step -> (strength, crop, taken by the worker, seconds to its deadline when taken)
         self._expected: dict[int, tuple[float, np.ndarray | None, bool, float]] = {}
@@ -472,22 +473,32 @@ class Channel:
                 if frame is not None and self._last_face is not None and step - self._last_face[0] <= HOLD_FRAMES:
                     face = self._last_face[1]
                     self.held += 1
+        made = (None, None)
         if frame is None:  # the decoder is behind: hold the last frame rather than wait
             out = self._held if self._held is not None else self.frames.first
         elif face is not None:
             strength, crop_img, _, _ = want
-            out = with_mouth(frame, self.avatar, source_frame(step, self.avatar), face, strength, crop_img)
+            src = source_frame(step, self.avatar)
+            out = with_mouth(frame, self.avatar, src, face, strength, crop_img)
+            made = (frame, tuple(int(v) for v in self.avatar.boxes[src]))
         else:
-            out = frame
+            out, made = frame, (frame, None)
         self.frames.release(loop_step(step - 2, self.avatar))  # a slower viewer may still ask for the last steps
         self._held = out
         self.sent += 1
         self._sent_at.append(self.clock())
         self._measure(step)
         self._video_memo[step] = out
+        self._video_made[step] = made
         for k in [k for k in self._video_memo if k < step - 4]:
             del self._video_memo[k]
+            self._video_made.pop(k, None)
         return out
+
+    def made_from(self, step: int) -> tuple[np.ndarray | None, tuple | None]:
+        """What `video_frame(step)` was made of: the avatar frame, and the box a mouth was blended into
+        (outside it the two are the same; None: the frame itself). (None, None) when not known."""
+        return self._video_made.get(step, (None, None))
 
     def _measure(self, step: int) -> None:
         """Voice in -> lips out: when the voice for this frame arrived, and now, when its frame leaves."""
