@@ -207,6 +207,40 @@ def test_builtin_engine_moves_only_in_speech():
     assert np.array_equal(to_images(eng.predict(speech, faces)), moved.astype(np.uint8))  # deterministic
 
 
+def test_builtin_engine_crop_by_crop_equals_its_model_tensor_path():
+    """Live and render call `predict_crops` (uint8 crops in, mouths out, no tensors); it is the model
+    path's `to_images(predict(face_input(...)))` bit for bit, for every opening, face size and mouth
+    place, mouths at the crop's edge included."""
+    from streamer.lipsync.builtin import mouth_opening
+    from streamer.lipsync.engine import predict_crops
+
+    def plain(eng, face, opening):  # the warp and the opening over the whole crop, as first written
+        if opening <= 0.02:
+            return face
+        s, drop = eng.face_size, opening * 0.07 * eng.face_size
+        img = cv2.remap(face, eng._xs, eng._ys - drop * eng._jaw, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+        mask = np.zeros((s, s), np.float32)
+        axes = (max(1, round(0.12 * s * (0.75 + 0.25 * opening))), max(1, round(drop * 0.75)))
+        cv2.ellipse(mask, (round(eng._cx), round(eng._cy + drop * 0.5)), axes, 0, 0, 360, 0.92, thickness=-1)
+        mask = cv2.GaussianBlur(mask, (0, 0), 0.008 * s + 0.4)[..., None]
+        return img * (1 - mask) + np.array([0.05, 0.04, 0.12], np.float32) * mask
+
+    rng = np.random.default_rng(1)
+    for size in (96, 256):
+        for mouth in ((0.5, 0.64), (0.2, 0.95), (0.9, 0.1)):
+            eng = BuiltinEngine(size, mouth)
+            crops = rng.integers(0, 256, (5, size, size, 3), np.uint8)
+            for level in (-4.0, -1.6, -1.0, 0.0, 0.8, 4.0):
+                windows = np.full((5, 80, 16), level, np.float32) + rng.normal(0, 0.3, (5, 80, 16)).astype(np.float32)
+                got = eng.predict_crops(windows, crops)
+                assert np.array_equal(got, predict_crops(eng, windows, crops)), (size, mouth, level)
+                faces = face_input(crops)[:, 3:].transpose(0, 2, 3, 1)
+                openings = mouth_opening(windows[:, None])
+                want = [plain(eng, np.ascontiguousarray(f), float(o)) for f, o in zip(faces, openings)]
+                assert np.array_equal(got, to_images(np.stack(want).transpose(0, 3, 1, 2))), (size, mouth, level)
+    assert np.array_equal(eng.predict_crops(np.full((5, 80, 16), -4.0, np.float32), crops), crops)  # at rest
+
+
 def test_builtin_mouth_follows_the_avatar_landmarks(video_avatar):
     x, y = video_avatar.mouth_in_crop()
     assert 0.4 < x < 0.6 and 0.55 < y < 0.72  # the portrait's mouth, for boxes padded as the original
