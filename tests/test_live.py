@@ -309,13 +309,13 @@ class FaultyEngine(BuiltinEngine):
 
     start = None
 
-    def predict(self, mel, faces):
+    def predict_crops(self, windows, crops):
         t = time.monotonic() - (self.start or time.monotonic())
         if 2 <= t < 4:
             raise RuntimeError("simulated inference failure")
         if 4 <= t < 9:
             time.sleep(0.4)
-        return super().predict(mel, faces)
+        return super().predict_crops(windows, crops)
 
 
 def test_inference_failing_then_10x_slow_keeps_the_video_and_recovers(avatar, voice, caplog):

@@ -26,14 +26,14 @@ class SlowCalls(BuiltinEngine):
         self.stall_next = False
         self.calls = 0
 
-    def predict(self, mel, faces):
+    def predict_crops(self, windows, crops):
         self.calls += 1
-        new = mel.shape[0] not in self.seen
-        self.seen.add(mel.shape[0])
+        new = windows.shape[0] not in self.seen
+        self.seen.add(windows.shape[0])
         if self.stall_next or (self.first_at_each_size and new):
             self.stall_next = False
             time.sleep(self.stall)
-        return super().predict(mel, faces)
+        return super().predict_crops(windows, crops)
 
 
 class Sink:
@@ -105,9 +105,9 @@ def test_an_engine_slower_than_25_fps_says_so_at_start(caplog):
     """A user on a slow machine learns at start why mouths will sometimes hold, and how often."""
 
     class TenFps(BuiltinEngine):
-        def predict(self, mel, faces):
-            time.sleep(0.1 * len(mel))
-            return super().predict(mel, faces)
+        def predict_crops(self, windows, crops):
+            time.sleep(0.1 * len(windows))
+            return super().predict_crops(windows, crops)
 
     with caplog.at_level("WARNING"):
         worker = InferenceWorker(TenFps(), max_batch=2)
@@ -123,9 +123,9 @@ def test_an_engine_too_slow_for_any_delay_in_reach_says_what_delay_would_do(capl
     what limits, no mouth can be in time, and the user learns which delay would give them time."""
 
     class Slow(BuiltinEngine):
-        def predict(self, mel, faces):
+        def predict_crops(self, windows, crops):
             time.sleep(0.35)
-            return super().predict(mel, faces)
+            return super().predict_crops(windows, crops)
 
     with caplog.at_level("WARNING"):
         worker = InferenceWorker(Slow(), max_batch=1)
@@ -161,9 +161,9 @@ def test_frames_that_cannot_be_done_in_time_are_skipped_and_the_rest_done():
     what it can in time, about two frames in three, instead of everything late or nothing."""
 
     class Slow(BuiltinEngine):
-        def predict(self, mel, faces):
-            time.sleep(0.06 * mel.shape[0])
-            return super().predict(mel, faces)
+        def predict_crops(self, windows, crops):
+            time.sleep(0.06 * windows.shape[0])
+            return super().predict_crops(windows, crops)
 
     worker = InferenceWorker(Slow(), max_batch=4)
     sink = Sink()

@@ -155,7 +155,7 @@ class OpusPackets:
         self.codec.format, self.codec.layout = "s16", "mono"
         self.codec.sample_rate, self.codec.time_base = VOICE_RATE, Fraction(1, VOICE_RATE)
         # complexity 6, not libopus's 10: 76 against 122 us a packet on the team's CPU at this bitrate
-        # (WebRTC itself uses 9 on desktops, 5 on phones); it matters at low bitrates, not at 96 kb/s
+        # (WebRTC itself uses 9 on desktops, 5 on phones); it matters at low bitrates, not at 72 kb/s
         self.codec.options = {"application": "voip", "compression_level": "6"}
         self.codec.thread_count = 1
         self.quiet = 0  # silent chunks in a row
