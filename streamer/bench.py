@@ -316,7 +316,6 @@ def avatar_rows(seconds: float = 60, height: int = 1080, log=print) -> list[tupl
     from streamer.avatar.blend import blend
     from streamer.avatar.cache import prepare
     from streamer.lipsync.builtin import BuiltinEngine
-    from streamer.lipsync.engine import face_input, to_images
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -344,10 +343,10 @@ def avatar_rows(seconds: float = 60, height: int = 1080, log=print) -> list[tupl
 
         frame = next(iter(avatar.read_frames(0, count=1)))[2]
         eng = BuiltinEngine()
-        mel = np.zeros((16, 1, 80, 16), np.float32)
-        faces = face_input(np.ascontiguousarray(avatar.crops[:16]))
-        per = time_call(lambda: eng.predict(mel, faces), 1.0) / 16
-        pred = to_images(eng.predict(mel, faces))[0]
+        windows = np.zeros((16, 80, 16), np.float32)  # speech: the mouth open
+        crops = np.ascontiguousarray(avatar.crops[:16])
+        per = time_call(lambda: eng.predict_crops(windows, crops), 1.0) / 16  # (what live and render call)
+        pred = eng.predict_crops(windows, crops)[0]
         blend_s = time_call(lambda: blend(frame, avatar.boxes[0], pred, crop=avatar.crops[0]), 1.0)
         small = cv2.resize(frame, (512 * w // h // 2 * 2, 512))
         box512 = (avatar.boxes[0] * 512 / h).astype(int)

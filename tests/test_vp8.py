@@ -244,13 +244,14 @@ def test_i420_frames_convert_what_changed_and_equal_a_whole_conversion():
     got = yuv.frame(image, base, (40, 40, 50, 50)).to_ndarray()
     assert np.array_equal(got[:4, :4], encoder_frame(base).to_ndarray()[:4, :4])
     assert np.array_equal(got[40:50, 40:50], encoder_frame(image).to_ndarray()[40:50, 40:50])
-    # a video avatar: each frame new, each converted whole
+    # a video avatar: each frame new (or shown twice: 12.5 fps), each converted whole, none kept
     video = I420Frames()
     for _ in range(3):
         frame = rng.integers(0, 256, (96, 128, 3), np.uint8)
         image = frame.copy()
         image[10:20, 10:20] = 0
-        got = video.frame(image, frame, (10, 10, 20, 20))
-        assert np.array_equal(got.to_ndarray(), encoder_frame(image).to_ndarray())
+        for shown in (image, frame):
+            got = video.frame(shown, frame, (10, 10, 20, 20))
+            assert np.array_equal(got.to_ndarray(), encoder_frame(shown).to_ndarray())
     assert video._base is None
     assert np.array_equal(video.frame(image).to_ndarray(), encoder_frame(image).to_ndarray())

@@ -52,7 +52,8 @@ class BuiltinEngine:
         fade = np.clip((0.97 * s - ys) / (0.2 * s), 0, 1)
         self._jaw = (side * below * fade).astype(np.float32)
         moved = np.flatnonzero(self._jaw.any(axis=1))
-        self._rows = slice(int(moved[0]), int(moved[-1]) + 1)  # the rows the warp moves; it keeps the others
+        # the rows the warp moves; it keeps the others (none: a mouth at the crop's bottom edge)
+        self._rows = slice(int(moved[0]), int(moved[-1]) + 1) if moved.size else slice(0, 0)
         self._cx, self._cy = cx, cy
         self._blur = 0.008 * s + 0.4
         # OpenCV's kernel for a float image: round(8 sigma + 1), odd; beyond its radius the blur of zeros is 0
@@ -98,8 +99,9 @@ class BuiltinEngine:
         drop = opening * 0.07 * s  # jaw drop in pixels
         rows = self._rows
         img = face.copy()
-        img[rows] = cv2.remap(face, self._xs[rows], self._ys[rows] - drop * self._jaw[rows], cv2.INTER_LINEAR,
-                              borderMode=cv2.BORDER_REPLICATE)
+        if rows.stop > rows.start:
+            img[rows] = cv2.remap(face, self._xs[rows], self._ys[rows] - drop * self._jaw[rows], cv2.INTER_LINEAR,
+                                  borderMode=cv2.BORDER_REPLICATE)
         # the opening between the lips: a dark ellipse, feathered, growing with the drop; drawn, blurred
         # and mixed in only where it reaches (beyond that its mask is 0 and the image stays as it is)
         axes = (max(1, round(0.12 * s * (0.75 + 0.25 * opening))), max(1, round(drop * 0.75)))

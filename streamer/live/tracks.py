@@ -51,6 +51,9 @@ def encoder_frame(image: np.ndarray) -> av.VideoFrame:
     return frame
 
 
+STILL_AFTER = 3  # an avatar frame shown this many times in a row is kept converted
+
+
 class I420Frames:
     """A channel's frames as the encoder takes them, converting only what changed. A still avatar's
     frame is converted once; a frame with a mouth blended in, only in the mouth's box (the rest is the
@@ -60,17 +63,21 @@ class I420Frames:
     def __init__(self):
         self._base: np.ndarray | None = None  # the avatar frame converted ...
         self._planes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # ... to these (Y, U, V)
-        self._seen: np.ndarray | None = None  # the avatar frame of the last call
+        self._seen: np.ndarray | None = None  # the avatar frame of the last calls ...
+        self._times = 0  # ... this many in a row
 
     def frame(self, image: np.ndarray, base: np.ndarray | None = None, box: tuple | None = None) -> av.VideoFrame:
         """`image` as an I420 frame: `base` the avatar frame it was made from, equal to it outside `box`
         (None: `image` is `base`). Without `base`, converted whole."""
         h, w = image.shape[:2]
-        seen, self._seen = self._seen, base
+        self._times = self._times + 1 if base is self._seen else 1
+        self._seen = base
         if base is None or h % 2 or w % 2 or base.shape != image.shape:
             return encoder_frame(image)
         if base is not self._base:
-            if base is not seen:  # a new avatar frame every time (a video avatar): nothing to reuse
+            # a still avatar shows one frame on and on; a video avatar a new one every frame, or every second
+            # or third one below 25 fps: nothing worth keeping
+            if self._times < STILL_AFTER:
                 return encoder_frame(image)
             yuv = cv2.cvtColor(base, cv2.COLOR_BGR2YUV_I420).reshape(-1)
             q = w * h // 4

@@ -70,7 +70,8 @@ class CallCost:
         calls.append(seconds)
         ordered = sorted(calls)
         self._medians = dict(sorted({**self._medians, n: float(np.median(ordered))}.items()))
-        self._highs = dict(sorted({**self._highs, n: ordered[-2] if len(ordered) > 1 else ordered[-1]}.items()))
+        high = ordered[-2] if len(ordered) >= 3 else ordered[-1]  # (of two, the longer: not the shorter)
+        self._highs = dict(sorted({**self._highs, n: high}.items()))
 
     def known(self) -> dict[int, float]:
         return dict(self._medians)
