@@ -39,15 +39,31 @@ def encoder_frame(image: np.ndarray) -> av.VideoFrame:
     h, w = image.shape[:2]
     if h % 2 or w % 2:  # I420 needs even sizes: let the encoder's scaler handle odd ones
         return av.VideoFrame.from_ndarray(image, format="bgr24")
+    planes = i420_planes(image)
+    frame = frame_of(planes)
+    if frame is None:  # padded rows: let PyAV place them
+        return av.VideoFrame.from_ndarray(np.concatenate([p.reshape(-1) for p in planes]).reshape(-1, w),
+                                          format="yuv420p")
+    return frame
+
+
+def i420_planes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A BGR image of even size converted to I420 by OpenCV: its Y, U and V planes."""
+    h, w = image.shape[:2]
     yuv = cv2.cvtColor(image, cv2.COLOR_BGR2YUV_I420).reshape(-1)
+    q = w * h // 4
+    return yuv[: 4 * q].reshape(h, w), yuv[4 * q : 5 * q].reshape(h // 2, w // 2), yuv[5 * q :].reshape(h // 2, w // 2)
+
+
+def frame_of(planes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> av.VideoFrame | None:
+    """A yuv420p frame holding `planes`; None where its rows are padded (not at even sizes in today's
+    FFmpeg). Unpadded: three straight copies, 40% of from_ndarray's time."""
+    h, w = planes[0].shape
     frame = av.VideoFrame(w, h, "yuv420p")
-    planes = frame.planes
-    if planes[0].line_size != w or planes[1].line_size != w // 2:  # padded rows: let PyAV place them
-        return av.VideoFrame.from_ndarray(yuv.reshape(-1, w), format="yuv420p")
-    quarter = w * h // 4  # unpadded: three straight copies, 40% of from_ndarray's time
-    planes[0].update(yuv[: 4 * quarter])
-    planes[1].update(yuv[4 * quarter : 5 * quarter])
-    planes[2].update(yuv[5 * quarter :])
+    if any(p.line_size != a.shape[1] for p, a in zip(frame.planes, planes)):
+        return None
+    for p, a in zip(frame.planes, planes):
+        p.update(a)
     return frame
 
 
@@ -79,28 +95,17 @@ class I420Frames:
             # or third one below 25 fps: nothing worth keeping
             if self._times < STILL_AFTER:
                 return encoder_frame(image)
-            yuv = cv2.cvtColor(base, cv2.COLOR_BGR2YUV_I420).reshape(-1)
-            q = w * h // 4
-            self._base = base
-            self._planes = (yuv[: 4 * q].reshape(h, w), yuv[4 * q : 5 * q].reshape(h // 2, w // 2),
-                            yuv[5 * q :].reshape(h // 2, w // 2))
+            self._base, self._planes = base, i420_planes(base)
         x1, y1, x2, y2 = (0, 0, 0, 0) if image is base else box if box is not None else (0, 0, w, h)
         x1, y1 = max(0, x1 & ~1), max(0, y1 & ~1)  # out to even rows and columns: whole chroma samples
         x2, y2 = min(w, x2 + (x2 & 1)), min(h, y2 + (y2 & 1))
-        frame = av.VideoFrame(w, h, "yuv420p")
-        planes = frame.planes
-        if any(p.line_size != a.shape[1] for p, a in zip(planes, self._planes)):
-            return encoder_frame(image)  # padded rows (not at even sizes in today's FFmpeg)
-        for p, a in zip(planes, self._planes):
-            p.update(a)
+        frame = frame_of(self._planes)
+        if frame is None:
+            return encoder_frame(image)
         if x2 > x1 and y2 > y1:
-            bw, bh = x2 - x1, y2 - y1
-            yuv = cv2.cvtColor(image[y1:y2, x1:x2], cv2.COLOR_BGR2YUV_I420).reshape(-1)
-            n = bw * bh // 4
-            for p, k, part in ((planes[0], 1, yuv[: 4 * n]), (planes[1], 2, yuv[4 * n : 5 * n]),
-                               (planes[2], 2, yuv[5 * n :])):
+            for p, k, part in zip(frame.planes, (1, 2, 2), i420_planes(image[y1:y2, x1:x2])):
                 view = np.frombuffer(p, np.uint8).reshape(h // k, w // k)
-                view[y1 // k : y2 // k, x1 // k : x2 // k] = part.reshape(bh // k, bw // k)
+                view[y1 // k : y2 // k, x1 // k : x2 // k] = part
         return frame
 
 
