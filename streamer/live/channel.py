@@ -171,8 +171,8 @@ class Channel:
         self._last_face: tuple[int, np.ndarray] | None = None  # (step, mouth) last shown
         self._lock = threading.Lock()
         self._held: np.ndarray | None = None
-        self._video_memo: dict[int, np.ndarray] = {}
-        self._video_made: dict[int, tuple[np.ndarray | None, tuple | None]] = {}  # step -> (avatar frame, mouth box)
+        # step -> (frame sent, the avatar frame it was made from, the box of the mouth blended in)
+        self._video_memo: dict[int, tuple[np.ndarray, np.ndarray | None, tuple | None]] = {}
         self._voice_memo: dict[int, np.ndarray] = {}
         # speech step -> (strength, crop, taken by the worker, seconds to its deadline when taken)
         self._expected: dict[int, tuple[float, np.ndarray | None, bool, float]] = {}
@@ -439,7 +439,7 @@ class Channel:
         mouth flashing shut), else the idle one. Never waits."""
         memo = self._video_memo.get(step)
         if memo is not None:
-            return memo
+            return memo[0]
         with self._lock:
             face = self._faces.pop(step, None)
             for k in [k for k in self._faces if k < step]:
@@ -488,17 +488,16 @@ class Channel:
         self.sent += 1
         self._sent_at.append(self.clock())
         self._measure(step)
-        self._video_memo[step] = out
-        self._video_made[step] = made
+        self._video_memo[step] = (out, *made)
         for k in [k for k in self._video_memo if k < step - 4]:
             del self._video_memo[k]
-            self._video_made.pop(k, None)
         return out
 
     def made_from(self, step: int) -> tuple[np.ndarray | None, tuple | None]:
         """What `video_frame(step)` was made of: the avatar frame, and the box a mouth was blended into
         (outside it the two are the same; None: the frame itself). (None, None) when not known."""
-        return self._video_made.get(step, (None, None))
+        memo = self._video_memo.get(step)
+        return (None, None) if memo is None else memo[1:]
 
     def _measure(self, step: int) -> None:
         """Voice in -> lips out: when the voice for this frame arrived, and now, when its frame leaves."""
