@@ -14,7 +14,7 @@ import numpy as np
 
 from streamer.audio.features import MelFeatures
 from streamer.audio.mel import FMAX, FMIN, N_MELS, _hz_to_mel
-from streamer.lipsync.engine import check_inputs, predict_crops
+from streamer.lipsync.engine import check_inputs, predict_crops, to_images
 
 MOUTH = (0.5, 0.64)  # mouth centre in crop coordinates (x, y) when the avatar's landmarks are not given
 
@@ -84,9 +84,7 @@ class BuiltinEngine:
                 out[b] = crops[b]
                 continue
             face = self._animate(crops[b].astype(np.float32) * (1 / 255), float(opening))
-            face *= 255
-            face += 0.5
-            out[b] = np.minimum(np.maximum(face, 0, out=face), 255, out=face)
+            out[b] = to_images(face.transpose(2, 0, 1)[None])[0]
         return out
 
     def warmup(self, batch_sizes=(1,)) -> float:
