@@ -1,6 +1,7 @@
 """Channels: many viewers (WHEP), voices from WHIP publishers, limits, auth, metrics."""
 
 import asyncio
+import re
 
 import aiohttp
 import numpy as np
@@ -56,6 +57,9 @@ def test_whip_publisher_drives_a_channel_a_whep_viewer_watches(avatar, voice):  
 
     answer, seen = asyncio.run(main())
     assert "a=setup:passive" in answer and "a=setup:active" not in answer  # we are the DTLS server
+    # the publisher may send Opus's FEC copies: a packet lost on the way comes back from the next
+    opus = re.search(r"a=rtpmap:(\d+) opus/48000", answer).group(1)
+    assert re.search(rf"a=fmtp:{opus} .*useinbandfec=1", answer), answer
     act = mouth_activity(seen.video, avatar)
     assert np.mean(act > 8) > 0.2
     assert max(np.abs(a).max() for _, a in seen.audio) > 0.05

@@ -1,6 +1,7 @@
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from aiortc import RTCRtpReceiver
 from aiortc.codecs.opus import OpusDecoder
 from aiortc.jitterbuffer import JitterFrame
@@ -76,9 +77,11 @@ def test_aiortc_keeps_its_receivers_jitter_buffer_track_queue_and_codecs_where_t
     assert arrivals.codecs is receiver._RTCRtpReceiver__codecs
 
 
-def test_each_packet_is_decoded_onto_the_track_at_once_as_aiortcs_decoder_thread_would():
-    """Real Opus packets, one reordered and one lost: the frames on the track queue, in the order the
-    packets came, carry the pts the arrivals are found by, and the same samples aiortc's decoder gives."""
+def test_each_packet_is_decoded_onto_the_track_at_once_and_what_is_missing_is_made_up_in_its_place():
+    """Real Opus packets, one reordered and one lost. Each packet goes on the track at once, as mono, the
+    same samples as aiortc's decoder gives (one of its two equal channels) while all come in turn. The
+    hole a packet shows before it is concealed at once (voice, not silence), in its place; the reordered
+    packet, come late, decodes exactly as it would have in turn, for the channel to put in its place."""
     receiver = audio_receiver()
     now = [0.0]
     arrivals = unbuffered(receiver, clock=lambda: now[0])
@@ -86,20 +89,88 @@ def test_each_packet_is_decoded_onto_the_track_at_once_as_aiortcs_decoder_thread
     pcm = (8000 * np.sin(2 * np.pi * 220 * t)).astype(np.int16)
     opus = OpusPackets()
     data = [bytes(opus.encode(pcm[k * 960:(k + 1) * 960], k * 960)) for k in range(8)]
+    in_turn = OpusDecoder()
+    want = [in_turn.decode(JitterFrame(data=d, timestamp=960 * k))[0].to_ndarray().reshape(-1, 2) for k, d in
+            enumerate(data)]
+    assert all(np.array_equal(w[:, 0], w[:, 1]) for w in want)  # (a mono sender: two equal channels)
     first = (1 << 32) - 3 * 960
     order = [0, 1, 3, 2, 4, 6, 7]  # 3 before 2, 5 lost
-    reference, got = OpusDecoder(), []
+    came = {0: [0], 1: [1], 3: [2, 3], 2: [2], 4: [4], 6: [5, 6], 7: [7]}  # frames (by packet) each brings
+    got = {}
     for k in order:
         now[0] = 0.02 * k
         assert arrivals.add(packet(1000 + k, (first + 960 * k) % (1 << 32), data[k])) == (False, None)
-        assert receiver.track._queue.qsize() == 1  # on the track now, not after a thread's hop
-        frame = receiver.track._queue.get_nowait()
-        assert frame.pts == 960 * k and arrivals.arrival(frame.pts) == 0.02 * k
-        want = reference.decode(JitterFrame(data=data[k], timestamp=960 * k))[0]
-        assert (frame.sample_rate, frame.layout.name, frame.format.name) == (48000, "stereo", "s16")
-        got.append(frame.to_ndarray())
-        assert np.array_equal(got[-1], want.to_ndarray())
-    assert np.abs(got[-1]).max() > 2000  # a tone, not silence
+        assert receiver.track._queue.qsize() == len(came[k])  # on the track now, not after a thread's hop
+        for j in came[k]:
+            frame = receiver.track._queue.get_nowait()
+            assert (frame.pts, frame.sample_rate, frame.layout.name) == (960 * j, 48000, "mono")
+            assert frame.format.name == "s16"
+            # a made-up frame counts as in when the packet after it began
+            assert arrivals.arrival(frame.pts) == pytest.approx(0.02 * k - 0.02 * (j != k))
+            got.setdefault(j, []).append(frame.to_ndarray()[0])
+    for k in (0, 1, 4, 7):
+        assert got[k][0].size == 960
+    assert np.array_equal(got[0][0], want[0][:, 0]) and np.array_equal(got[1][0], want[1][:, 0])
+    concealed, late = got[2]
+    assert np.abs(concealed).max() > 1000  # the tone goes on (fading), not a hole of silence
+    assert np.array_equal(late, want[2][:, 0])  # the late packet as if in turn
+    assert np.abs(got[5][0]).max() > 1000
+    assert (arrivals.voice.late, arrivals.voice.concealed) == (1, 2 * 960)
+
+
+def test_lost_voice_is_concealed_and_comes_back_from_the_next_packets_fec_copy():
+    """A browser's voice with in-band FEC, 10% of its packets lost (one in ten, as on a bad Wi-Fi): what
+    reaches the track is close to the voice over the lost packets' time too, not 20 ms holes (each a
+    click: a step from the voice to 0); the packets after a loss are as close as the rest."""
+    import av
+    from scipy import signal
+
+    from tests.conftest import speak
+
+    x, rate = speak("One two three, lips and voice together, four five six. Seven eight nine, and ten.")
+    voice = np.tile(signal.resample_poly(x, 480, rate // 100), 2)
+    pcm = np.round(np.clip(voice, -1, 1) * 32767).astype(np.int16)
+    chunks = [pcm[k : k + 960] for k in range(0, pcm.size - 959, 960)]
+    enc = av.CodecContext.create("libopus", "w")
+    enc.bit_rate, enc.format, enc.layout, enc.sample_rate = 32000, "s16", "mono", 48000
+    enc.options = {"application": "voip", "fec": "1", "packet_loss": "10"}  # as a browser told of loss
+    data = []
+    for k, c in enumerate(chunks):
+        f = av.AudioFrame.from_ndarray(c[None], format="s16", layout="mono")
+        f.sample_rate, f.pts = 48000, k * 960
+        data += [bytes(p) for p in enc.encode(f)]
+
+    def heard(lose):
+        receiver = audio_receiver()
+        arrivals = unbuffered(receiver)
+        out = np.zeros(960 * len(data))
+        for k, d in enumerate(data):
+            if not lose(k):
+                arrivals.add(packet(k, 960 * k, d))
+            while not receiver.track._queue.empty():  # (read as the channel reads them)
+                f = receiver.track._queue.get_nowait()
+                out[f.pts : f.pts + f.samples] = f.to_ndarray()[0]
+        return out, arrivals.voice
+
+    whole, _ = heard(lambda k: False)
+    lost = [k for k in range(len(data)) if k % 10 == 5 and np.abs(whole[960 * k : 960 * k + 960]).max() > 1000]
+    assert len(lost) >= 15, len(lost)  # losses in the speech
+    out, voice = heard(lambda k: k % 10 == 5)
+    assert voice.recovered > 0.5 * voice.concealed > 0
+
+    def snr(y, ks):
+        idx = np.concatenate([np.arange(960 * k, 960 * k + 960) for k in ks])
+        return 10 * np.log10((whole[idx] ** 2).sum() / ((y[idx] - whole[idx]) ** 2).sum())
+
+    holes = out.copy()
+    for k in range(5, len(data), 10):
+        holes[960 * k : 960 * k + 960] = 0  # what a decoder that leaves a hole gives there
+    assert snr(holes, lost) < 0.5 and snr(out, lost) > 5, (snr(holes, lost), snr(out, lost))
+    step = np.abs(np.diff(whole)).max()  # the voice's own steepest step
+    assert np.abs(np.diff(holes)).max() > 3 * step  # a hole's edge: a click
+    assert np.abs(np.diff(out)).max() < 1.5 * step
+    after = [k + 1 for k in lost]
+    assert snr(out, after) > 10, snr(out, after)
 
 
 def test_a_packet_the_decoder_refuses_is_lost_and_the_next_still_decodes(caplog):

@@ -225,8 +225,9 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
     receive queue from growing without bound. `wire`: when each packet came off the wire
     (`wire.unbuffered`); without it, a packet counts as in when it is read here.
 
-    Packets are placed by their RTP timestamps, not counted: a lost packet (or a sender's
-    discontinuous transmission in silence) becomes silence in its place. Counting would move every
+    Packets are placed by their RTP timestamps, not counted: a hole the decoder did not make up (a
+    sender's discontinuous transmission in silence, a loss longer than `opus.MAX_CONCEAL`) becomes
+    silence in its place. Counting would move every
     later sample earlier, shrinking the delay by 20 ms per lost packet until voice and lips are late.
     A packet that comes after a later one (reordered on the way) still puts its voice in its place,
     if that has not been sent yet; the mouths there were cut with the silence.
@@ -237,6 +238,11 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
         try:
             frame = await track.recv()
         except MediaStreamError:
+            voice = wire.voice if wire is not None else None
+            if voice is not None and voice.concealed:
+                log.info("[%s] voice ended: %.0f ms of it lost on the way and made up (%.0f ms from FEC copies), "
+                         "%d packets placed late", channel.session, voice.concealed / 48, voice.recovered / 48,
+                         voice.late)
             return
         arrival = wire.arrival(frame.pts) if wire is not None else None
         channel.heard()

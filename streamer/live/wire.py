@@ -16,7 +16,9 @@ through the decoder out of turn.
 Each packet is also decoded here, on the event loop, and its frame put straight on the track: aiortc
 hands every packet to a decoder thread, whose frame comes back through a task made for it and a
 wake-up of the loop; that hop cost 53 us of CPU a packet, the 20 ms decode itself 35 (the team's
-CPU; BENCHMARKS.md)."""
+CPU; BENCHMARKS.md). Opus is decoded by `opus.VoiceDecoder`: a lost packet's time comes out
+concealed (or recovered from the next packet's FEC copy), not as a hole, and a reordered packet is
+decoded as if it had come in turn."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict, deque
+from fractions import Fraction
 
 import av
 from aiortc import RTCRtpReceiver
@@ -33,6 +36,8 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.utils import uint16_add
 
+from streamer.live.opus import RATE, VoiceDecoder
+
 log = logging.getLogger(__name__)
 
 _BUFFER = "_RTCRtpReceiver__jitter_buffer"
@@ -40,6 +45,7 @@ _CODECS = "_RTCRtpReceiver__codecs"  # payload type -> codec, filled in place wh
 KEEP = 64  # arrival times kept for packets not yet decoded (1.3 s of 20 ms packets)
 LATEST = 25  # a packet more than this many behind the newest is dropped: past any delay's use (0.5 s)
 RESTART = 100  # ... unless this many or more: the sender's numbers started again (aiortc's own rule)
+_TIME_BASE = Fraction(1, 48000)
 
 
 class VoiceArrivals:
@@ -52,6 +58,7 @@ class VoiceArrivals:
         self.clock = clock
         self.frames, self.codecs = frames, codecs
         self._decoders: dict[str, Decoder] = {}
+        self.voice: VoiceDecoder | None = None  # Opus, lost packets concealed (`opus.py`)
         self._warned = False
         self._origin: int | None = None
         self._arrived: OrderedDict[int, float] = OrderedDict()
@@ -62,14 +69,15 @@ class VoiceArrivals:
         """aiortc's call for each packet: (ask for a keyframe?, the frame to decode now)."""
         if not packet._data:  # padding only: nothing to decode
             return False, None
-        seq = packet.sequence_number
+        seq, restart = packet.sequence_number, False
         if seq in self._seen:  # sent twice by the network
             return False, None
         if self._newest is None or uint16_add(seq, -self._newest) < 1 << 15:
             self._newest = seq  # the first, or the newest yet
         else:
             behind = uint16_add(self._newest, -seq)
-            if behind >= RESTART:  # the sender started again from elsewhere
+            restart = behind >= RESTART
+            if restart:  # the sender started again from elsewhere
                 self._newest = seq
             elif behind > LATEST:
                 return False, None
@@ -83,15 +91,21 @@ class VoiceArrivals:
             self._arrived.popitem(last=False)
         if self.frames is None or self.codecs is None:
             return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)
-        self._decode(packet, pts)
+        self._decode(packet, pts, restart)
         return False, None
 
-    def _decode(self, packet, pts: int) -> None:
+    def _decode(self, packet, pts: int, restart: bool) -> None:
         codec = self.codecs.get(packet.payload_type)
         if codec is None:  # aiortc drops these before its buffer
             return
         if self.frames.qsize() >= KEEP:  # nobody reads them (the track ended: an RTCP BYE, then more RTP)
             return
+        if codec.name.lower() == "opus" and codec.clockRate == RATE:
+            if self.voice is None:
+                self.voice = VoiceDecoder.make()
+            if self.voice is not None:
+                self._decode_voice(packet, pts, restart)
+                return
         decoder = self._decoders.get(codec.name)
         if decoder is None:
             decoder = self._decoders[codec.name] = get_decoder(codec)
@@ -104,6 +118,19 @@ class VoiceArrivals:
             return
         for frame in frames:
             self.frames.put_nowait(frame)  # read at once by the channel's reader (read_voice)
+
+    def _decode_voice(self, packet, pts: int, restart: bool) -> None:
+        now, refused = self._arrived[pts], self.voice.refused
+        decoded = self.voice.packet(packet.sequence_number, pts, packet._data, restart)
+        if self.voice.refused > refused and not self._warned:
+            log.warning("voice packet not decoded (not Opus): treated as lost")
+            self._warned = True
+        for at, samples in decoded:
+            if at != pts:  # made up for a lost packet: in by the time this one began
+                self._arrived[at] = now - samples.size / RATE
+            frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = RATE, at, _TIME_BASE
+            self.frames.put_nowait(frame)
 
     def arrival(self, pts: int | None) -> float | None:
         """When the packet of the decoded frame stamped `pts` came off the wire (None if unknown)."""

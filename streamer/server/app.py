@@ -31,6 +31,7 @@ from streamer.config import Config
 from streamer.live import vp8
 from streamer.live.broadcast import SharedVideoTrack, VoiceTrack, can_share
 from streamer.live.channel import FPS, Channel
+from streamer.live.opus import advertise_fec
 from streamer.live.tracks import AvatarVideoTrack, read_voice
 from streamer.live.wire import unbuffered
 from streamer.live.worker import InferenceWorker
@@ -189,6 +190,7 @@ class Server:
         self.avatar = avatar
         self.web_dir = web_dir
         vp8.install()  # avatar frames are clean: no denoiser
+        advertise_fec()  # a lost voice packet comes back from the next one's copy
         self.worker = worker or InferenceWorker(engine, max_batch=cfg.live.max_batch)
         self.channels: dict[str, Channel] = {}
         self.delay_s = None if cfg.live.delay_ms == "auto" else cfg.live.delay_ms / 1000  # None: auto
