@@ -10,8 +10,9 @@ reports loss, when the answer says it can use it (`useinbandfec=1`, `advertise_f
 
 A packet that comes after a later one (reordered) finds its hole concealed already. Decoded then,
 out of turn, it would disturb the decoder for the packets after it; so the decoder is copied (its
-state is one flat block, made to be copied) at the start of each hole, and a late packet of that
-hole is decoded on the copy, as if it had come in turn, for the channel to put in its place.
+state is one flat block, made to be copied) where a hole starts, and the hole's packets that come
+late, in order, are decoded on the copy of the last hole, as if they had come in turn, for the
+channel to put in their place.
 
 The voice is decoded as mono: what a channel uses (a stereo decoder gave two equal channels for a
 mono sender, and a fifth more time). libopus comes with PyAV; without it, aiortc's decoder is used."""
@@ -29,6 +30,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 RATE = 48000
+MAX_PACKET = RATE * 120 // 1000  # Opus's longest packet
 MAX_CONCEAL = RATE * 120 // 1000  # a longer hole is left silent: the sender paused, or more than a glitch was lost
 _STEP = RATE // 400  # libopus conceals in whole 2.5 ms
 
@@ -83,7 +85,7 @@ class MonoDecoder:
                 raise RuntimeError("libopus refused a 48 kHz mono decoder")
         else:
             ctypes.memmove(self._state, state, size)
-        self._out = np.zeros(MAX_CONCEAL, np.int16)  # (the longest packet Opus has: 120 ms)
+        self._out = np.zeros(MAX_PACKET, np.int16)
 
     def copy(self) -> MonoDecoder:
         return MonoDecoder(self._lib, self._state)
@@ -94,7 +96,7 @@ class MonoDecoder:
 
     def decode(self, data: bytes) -> np.ndarray | None:
         """A packet's samples; None if it is not Opus (the decoder is left as it was)."""
-        return self._run(data, MAX_CONCEAL, 0)
+        return self._run(data, MAX_PACKET, 0)
 
     def conceal(self, samples: int, after: bytes | None = None) -> np.ndarray | None:
         """`samples` (whole 2.5 ms) that never came; from `after`'s FEC copy where it has one."""
@@ -142,11 +144,16 @@ class VoiceDecoder:
             return self._late(seq, pts, data)
         out = []
         hole = (pts - self._pts) % (1 << 32)
-        if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole <= MAX_CONCEAL:
-            out = self._conceal(hole - hole % _STEP, data)
+        if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole < 1 << 31:
+            # its late packets decode on the decoder as it was, into silence or what was made up
+            self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
+            if hole <= MAX_CONCEAL:
+                out = self._conceal(hole - hole % _STEP, data)
         samples = self.decoder.decode(data)
-        if samples is None:  # not Opus: the next packet conceals it
+        if samples is None:  # not Opus: the next packet conceals it, from here on
             self.refused += 1
+            if out:
+                self._seq, self._pts = seq, (out[-1][0] + out[-1][1].size) % (1 << 32)
             return out
         out.append((pts, samples))
         self._seq, self._pts = (seq + 1) % (1 << 16), (pts + samples.size) % (1 << 32)
@@ -155,7 +162,6 @@ class VoiceDecoder:
     def _conceal(self, hole: int, data: bytes) -> list[tuple[int, np.ndarray]]:
         """`hole` samples missing before `data`: the last packet's worth from `data`'s FEC copy (libopus
         conceals it where there is none), the rest concealed 20 ms at a time (it fades as it goes)."""
-        self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
         fec = min(hole, self.decoder.samples_in(data))
         parts, plc = [], hole - fec
         while plc > 0:
@@ -171,12 +177,14 @@ class VoiceDecoder:
             out.append((pts, x))
             pts = (pts + x.size) % (1 << 32)
             self.concealed += x.size
-            self.recovered += x.size if after is not None and self.decoder.has_fec(after) else 0
+            # (libopus conceals instead where the copy is not of the missing packet's length)
+            self.recovered += x.size if after is not None and n == self.decoder.samples_in(after) and \
+                self.decoder.has_fec(after) else 0
         return out
 
     def _late(self, seq: int, pts: int, data: bytes) -> list[tuple[int, np.ndarray]]:
         hole = self._hole
-        if hole is None or (hole.seq, hole.pts) != (seq, pts):  # not the next of the last hole: it stays concealed
+        if hole is None or (hole.seq, hole.pts) != (seq, pts):  # not the next of the last hole: it stays as made up
             return []
         samples = hole.decoder.decode(data)
         if samples is None:

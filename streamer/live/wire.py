@@ -6,8 +6,9 @@ after it is in; from then on it runs that far behind for good. On the team's CPU
 voice reached the channel 81 ms after it was sent, and with 2% of its packets lost on the way, 281-302
 ms, and 0 of 262 speech frames lip-synced in time, most of the voice too late for its slot
 (BENCHMARKS.md, "The voice off the wire"). A channel has no use for that buffer: it places packets by
-their timestamps and fills a hole with silence, and the voice it sends out is held back by the
-channel's delay anyway, which is where a reordered packet still finds its place (`read_voice`).
+their timestamps (a hole the decoder did not make up is silence), and the voice it sends out is held
+back by the channel's delay anyway, which is where a reordered packet still finds its place
+(`read_voice`).
 
 An Opus RTP packet is one whole frame (RFC 7587), so passing each on as it comes loses nothing. What
 the network repeats is dropped here, and so is what comes too late to be placed: each would go
@@ -36,7 +37,7 @@ from aiortc.jitterbuffer import JitterFrame
 from aiortc.rtcrtpparameters import RTCRtpCodecParameters
 from aiortc.utils import uint16_add
 
-from streamer.live.opus import RATE, VoiceDecoder
+from streamer.live.opus import RATE, VoiceDecoder, libopus
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,11 @@ class VoiceArrivals:
             return
         if self.frames.qsize() >= KEEP:  # nobody reads them (the track ended: an RTCP BYE, then more RTP)
             return
-        if codec.name.lower() == "opus" and codec.clockRate == RATE:
+        if codec.name.lower() == "opus" and codec.clockRate == RATE and libopus() is not None:
             if self.voice is None:
                 self.voice = VoiceDecoder.make()
-            if self.voice is not None:
-                self._decode_voice(packet, pts, restart)
-                return
+            self._decode_voice(packet, pts, restart)
+            return
         decoder = self._decoders.get(codec.name)
         if decoder is None:
             decoder = self._decoders[codec.name] = get_decoder(codec)
@@ -120,7 +120,7 @@ class VoiceArrivals:
             self.frames.put_nowait(frame)  # read at once by the channel's reader (read_voice)
 
     def _decode_voice(self, packet, pts: int, restart: bool) -> None:
-        now, refused = self._arrived[pts], self.voice.refused
+        now, refused = self._arrived[pts], self.voice.refused  # (`add` has just noted it)
         decoded = self.voice.packet(packet.sequence_number, pts, packet._data, restart)
         if self.voice.refused > refused and not self._warned:
             log.warning("voice packet not decoded (not Opus): treated as lost")
