@@ -144,8 +144,9 @@ class VoiceDecoder:
             return self._late(seq, pts, data)
         out = []
         hole = (pts - self._pts) % (1 << 32)
-        if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole < 1 << 31:
-            # its late packets decode on the decoder as it was, into silence or what was made up
+        if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole <= RATE:
+            # its late packets decode on the decoder as it was, into silence or what was made up (a packet
+            # later still is past any delay's use, and read_voice would take it for a new start)
             self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
             if hole <= MAX_CONCEAL:
                 out = self._conceal(hole - hole % _STEP, data)

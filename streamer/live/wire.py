@@ -18,8 +18,8 @@ Each packet is also decoded here, on the event loop, and its frame put straight 
 hands every packet to a decoder thread, whose frame comes back through a task made for it and a
 wake-up of the loop; that hop cost 53 us of CPU a packet, the 20 ms decode itself 35 (the team's
 CPU; BENCHMARKS.md). Opus is decoded by `opus.VoiceDecoder`: a lost packet's time comes out
-concealed (or recovered from the next packet's FEC copy), not as a hole, and a reordered packet is
-decoded as if it had come in turn."""
+concealed (or recovered from the next packet's FEC copy), not as a hole, and the packets of the
+latest hole that come late, in order, are decoded as if they had come in turn."""
 
 from __future__ import annotations
 
