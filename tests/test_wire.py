@@ -179,6 +179,59 @@ def test_the_voice_decoder_makes_up_a_lost_40_ms_packet_as_one():
     assert out == [(0, 1920), (1920, 1920), (3840, 1920), (5760, 1920)] and dec.concealed == 1920
 
 
+def test_an_overdue_packet_is_made_up_on_time_and_its_voice_placed_when_it_comes():
+    """The receiver says a packet is overdue: its time is made up at once (the frames needing it go on),
+    at most MAX_CONCEAL in a row. When it comes, late, it decodes as if in turn, and the decoder goes on
+    from there as if nothing had happened; when it never comes, the next packet is not made up again."""
+    from streamer.live.opus import MAX_CONCEAL, VoiceDecoder
+
+    data = _opus_packets(20, 12)
+    in_turn = VoiceDecoder.make()
+    want = [x for k in range(6) for _, x in in_turn.packet(k, 960 * k, data[k])]
+
+    dec = VoiceDecoder.make()
+    assert dec.overdue(960) == []  # nothing heard yet: nothing to go on from
+    dec.packet(0, 0, data[0])
+    dec.packet(1, 960, data[1])
+    made = dec.overdue(960)
+    assert [at for at, _ in made] == [1920] and not dec.caught_up
+    late = dec.packet(2, 1920, data[2])  # it comes after all
+    assert [at for at, _ in late] == [1920] and np.array_equal(late[0][1], want[2]) and dec.caught_up
+    after = dec.packet(3, 2880, data[3]) + dec.packet(4, 3840, data[4])
+    assert all(np.array_equal(x, w) for (_, x), w in zip(after, want[3:5]))  # as if it had come in turn
+
+    dec = VoiceDecoder.make()
+    dec.packet(0, 0, data[0])
+    assert [at for at, _ in dec.overdue(960)] == [960]  # packet 1 is lost for good
+    assert [at for at, _ in dec.packet(2, 1920, data[2])] == [1920] and dec.concealed == 960
+    for k in range(MAX_CONCEAL // 960):
+        assert [at for at, _ in dec.overdue(960)] == [2880 + 960 * k]
+    assert dec.overdue(960) == []  # a longer wait is a pause
+
+
+def test_the_wire_makes_up_an_overdue_packet_when_it_is_due():
+    import asyncio
+
+    from streamer.live.wire import OVERDUE_S
+
+    data = _opus_packets(20, 6)
+
+    async def main():
+        receiver = audio_receiver()
+        arrivals = unbuffered(receiver)
+        queue = receiver.track._queue
+        arrivals.add(packet(0, 0, data[0]))
+        t0 = arrivals.arrival(queue.get_nowait().pts)
+        made = await asyncio.wait_for(queue.get(), 1)  # packet 1 never comes
+        due = arrivals.arrival(made.pts)
+        arrivals.add(packet(2, 1920, data[2]))
+        return made.pts, due - t0, [f.pts for f in [queue.get_nowait()]], queue.empty()
+
+    pts, after, then, empty = asyncio.run(main())
+    assert pts == 960 and 0.02 + OVERDUE_S <= after < 0.02 + OVERDUE_S + 0.05, after
+    assert then == [1920] and empty  # its time not made up twice
+
+
 def test_lost_voice_is_concealed_and_comes_back_from_the_next_packets_fec_copy():
     """A browser's voice with in-band FEC, 10% of its packets lost (one in ten, as on a bad Wi-Fi): what
     reaches the track is close to the voice over the lost packets' time too, not 20 ms holes (each a

@@ -143,10 +143,12 @@ async def _stop(tasks: list[asyncio.Task]) -> None:
 
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
                token: str | None = None, lose_every: int = 0, swap_every: int = 0,
-               pause: tuple[float, float] | None = None, keep: bool = True) -> tuple[Received, dict]:
+               pause: tuple[float, float] | None = None, keep: bool = True,
+               lose_run: int = 1) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats.
-    `lose_every=k`: every k-th voice packet is lost on the way; `swap_every=k`: every k-th comes after the
-    next. `pause`: (from s, for s) the sender sends nothing, its timestamps run on."""
+    `lose_every=k`: every k-th voice packet is lost on the way, and with `lose_run=r` the r-1 after it too;
+    `swap_every=k`: every k-th comes after the next. `pause`: (from s, for s) the sender sends nothing, its
+    timestamps run on."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc, keep)
     source = VoiceSource(voice, pause)
@@ -161,7 +163,7 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             assert res.status == 200, body
         await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
         if lose_every or swap_every:
-            _on_the_way(voice_out, lose_every, swap_every)
+            _on_the_way(voice_out, lose_every, swap_every, lose_run)
         await asyncio.sleep(seconds)
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
@@ -183,10 +185,10 @@ def round_trip_s(got: Received, sent: np.ndarray) -> float:
     return got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000 - went
 
 
-def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0) -> None:
+def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int = 1) -> None:
     """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
-    sequence number used, never delivered, as a receiver sees a real loss); every `swap_every`-th
-    comes after the one sent next."""
+    sequence number used, never delivered, as a receiver sees a real loss), with the `lose_run` - 1
+    after it; every `swap_every`-th comes after the one sent next."""
     assert swap_every != 1, "every packet after the next: none would ever be sent"
     transport, count, held = sender.transport, 0, None
     send = transport._send_rtp  # aiortc's way out for RTP and RTCP alike, before encryption
@@ -197,7 +199,7 @@ def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0) -> None:
             await send(data)
             return
         count += 1
-        if lose_every and count % lose_every == 0:
+        if lose_every and count % lose_every < lose_run:
             return
         if swap_every and count % swap_every == 0:
             held = data

@@ -120,7 +120,8 @@ class _Hole:
 @dataclass
 class VoiceDecoder:
     """One sender's voice packets, as they come, to (pts, samples) decoded in their places: a hole
-    the sender's numbering shows is concealed when the packet after it comes."""
+    the sender's numbering shows is concealed when the packet after it comes, and the time of a packet
+    that is overdue is made up when its receiver says so (`overdue`), its voice placed when it comes."""
 
     decoder: MonoDecoder
     concealed: int = 0  # samples made up for packets that did not come
@@ -128,7 +129,8 @@ class VoiceDecoder:
     late: int = 0  # packets decoded after a later one, in their place
     refused: int = 0  # packets that were not Opus (concealed as lost)
     _seq: int | None = None  # the next packet in turn
-    _pts: int = 0
+    _pts: int = 0  # where the next samples go
+    _ahead: int = 0  # samples made up past the last packet decoded (`overdue`)
     _hole: _Hole | None = None
 
     @classmethod
@@ -142,12 +144,16 @@ class VoiceDecoder:
         ahead = 0 if self._seq is None or restart else (seq - self._seq) % (1 << 16)
         if ahead >= 1 << 15:  # behind its turn
             return self._late(seq, pts, data)
+        if not restart and 0 < (self._pts - pts) % (1 << 32) <= self._ahead:  # its time was made up while overdue
+            self._seq = (seq + 1) % (1 << 16)
+            return self._late(seq, pts, data)
         out = []
         hole = (pts - self._pts) % (1 << 32)
         if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole <= RATE:
             # its late packets decode on the decoder as it was, into silence or what was made up (a packet
             # later still is past any delay's use, and read_voice would take it for a new start)
-            self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
+            if not self._ahead:  # (else the hole began where `overdue` began making it up)
+                self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
             if hole <= MAX_CONCEAL:
                 out = self._conceal(hole - hole % _STEP, data)
         samples = self.decoder.decode(data)
@@ -158,6 +164,28 @@ class VoiceDecoder:
             return out
         out.append((pts, samples))
         self._seq, self._pts = (seq + 1) % (1 << 16), (pts + samples.size) % (1 << 32)
+        self._ahead = 0
+        return out
+
+    @property
+    def caught_up(self) -> bool:
+        """No time is made up past the last packet decoded."""
+        return not self._ahead
+
+    def overdue(self, samples: int) -> list[tuple[int, np.ndarray]]:
+        """The next packet has not come when it should have: `samples` (whole 2.5 ms) made up in its
+        place now, so the frames that need them are not held up; at most MAX_CONCEAL in a row (a longer
+        wait is a pause). The packet, if it comes, is decoded as if in turn for its place."""
+        if self._seq is None or self._ahead + samples > MAX_CONCEAL:
+            return []
+        if not self._ahead:
+            self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
+        x = self.decoder.conceal(samples)
+        if x is None:
+            return []
+        out = [(self._pts, x)]
+        self._pts, self._ahead = (self._pts + x.size) % (1 << 32), self._ahead + x.size
+        self.concealed += x.size
         return out
 
     def _conceal(self, hole: int, data: bytes) -> list[tuple[int, np.ndarray]]:
@@ -192,6 +220,8 @@ class VoiceDecoder:
             return []
         hole.seq, hole.pts = (seq + 1) % (1 << 16), (pts + samples.size) % (1 << 32)
         self.late += 1
+        if (hole.seq, hole.pts) == (self._seq, self._pts):  # caught up with what was made up: on from here
+            self.decoder, self._hole, self._ahead = hole.decoder, None, 0
         return [(pts, samples)]
 
 

@@ -30,6 +30,7 @@ from collections import OrderedDict, deque
 from fractions import Fraction
 
 import av
+import numpy as np
 from aiortc import RTCRtpReceiver
 from aiortc.codecs import get_decoder
 from aiortc.codecs.base import Decoder
@@ -46,6 +47,7 @@ _CODECS = "_RTCRtpReceiver__codecs"  # payload type -> codec, filled in place wh
 KEEP = 64  # arrival times kept for packets not yet decoded (1.3 s of 20 ms packets)
 LATEST = 25  # a packet more than this many behind the newest is dropped: past any delay's use (0.5 s)
 RESTART = 100  # ... unless this many or more: the sender's numbers started again (aiortc's own rule)
+OVERDUE_S = 0.02  # a voice packet this late is made up for, so the frames that need it are not held up
 _TIME_BASE = Fraction(1, 48000)
 
 
@@ -60,6 +62,7 @@ class VoiceArrivals:
         self.frames, self.codecs = frames, codecs
         self._decoders: dict[str, Decoder] = {}
         self.voice: VoiceDecoder | None = None  # Opus, lost packets concealed (`opus.py`)
+        self._overdue: asyncio.TimerHandle | None = None
         self._warned = False
         self._origin: int | None = None
         self._arrived: OrderedDict[int, float] = OrderedDict()
@@ -128,9 +131,35 @@ class VoiceArrivals:
         for at, samples in decoded:
             if at != pts:  # made up for a lost packet: in by the time this one began
                 self._arrived[at] = now - samples.size / RATE
-            frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
-            frame.sample_rate, frame.pts, frame.time_base = RATE, at, _TIME_BASE
-            self.frames.put_nowait(frame)
+            self._put(at, samples)
+        if decoded and decoded[-1][0] == pts and self.voice.caught_up:  # the next is due when this one's time is up
+            self._expect(decoded[-1][1].size, decoded[-1][1].size / RATE + OVERDUE_S)
+
+    def _put(self, pts: int, samples: np.ndarray) -> None:
+        frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = RATE, pts, _TIME_BASE
+        self.frames.put_nowait(frame)
+
+    def _expect(self, samples: int, within_s: float) -> None:
+        """The next packet, of `samples`, is to come within `within_s`; if not, its time is made up then."""
+        if self._overdue is not None:
+            self._overdue.cancel()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # (driven by hand, as in tests: nothing is overdue)
+            return
+        self._overdue = loop.call_later(within_s, self._made_up, samples)
+
+    def _made_up(self, samples: int) -> None:
+        self._overdue = None
+        if self.frames.qsize() >= KEEP:
+            return
+        made = self.voice.overdue(samples)
+        for at, x in made:
+            self._arrived[at] = self.clock()
+            self._put(at, x)
+        if made:
+            self._expect(samples, samples / RATE)
 
     def arrival(self, pts: int | None) -> float | None:
         """When the packet of the decoded frame stamped `pts` came off the wire (None if unknown)."""
