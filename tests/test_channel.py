@@ -386,6 +386,22 @@ def test_a_packet_that_comes_after_the_next_puts_its_voice_in_its_place(avatar):
     ch.close()
 
 
+def test_a_late_packet_longer_than_what_stood_in_its_place_puts_the_rest_on_as_new_voice(avatar):
+    """20 ms made up for a packet that was late, and the packet comes: 40 ms. Its first 20 ms replace
+    what was made up, the rest goes on as the voice after it (dropped, it left a hole: a click)."""
+    now, worker, ch = simulated_channel(avatar)
+    rng = np.random.default_rng(2)
+    voice = np.clip(0.1 * rng.standard_normal(20 * CHUNK), -1, 1)
+    packets = [(k * CHUNK, voice[k * CHUNK : (k + 1) * CHUNK]) for k in range(10)]
+    packets += [(10 * CHUNK, np.zeros(CHUNK)), (10 * CHUNK, voice[10 * CHUNK : 12 * CHUNK])]  # made up, then it
+    packets += [(k * CHUNK, voice[k * CHUNK : (k + 1) * CHUNK]) for k in range(12, 20)]
+    asyncio.run(read_voice(_Packets(packets), ch))
+    assert ch.voice.received == ch.lead + voice.size
+    assert np.abs(ch.voice.buffer[ch.lead :] - voice).max() < 1e-3
+    worker.close()
+    ch.close()
+
+
 def test_a_sender_whose_timestamps_jump_back_is_pinned_afresh_not_ignored(avatar):
     """A sender that starts again (new stream, timestamps behind the old ones): its voice is a new voice on
     the channel's clock. Taken for packets behind their turn, all of it used to be dropped."""

@@ -199,7 +199,7 @@ def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int 
             await send(data)
             return
         count += 1
-        if lose_every and count % lose_every < lose_run:
+        if lose_every and count >= lose_every and (count - lose_every) % lose_every < lose_run:
             return
         if swap_every and count % swap_every == 0:
             held = data

@@ -126,8 +126,9 @@ class VoiceDecoder:
     decoder: MonoDecoder
     concealed: int = 0  # samples made up for packets that did not come
     recovered: int = 0  # ... of them from a later packet's FEC copy
-    late: int = 0  # packets decoded after a later one, in their place
+    late: int = 0  # packets decoded after a later one or after their time was made up, in their place
     refused: int = 0  # packets that were not Opus (concealed as lost)
+    overdue_made: int = 0  # samples made up for packets overdue (`overdue`), until they or the next came
     _seq: int | None = None  # the next packet in turn
     _pts: int = 0  # where the next samples go
     _ahead: int = 0  # samples made up past the last packet decoded (`overdue`)
@@ -144,18 +145,26 @@ class VoiceDecoder:
         ahead = 0 if self._seq is None or restart else (seq - self._seq) % (1 << 16)
         if ahead >= 1 << 15:  # behind its turn
             return self._late(seq, pts, data)
-        if not restart and 0 < (self._pts - pts) % (1 << 32) <= self._ahead:  # its time was made up while overdue
-            self._seq = (seq + 1) % (1 << 16)
-            return self._late(seq, pts, data)
-        out = []
-        hole = (pts - self._pts) % (1 << 32)
-        if self._seq is not None and 0 < ahead < 1 << 15 and 0 < hole <= RATE:
-            # its late packets decode on the decoder as it was, into silence or what was made up (a packet
-            # later still is past any delay's use, and read_voice would take it for a new start)
-            if not self._ahead:  # (else the hole began where `overdue` began making it up)
+        hole, out = self._hole, []
+        if self._ahead and not restart and hole is not None and (pts - hole.pts) % (1 << 32) <= MAX_CONCEAL:
+            # time was made up while this packet (or one before it) was overdue: done again on the decoder as
+            # it was, with this packet's FEC copy of the one before, then this packet, and on from there; what
+            # comes out before the end of the time made up goes out late, for the channel to put in its place
+            self.late += (self._pts - pts) % (1 << 32) <= self._ahead
+            self.decoder, self._pts = hole.decoder, hole.pts
+            self._hole = _Hole(hole.seq, hole.pts, hole.decoder.copy())
+            gap = (pts - hole.pts) % (1 << 32)
+            if gap:
+                out = self._conceal(gap - gap % _STEP, data)
+        else:
+            gap = (pts - self._pts) % (1 << 32)
+            if self._seq is not None and ahead and 0 < gap <= RATE:
+                # its late packets decode on the decoder as it was, into silence or what was made up (a
+                # packet later still is past any delay's use, and read_voice would take it for a new start)
                 self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
-            if hole <= MAX_CONCEAL:
-                out = self._conceal(hole - hole % _STEP, data)
+                if gap <= MAX_CONCEAL:
+                    out = self._conceal(gap - gap % _STEP, data)
+        self._ahead = 0
         samples = self.decoder.decode(data)
         if samples is None:  # not Opus: the next packet conceals it, from here on
             self.refused += 1
@@ -164,7 +173,6 @@ class VoiceDecoder:
             return out
         out.append((pts, samples))
         self._seq, self._pts = (seq + 1) % (1 << 16), (pts + samples.size) % (1 << 32)
-        self._ahead = 0
         return out
 
     @property
@@ -175,7 +183,8 @@ class VoiceDecoder:
     def overdue(self, samples: int) -> list[tuple[int, np.ndarray]]:
         """The next packet has not come when it should have: `samples` (whole 2.5 ms) made up in its
         place now, so the frames that need them are not held up; at most MAX_CONCEAL in a row (a longer
-        wait is a pause). The packet, if it comes, is decoded as if in turn for its place."""
+        wait is a pause). When it or a later one comes, that time is done again as if they had come in
+        turn (`packet`)."""
         if self._seq is None or self._ahead + samples > MAX_CONCEAL:
             return []
         if not self._ahead:
@@ -185,7 +194,7 @@ class VoiceDecoder:
             return []
         out = [(self._pts, x)]
         self._pts, self._ahead = (self._pts + x.size) % (1 << 32), self._ahead + x.size
-        self.concealed += x.size
+        self.overdue_made += x.size
         return out
 
     def _conceal(self, hole: int, data: bytes) -> list[tuple[int, np.ndarray]]:
@@ -220,8 +229,6 @@ class VoiceDecoder:
             return []
         hole.seq, hole.pts = (seq + 1) % (1 << 16), (pts + samples.size) % (1 << 32)
         self.late += 1
-        if (hole.seq, hole.pts) == (self._seq, self._pts):  # caught up with what was made up: on from here
-            self.decoder, self._hole, self._ahead = hole.decoder, None, 0
         return [(pts, samples)]
 
 

@@ -239,7 +239,7 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
             frame = await track.recv()
         except MediaStreamError:
             voice = wire.voice if wire is not None else None
-            if voice is not None and voice.concealed:
+            if voice is not None and (voice.concealed or voice.late):
                 log.info("[%s] voice ended: %.0f ms of it lost on the way and made up (%.0f ms from FEC copies), "
                          "%d packets placed late", channel.session, voice.concealed / 48, voice.recovered / 48,
                          voice.late)
@@ -254,16 +254,19 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
             continue
         mono = voice_samples(frame)
         if frame.pts is not None:
+            start = frame.pts
             if expected is not None:
                 gap = (frame.pts - expected) % (1 << 32)  # RTP timestamps wrap at 2^32
                 behind = (1 << 32) - gap if gap >= 1 << 31 else 0
-                if 0 < behind <= MAX_GAP:  # reordered past its turn
-                    channel.late_voice(behind, mono)
-                    continue
-                if gap > MAX_GAP:  # the sender paused, or started again elsewhere: filling it would place
+                if 0 < behind <= MAX_GAP:  # reordered past its turn (or its time made up while it was late)
+                    channel.late_voice(behind, mono[:behind])
+                    if behind >= mono.size:
+                        continue
+                    mono, start = mono[behind:], expected  # (longer than what stood in its place: the rest is new)
+                elif gap > MAX_GAP:  # the sender paused, or started again elsewhere: filling it would place
                     channel.resume_voice()  # what follows in the past (or far ahead)
                 elif gap:  # lost on the way: silence, in by the time this packet began
                     channel.push_voice(np.zeros(gap, np.float32),
                                        None if arrival is None else arrival - mono.size / VOICE_RATE)
-            expected = (frame.pts + mono.size) % (1 << 32)
+            expected = (start + mono.size) % (1 << 32)
         channel.push_voice(mono, arrival)
