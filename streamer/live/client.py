@@ -144,11 +144,12 @@ async def _stop(tasks: list[asyncio.Task]) -> None:
 async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | None = None,
                token: str | None = None, lose_every: int = 0, swap_every: int = 0,
                pause: tuple[float, float] | None = None, keep: bool = True,
-               lose_run: int = 1) -> tuple[Received, dict]:
+               lose_run: int = 1, jitter_s: float = 0.0) -> tuple[Received, dict]:
     """Connect to `url`/offer, send `voice`, receive for `seconds`; returns what arrived and the session's stats.
     `lose_every=k`: every k-th voice packet is lost on the way, and with `lose_run=r` the r-1 after it too;
-    `swap_every=k`: every k-th comes after the next. `pause`: (from s, for s) the sender sends nothing, its
-    timestamps run on."""
+    `swap_every=k`: every k-th comes after the next; `jitter_s`: each is held on the way for a random time,
+    exponential with this mean (a packet held long is overtaken). `pause`: (from s, for s) the sender
+    sends nothing, its timestamps run on."""
     pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     got, tasks = _receive(pc, keep)
     source = VoiceSource(voice, pause)
@@ -162,8 +163,8 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             body = await res.json()
             assert res.status == 200, body
         await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
-        if lose_every or swap_every:
-            _on_the_way(voice_out, lose_every, swap_every, lose_run)
+        if lose_every or swap_every or jitter_s:
+            _on_the_way(voice_out, lose_every, swap_every, lose_run, jitter_s)
         await asyncio.sleep(seconds)
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
@@ -185,13 +186,16 @@ def round_trip_s(got: Received, sent: np.ndarray) -> float:
     return got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000 - went
 
 
-def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int = 1) -> None:
+def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int = 1,
+                jitter_s: float = 0.0) -> None:
     """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
     sequence number used, never delivered, as a receiver sees a real loss), with the `lose_run` - 1
-    after it; every `swap_every`-th comes after the one sent next."""
+    after it; every `swap_every`-th comes after the one sent next; each is held for an exponential
+    random time of mean `jitter_s`."""
     assert swap_every != 1, "every packet after the next: none would ever be sent"
     transport, count, held = sender.transport, 0, None
     send = transport._send_rtp  # aiortc's way out for RTP and RTCP alike, before encryption
+    rng, held_on_the_way = np.random.default_rng(0), set()
 
     async def network(data: bytes) -> None:
         nonlocal count, held
@@ -204,12 +208,22 @@ def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int 
         if swap_every and count % swap_every == 0:
             held = data
             return
+        if jitter_s:
+            task = asyncio.get_running_loop().create_task(_later(send, data, rng.exponential(jitter_s)))
+            held_on_the_way.add(task)  # (a task is kept until done)
+            task.add_done_callback(held_on_the_way.discard)
+            return
         await send(data)
         if held is not None:
             held, data = None, held
             await send(data)
 
     transport._send_rtp = network
+
+
+async def _later(send, data: bytes, delay_s: float) -> None:
+    await asyncio.sleep(delay_s)
+    await send(data)
 
 
 async def _whip_whep(pc: RTCPeerConnection, base: str, path: str, seconds: float, token: str | None) -> str:

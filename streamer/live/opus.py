@@ -8,11 +8,17 @@ libopus can do better (RFC 6716): with no packet it continues the voice for the 
 before it, which recovers that one when it was lost. Browsers send that copy once their receiver
 reports loss, when the answer says it can use it (`useinbandfec=1`, `advertise_fec`).
 
-A packet that comes after a later one (reordered) finds its hole concealed already. Decoded then,
-out of turn, it would disturb the decoder for the packets after it; so the decoder is copied (its
-state is one flat block, made to be copied) where a hole starts, and the hole's packets that come
-late, in order, are decoded on the copy of the last hole, as if they had come in turn, for the
-channel to put in their place.
+The mouths cannot wait for a lost packet's successor: after two or three lost in a row, the frames
+that needed them came too late (8 of a clip's speech frames, three lost in every 30). So a packet
+overdue by 20 ms (`wire.OVERDUE_S`) has its time made up then (`overdue`); when it, or the packet
+after it, comes, that time is done again properly (the late packet itself, or its successor's FEC
+copy), for the voice the viewers hear, and decoding goes on from there as if in turn.
+
+Doing again, and a reordered packet that finds its hole concealed already, need the decoder as it
+was before the hole: decoded out of turn, a packet would disturb the decoder for those after it. So
+the decoder is copied (its state is one flat block, made to be copied) where a hole starts, and the
+hole's packets that come late, in order, are decoded on the copy of the last hole, for the channel
+to put in their place.
 
 The voice is decoded as mono: what a channel uses (a stereo decoder gave two equal channels for a
 mono sender, and a fifth more time). libopus comes with PyAV; without it, aiortc's decoder is used."""
@@ -150,19 +156,20 @@ class VoiceDecoder:
             # time was made up while this packet (or one before it) was overdue: done again on the decoder as
             # it was, with this packet's FEC copy of the one before, then this packet, and on from there; what
             # comes out before the end of the time made up goes out late, for the channel to put in its place
-            self.late += (self._pts - pts) % (1 << 32) <= self._ahead
+            self.late += 0 < (self._pts - pts) % (1 << 32) <= self._ahead
             self.decoder, self._pts = hole.decoder, hole.pts
             self._hole = _Hole(hole.seq, hole.pts, hole.decoder.copy())
             gap = (pts - hole.pts) % (1 << 32)
-            if gap:
+            if gap and seq != hole.seq:  # (the very packet awaited, later stamped: a pause, nothing lost)
                 out = self._conceal(gap - gap % _STEP, data)
         else:
             gap = (pts - self._pts) % (1 << 32)
             if self._seq is not None and ahead and 0 < gap <= RATE:
                 # its late packets decode on the decoder as it was, into silence or what was made up (a
                 # packet later still is past any delay's use, and read_voice would take it for a new start)
-                self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
-                if gap <= MAX_CONCEAL:
+                if not self._ahead:  # (else the hole began where `overdue` began making it up)
+                    self._hole = _Hole(self._seq, self._pts, self.decoder.copy())
+                if gap + self._ahead <= MAX_CONCEAL:  # (counting what `overdue` made up of it)
                     out = self._conceal(gap - gap % _STEP, data)
         self._ahead = 0
         samples = self.decoder.decode(data)
