@@ -207,7 +207,10 @@ class VoiceDecoder:
     def _conceal(self, hole: int, data: bytes) -> list[tuple[int, np.ndarray]]:
         """`hole` samples missing before `data`: the last packet's worth from `data`'s FEC copy (libopus
         conceals it where there is none), the rest concealed 20 ms at a time (it fades as it goes)."""
-        fec = min(hole, self.decoder.samples_in(data))
+        whole = self.decoder.samples_in(data)
+        fec = min(hole, whole)
+        # (libopus conceals instead where the copy is not of the missing packet's length)
+        recovers = fec == whole and self.decoder.has_fec(data)
         parts, plc = [], hole - fec
         while plc > 0:
             parts.append((min(plc, RATE // 50), None))
@@ -222,9 +225,7 @@ class VoiceDecoder:
             out.append((pts, x))
             pts = (pts + x.size) % (1 << 32)
             self.concealed += x.size
-            # (libopus conceals instead where the copy is not of the missing packet's length)
-            self.recovered += x.size if after is not None and n == self.decoder.samples_in(after) and \
-                self.decoder.has_fec(after) else 0
+            self.recovered += x.size if after is not None and recovers else 0
         return out
 
     def _late(self, seq: int, pts: int, data: bytes) -> list[tuple[int, np.ndarray]]:

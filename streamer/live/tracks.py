@@ -230,7 +230,7 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
     silence in its place. Counting would move every
     later sample earlier, shrinking the delay by 20 ms per lost packet until voice and lips are late.
     A packet that comes after a later one (reordered on the way) still puts its voice in its place,
-    if that has not been sent yet; the mouths there were cut with the silence.
+    if that has not been sent yet; the mouths there were cut with what stood in for it.
     """
     warned = False
     expected = None
