@@ -10,10 +10,11 @@ drift apart and the delay cannot grow, however slow inference is.
 A voice starts with a little silence (`voice_lead`) so that every frame's audio window is complete
 exactly at the end of a packet, not up to a packet later: the least delay is then the lookahead itself.
 
-The sender's sound card is never exactly 48 kHz (±100 ppm is common: 60 ms in 10 minutes). When the
-voice keeps arriving more than RESYNC_S off its pinned timeline, the pin moves by one whole frame
-(voice and video together, so sync is kept) during silence, where repeating or skipping 40 ms of
-silent input is neither seen nor heard.
+The first packet may itself have come late (a busy loop), and the sender's sound card is never exactly
+48 kHz (±100 ppm is common: 60 ms in 10 minutes), so the pin is settled by the packets that follow:
+once before the first mouth is cut, and again in silence, the channel's clock moves (voice and video
+together, so sync is kept) to where the voice arrives. More than RESYNC_S off, the voice moves by one
+whole frame instead, where repeating or skipping 40 ms of silent input is neither seen nor heard.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ SAMPLES_PER_FRAME = VOICE_RATE // FPS  # 1920
 CHUNK = 960  # 20 ms of outgoing voice
 PACKET_S = 0.02  # the voice's packets as WebRTC senders make them (browsers, aiortc, OBS)
 RESYNC_S = 0.03
+SETTLE_S = 0.002  # an offset of the voice from its pinned timeline under this is left (the loop's own jitter)
+SETTLE_FIRST = 10  # packets after which a new voice's timeline is settled once, before its first mouth
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # network jitter (a lost packet holds a window back 20 ms) and event-loop lag. 42.5 ms keeps the total the
@@ -134,6 +137,7 @@ class VoiceIn:
         self.interrupted_to = 0  # voice received before this sample was silenced by an interrupt
         self.arrivals: deque[tuple[int, float]] = deque(maxlen=500)  # (first sample, arrival time)
         self.lateness: deque[float] = deque(maxlen=100)  # per packet, vs the pinned timeline (2 s)
+        self.settled = False  # the first settling of the timeline is done
 
 
 class Channel:
@@ -186,7 +190,8 @@ class Channel:
         self.late = 0  # speech frames whose own mouth was not ready in time
         self.held = 0  # of those, frames shown with the last mouth instead of the idle one
         self.speaking = False
-        self.resyncs = 0
+        self.resyncs = 0  # voice moved a whole frame on the timeline (sender clock drift)
+        self.settles = 0  # channel clock moved under a frame to where the voice arrives
         self.interrupts = 0
         self._sent_at: deque[float] = deque(maxlen=51)  # when the last frames were made (fps over ~2 s)
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
@@ -384,15 +389,29 @@ class Channel:
         log.info("[%s] interrupted on channel %s: voice and mouth rest from frame %d", self.session, self.name, step)
 
     def _resync(self, v: VoiceIn) -> None:
-        if len(v.lateness) < v.lateness.maxlen or self.speaking or v.level > 0:
+        """Keep the voice on its pinned timeline by the least lateness of its packets (network jitter
+        only ever adds, so that is the offset): the first packet, which pinned it, may itself have come
+        late (a busy loop, a sender starting up), and the sender's clock drifts. Judged once on the first
+        SETTLE_FIRST packets (before the first mouth is cut), then on each 2 s of them, in silence. An offset
+        under RESYNC_S moves the channel's clock (voice and video together, so sync holds) and the delay
+        is the target again; a larger one moves the voice by a whole frame."""
+        first = len(v.lateness) >= SETTLE_FIRST and not v.settled
+        if not (first or len(v.lateness) == v.lateness.maxlen) or self.speaking or v.level > 0 or self._expected:
             return
+        v.settled = True
         late = min(v.lateness)
+        if abs(late) <= SETTLE_S:
+            return
+        v.lateness.clear()
         if abs(late) <= RESYNC_S:
+            self.start += late
+            self.settles += 1
+            log.debug("[%s] voice %+.1f ms off its pinned timeline: channel clock moved by that", self.session,
+                      1000 * late)
             return
         shift = 1 if late > 0 else -1
         with self._lock:
             v.n0 += shift
-        v.lateness.clear()
         self.resyncs += 1
         log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame in silence",
                  self.session, 1000 * late, shift)
