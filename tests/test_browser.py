@@ -93,11 +93,13 @@ def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
             page.wait_for_function("document.getElementById('s-frames').textContent.match(/^[1-9]\\d* of/)",
                                    timeout=15000)
             page.wait_for_timeout(1500)
-            stats = {k: page.inner_text(f"#s-{k}") for k in ("state", "fps", "server", "e2e", "frames", "engine")}
+            stats = {k: page.inner_text(f"#s-{k}") for k in ("state", "fps", "server", "e2e", "frames", "lost",
+                                                              "engine")}
             page.screenshot(path=str(ARTIFACTS / "browser.png"))
             print(stats)
             assert stats["state"] == "connected" and "builtin" in stats["engine"]
             assert "ms median" in stats["server"] and "ms" in stats["e2e"]
+            assert stats["lost"] == "none"  # (nothing is lost on this machine's loopback)
             page.click("#stop")
             page.wait_for_function("document.getElementById('s-state').textContent === 'stopped'")
         finally:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 from aiortc import RTCPeerConnection
+from prometheus_client.parser import text_string_to_metric_families
 from scipy import signal
 
 from streamer.avatar.cache import demo_avatar
@@ -248,11 +249,22 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
 
     async def main():
         async with serving(avatar) as (server, url):
-            return await talk(url, wav + tone, 1.0 + speech_s + 2.0, lose_every=30, lose_run=3)
+            talking = asyncio.ensure_future(talk(url, wav + tone, 1.0 + speech_s + 2.0, lose_every=30, lose_run=3))
+            await asyncio.sleep(1.0 + speech_s + 1.5)  # (its channel's counters go when it ends)
+            async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as res:
+                metrics = await res.text()
+            return *await talking, metrics
 
-    got, stats = asyncio.run(main())
+    got, stats, metrics = asyncio.run(main())
     assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
     assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    # the talk page and /metrics say how much of the voice was lost on the way (aiortc sends no FEC)
+    print(f"lost {got.lost_on_the_way} packets, stats {stats}")
+    assert got.lost_on_the_way > 15 and stats["voice_fec_ms"] == 0, stats
+    assert 20 * got.lost_on_the_way - 60 <= stats["voice_lost_ms"] <= 20 * got.lost_on_the_way, stats
+    lost = [s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer_voice_lost_seconds"
+            for s in f.samples if s.name == "streamer_voice_lost_seconds_total"]
+    assert len(lost) == 1 and stats["voice_lost_ms"] / 1000 - 0.15 <= lost[0] <= stats["voice_lost_ms"] / 1000, lost
     out = np.concatenate([a for _, a in got.audio])
     start = np.argmax(np.abs(out) > 0.05)  # the tone is back (three packets in every 30 lost since)
     steady = out[start + 4800 : start + int((speech_s + 0.5) * 48000)]
@@ -274,6 +286,7 @@ def test_a_packet_that_comes_after_the_next_is_still_heard_in_its_place(avatar, 
 
     got, stats = asyncio.run(main())
     assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
+    assert stats["voice_late_packets"] > 10, stats  # (counted, for the page and /metrics)
     out = np.concatenate([a for _, a in got.audio])
     start = np.argmax(np.abs(out) > 0.05)  # the tone is back (a packet in every 10 came late since)
     steady = out[start + 4800 : start + int((speech_s + 0.5) * 48000)]

@@ -193,6 +193,8 @@ class Channel:
         self.resyncs = 0  # voice moved a whole frame on the timeline (sender clock drift)
         self.settles = 0  # channel clock moved under a frame to where the voice arrives
         self.interrupts = 0
+        self.wire = None  # the voice's arrivals off the wire (live/wire.py): its decoder counts what was lost
+        self._lost = (0, 0, 0)  # voices gone before: samples made up, of them from FEC copies, packets late
         self._sent_at: deque[float] = deque(maxlen=51)  # when the last frames were made (fps over ~2 s)
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
@@ -565,11 +567,28 @@ class Channel:
             return 0.0
         return round((len(t) - 1) / max(1e-9, t[-1] - t[0]), 2)
 
+    def follow_wire(self, wire) -> None:
+        """The arrivals (`wire.VoiceArrivals`) of the voice now driving the channel; None when it ends.
+        What their decoders made up for lost packets is counted over the channel's life."""
+        self._lost, self.wire = self.voice_losses(), wire
+
+    def voice_losses(self) -> tuple[int, int, int]:
+        """Voice lost on the way in: samples made up (concealed, or rebuilt from the next packet's FEC
+        copy), of those rebuilt from FEC copies, and packets that came late and were put in their place."""
+        made, fec, late = self._lost
+        decoder = getattr(self.wire, "voice", None)
+        if decoder is not None:
+            made, fec, late = made + decoder.concealed, fec + decoder.recovered, late + decoder.late
+        return made, fec, late
+
     def stats(self) -> dict:
         d = np.array(self.delays) * 1000 if self.delays else np.zeros(0)
+        made, fec, late = self.voice_losses()
         return {"channel": self.name, "frames_sent": self.sent, "viewers": self.viewers,
                 "fps": self.fps(),
                 "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "held_frames": self.held,
+                "voice_lost_ms": round(1000 * made / VOICE_RATE), "voice_fec_ms": round(1000 * fec / VOICE_RATE),
+                "voice_late_packets": late,
                 "speaking": self.speaking,
                 "delay_ms_p50": round(float(np.percentile(d, 50)), 1) if d.size else None,
                 "delay_ms_p95": round(float(np.percentile(d, 95)), 1) if d.size else None,

@@ -99,6 +99,7 @@ class Received:
         self.video: list[tuple[float, np.ndarray | None]] = []  # (arrival, BGR frame)
         self.audio: list[tuple[float, np.ndarray | None]] = []  # (arrival, mono float 48 kHz)
         self.voice_t0: float | None = None  # when the voice sent began (`talk`)
+        self.lost_on_the_way = 0  # voice packets `talk` lost on purpose (`lose_every`)
 
 
 async def _collect(track, sink, kind, wire: VoiceArrivals | None = None):
@@ -164,7 +165,7 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
             assert res.status == 200, body
         await pc.setRemoteDescription(RTCSessionDescription(body["sdp"], body["type"]))
         if lose_every or swap_every or jitter_s:
-            _on_the_way(voice_out, lose_every, swap_every, lose_run, jitter_s)
+            _on_the_way(voice_out, got, lose_every, swap_every, lose_run, jitter_s)
         await asyncio.sleep(seconds)
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
@@ -186,12 +187,12 @@ def round_trip_s(got: Received, sent: np.ndarray) -> float:
     return got.audio[k][0] + np.argmax(np.abs(got.audio[k][1]) > 0.05) / 48000 - went
 
 
-def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int = 1,
+def _on_the_way(sender, got: Received, lose_every: int = 0, swap_every: int = 0, lose_run: int = 1,
                 jitter_s: float = 0.0) -> None:
     """What the network does to the RTP packets `sender` sends: every `lose_every`-th is lost (its
-    sequence number used, never delivered, as a receiver sees a real loss), with the `lose_run` - 1
-    after it; every `swap_every`-th comes after the one sent next; each is held for an exponential
-    random time of mean `jitter_s`."""
+    sequence number used, never delivered, as a receiver sees a real loss; counted in `got`), with the
+    `lose_run` - 1 after it; every `swap_every`-th comes after the one sent next; each is held for an
+    exponential random time of mean `jitter_s`."""
     assert swap_every != 1, "every packet after the next: none would ever be sent"
     transport, count, held = sender.transport, 0, None
     send = transport._send_rtp  # aiortc's way out for RTP and RTCP alike, before encryption
@@ -204,6 +205,7 @@ def _on_the_way(sender, lose_every: int = 0, swap_every: int = 0, lose_run: int 
             return
         count += 1
         if lose_every and count >= lose_every and (count - lose_every) % lose_every < lose_run:
+            got.lost_on_the_way += 1
             return
         if swap_every and count % swap_every == 0:
             held = data

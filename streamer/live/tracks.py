@@ -234,6 +234,8 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
     """
     warned = False
     expected = None
+    if wire is not None:
+        channel.follow_wire(wire)
     while True:
         try:
             frame = await track.recv()
@@ -243,6 +245,8 @@ async def read_voice(track: MediaStreamTrack, channel: Channel, wire: VoiceArriv
                 log.info("[%s] voice ended: %.0f ms of it lost on the way and made up (%.0f ms from FEC copies), "
                          "%d packets placed late", channel.session, voice.concealed / 48, voice.recovered / 48,
                          voice.late)
+            if wire is not None and channel.wire is wire:
+                channel.follow_wire(None)
             return
         arrival = wire.arrival(frame.pts) if wire is not None else None
         channel.heard()
