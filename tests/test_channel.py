@@ -312,14 +312,14 @@ def test_at_the_floor_every_speech_frame_is_cut_by_its_slot_and_some_just_by_it(
     assert -1e-9 <= min(slack.values()) < 0.001
 
 
-def arrival_slack(avatar, voice: np.ndarray, off_s: float, first: int = 2):
+def arrival_slack(avatar, voice: np.ndarray, off_s: float, first: int = 2, packet: int = CHUNK):
     """A voice at the floor whose first `first` packets came `off_s` later than the rest (earlier if
     negative): (channel, {speech step: seconds from its cut to its slot})."""
     now, worker, ch = simulated_channel(avatar, delay_s=MIN_DELAY_S)
     slack, n = {}, 0
-    for p, k in enumerate(range(0, voice.size, CHUNK)):
-        now[0] = 100.0 + (k + CHUNK) / 48000 + (off_s if p < first else 0.0)
-        ch.push_voice(voice[k : k + CHUNK])
+    for p, k in enumerate(range(0, voice.size, packet)):
+        now[0] = 100.0 + (k + packet) / 48000 + (off_s if p < first else 0.0)
+        ch.push_voice(voice[k : k + packet])
         slack.update({step: want[3] for step, want in ch._expected.items() if step not in slack})
         assert worker.drain()
         while ch.start + n / FPS <= now[0]:  # the video track's schedule
@@ -330,19 +330,21 @@ def arrival_slack(avatar, voice: np.ndarray, off_s: float, first: int = 2):
     return ch, slack
 
 
-@pytest.mark.parametrize("pause", [0.5, 0.0])
-def test_a_voice_whose_first_packets_came_late_is_settled_before_its_first_mouth(avatar, pause):
+@pytest.mark.parametrize("late, pause, packet", [(0.008, 0.5, CHUNK), (0.008, 0.0, CHUNK), (0.008, 0.0, 2 * CHUNK),
+                                                 (0.035, 0.0, CHUNK), (0.085, 0.5, CHUNK)])
+def test_a_voice_whose_first_packets_came_late_is_settled_before_its_first_mouth(avatar, late, pause, packet):
     """The voice is pinned by its first packet's arrival. When the first two packets came late (a busy
     loop, a sender starting up: 4-25 ms seen with 4 talkers on one loop), every later frame went out
     that much after the target delay. The timeline settles on the packets that follow, before the first
-    frame is cut, even when the speech starts at once: at the floor, the tightest speech frame is cut
-    with no time to spare (8 ms to spare before), and none late."""
+    frame is cut, even when the speech starts at once, with 20 or 40 ms packets; over 30 ms off, by
+    whole frames and the rest: at the floor, the tightest speech frame is cut with no time to spare
+    (8 ms to spare before), and none late."""
     x, rate = speak("One two three, lips and voice together.")
     speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
     voice = np.concatenate([np.zeros(int(pause * 48000), np.float32), speech, np.zeros(48000, np.float32)])
-    ch, slack = arrival_slack(avatar, voice, 0.008)
+    ch, slack = arrival_slack(avatar, voice, late, packet=packet)
     assert len(slack) > 30 and -1e-9 <= min(slack.values()) < 0.001, min(slack.values())
-    assert ch.settles == 1 and ch.resyncs == 0
+    assert ch.resyncs == (late > 0.03) and ch.settles == 1
 
 
 def test_a_voice_that_came_in_later_than_its_first_packet_is_settled_in_the_next_pause(avatar):

@@ -259,12 +259,13 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
     assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
     assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
     # the talk page and /metrics say how much of the voice was lost on the way (aiortc sends no FEC)
-    print(f"lost {got.lost_on_the_way} packets, stats {stats}")
-    assert got.lost_on_the_way > 15 and stats["voice_fec_ms"] == 0, stats
-    assert 20 * got.lost_on_the_way - 60 <= stats["voice_lost_ms"] <= 20 * got.lost_on_the_way, stats
+    sent_lost = stats["lost_on_the_way"]  # by the time the stats were asked for (the last run not yet made up)
+    assert sent_lost > 15 and stats["voice_fec_ms"] == 0, stats
+    assert 20 * sent_lost - 60 <= stats["voice_lost_ms"] <= 20 * sent_lost, stats
     lost = [s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer_voice_lost_seconds"
             for s in f.samples if s.name == "streamer_voice_lost_seconds_total"]
-    assert len(lost) == 1 and stats["voice_lost_ms"] / 1000 - 0.15 <= lost[0] <= stats["voice_lost_ms"] / 1000, lost
+    # (asked for up to a second before the stats: 3 packets in every 30 lost meanwhile)
+    assert len(lost) == 1 and stats["voice_lost_ms"] / 1000 - 0.3 <= lost[0] <= stats["voice_lost_ms"] / 1000, lost
     out = np.concatenate([a for _, a in got.audio])
     start = np.argmax(np.abs(out) > 0.05)  # the tone is back (three packets in every 30 lost since)
     steady = out[start + 4800 : start + int((speech_s + 0.5) * 48000)]
@@ -426,8 +427,11 @@ def test_neural_engines_live_lipsync_as_much_as_they_can(case, exported, release
     print(f"{engine.name}: {capacity:.1f} frames/s at batch 1 after warm-up, {1000 * room:.0f} ms from a window's "
           f"audio to its slot; {stats}")
     assert speech > 60, stats
-    if cost[1] <= room:
+    if 2 * cost[1] <= room:
         assert share >= 0.6 * min(1.0, capacity / 25), (share, capacity)
+    elif cost[1] <= room:  # one call at a time: after each, the next frame whose window is in may come a
+        # frame later (MuseTalk on a 2-core CPU, 101 ms a call and 122 ms of room: 25 of 109, 23%, in time)
+        assert share >= 0.6 / (cost[1] + 1 / 25) / 25, (share, capacity)
     else:  # one call takes longer than the delay (at most 500 ms) leaves it: MuseTalk on a slow 2-core CPU
         print("a call does not fit the delay: what is in time is luck")
     times = np.array([t for t, _ in got.video])

@@ -43,7 +43,9 @@ CHUNK = 960  # 20 ms of outgoing voice
 PACKET_S = 0.02  # the voice's packets as WebRTC senders make them (browsers, aiortc, OBS)
 RESYNC_S = 0.03
 SETTLE_S = 0.002  # an offset of the voice from its pinned timeline under this is left (the loop's own jitter)
-SETTLE_FIRST = 10  # packets after which a new voice's timeline is settled once, before its first mouth
+# voice after which a new voice's timeline is settled once: before its first frame can be cut (every
+# engine's lookahead is longer), whatever the packets' length
+SETTLE_FIRST_S = 0.2
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # network jitter (a lost packet holds a window back 20 ms) and event-loop lag. 42.5 ms keeps the total the
@@ -190,8 +192,8 @@ class Channel:
         self.late = 0  # speech frames whose own mouth was not ready in time
         self.held = 0  # of those, frames shown with the last mouth instead of the idle one
         self.speaking = False
-        self.resyncs = 0  # voice moved a whole frame on the timeline (sender clock drift)
-        self.settles = 0  # channel clock moved under a frame to where the voice arrives
+        self.resyncs = 0  # voice moved by whole frames on the timeline (a sender clock's drift)
+        self.settles = 0  # channel clock moved, by under a frame, to where the voice arrives
         self.interrupts = 0
         self.wire = None  # the voice's arrivals off the wire (live/wire.py): its decoder counts what was lost
         self._lost = (0, 0, 0)  # voices gone before: samples made up, of them from FEC copies, packets late
@@ -394,29 +396,32 @@ class Channel:
         """Keep the voice on its pinned timeline by the least lateness of its packets (network jitter
         only ever adds, so that is the offset): the first packet, which pinned it, may itself have come
         late (a busy loop, a sender starting up), and the sender's clock drifts. Judged once on the first
-        SETTLE_FIRST packets (before the first mouth is cut), then on each 2 s of them, in silence. An offset
-        under RESYNC_S moves the channel's clock (voice and video together, so sync holds) and the delay
-        is the target again; a larger one moves the voice by a whole frame."""
-        first = len(v.lateness) >= SETTLE_FIRST and not v.settled
-        if not (first or len(v.lateness) == v.lateness.maxlen) or self.speaking or v.level > 0 or self._expected:
+        SETTLE_FIRST_S of voice (before the first frame can be cut), then on each 2 s of packets, in
+        silence. The channel's clock moves by the offset (voice and video together, so sync holds) and
+        the delay is the target again; an offset over RESYNC_S moves the voice by whole frames first."""
+        first = not v.settled and v.received >= SETTLE_FIRST_S * VOICE_RATE
+        if not (first or len(v.lateness) == v.lateness.maxlen) or self.speaking or v.level > 0:
             return
+        if self._expected and max(self._expected) >= (self.clock() - self.start) * FPS:
+            return  # mouths still to show (those whose slot has passed go when a viewer asks again)
         v.settled = True
         late = min(v.lateness)
         if abs(late) <= SETTLE_S:
             return
         v.lateness.clear()
-        if abs(late) <= RESYNC_S:
-            self.start += late
+        frames = round(late * FPS) if abs(late) > RESYNC_S else 0
+        if frames:
+            with self._lock:
+                v.n0 += frames
+            self.resyncs += 1
+            log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame%s in silence",
+                     self.session, 1000 * late, frames, "" if abs(frames) == 1 else "s")
+        rest = late - frames / FPS
+        if abs(rest) > 1e-6:
+            self.start += rest
             self.settles += 1
             log.debug("[%s] voice %+.1f ms off its pinned timeline: channel clock moved by that", self.session,
-                      1000 * late)
-            return
-        shift = 1 if late > 0 else -1
-        with self._lock:
-            v.n0 += shift
-        self.resyncs += 1
-        log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame in silence",
-                 self.session, 1000 * late, shift)
+                      1000 * rest)
 
     def _widen(self, v: VoiceIn) -> None:
         """Auto delay: the first estimate counts inference only. When more than AUTO_LATE_SHARE of the
@@ -570,12 +575,15 @@ class Channel:
     def follow_wire(self, wire) -> None:
         """The arrivals (`wire.VoiceArrivals`) of the voice now driving the channel; None when it ends.
         What their decoders made up for lost packets is counted over the channel's life."""
-        self._lost, self.wire = self.voice_losses(), wire
+        if wire is not self.wire:
+            self._lost, self.wire = self.voice_losses(), wire
 
-    def voice_losses(self) -> tuple[int, int, int]:
-        """Voice lost on the way in: samples made up (concealed, or rebuilt from the next packet's FEC
-        copy), of those rebuilt from FEC copies, and packets that came late and were put in their place."""
-        made, fec, late = self._lost
+    def voice_losses(self, current: bool = False) -> tuple[int, int, int]:
+        """Voice lost on the way in, over the channel's life (current: the voice driving it now):
+        samples made up (concealed, or rebuilt from the next packet's FEC copy; not gaps too long to
+        make up, left silent), of those rebuilt from FEC copies, and packets placed late (after a
+        later one, or after their time was made up: a busy server's event loop makes those too)."""
+        made, fec, late = (0, 0, 0) if current else self._lost
         decoder = getattr(self.wire, "voice", None)
         if decoder is not None:
             made, fec, late = made + decoder.concealed, fec + decoder.recovered, late + decoder.late
@@ -583,7 +591,7 @@ class Channel:
 
     def stats(self) -> dict:
         d = np.array(self.delays) * 1000 if self.delays else np.zeros(0)
-        made, fec, late = self.voice_losses()
+        made, fec, late = self.voice_losses(current=True)
         return {"channel": self.name, "frames_sent": self.sent, "viewers": self.viewers,
                 "fps": self.fps(),
                 "lipsync_frames": self.lipsync_frames, "late_frames": self.late, "held_frames": self.held,

@@ -167,9 +167,10 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
         if lose_every or swap_every or jitter_s:
             _on_the_way(voice_out, got, lose_every, swap_every, lose_run, jitter_s)
         await asyncio.sleep(seconds)
+        lost = got.lost_on_the_way
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
-        stats["session"] = body["session"]
+        stats["session"], stats["lost_on_the_way"] = body["session"], lost  # (what the stats can count)
         async with http.delete(f"{url}/session/{body['session']}"):  # as the page does: the channel is free at once
             pass
     await pc.close()

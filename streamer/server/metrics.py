@@ -96,13 +96,13 @@ class Metrics:
                [f"streamer_frames_held_total{{{lab}}} {c.held}" for lab, c in zip(label, chans)])
         lost = [c.voice_losses() for c in chans]
         metric("streamer_voice_lost_seconds_total", "counter", "voice lost on the way in and made up (concealed, "
-               "or rebuilt from the next packet's FEC copy)",
+               "or rebuilt from the next packet's FEC copy; not gaps too long to make up, left silent)",
                [f"streamer_voice_lost_seconds_total{{{lab}}} {m[0] / 48000:.3f}" for lab, m in zip(label, lost)])
         metric("streamer_voice_fec_seconds_total", "counter", "of the voice lost, what was rebuilt from FEC copies",
                [f"streamer_voice_fec_seconds_total{{{lab}}} {m[1] / 48000:.3f}" for lab, m in zip(label, lost)])
-        metric("streamer_voice_late_packets_total", "counter", "voice packets that came after a later one and "
-               "were put in their place", [f"streamer_voice_late_packets_total{{{lab}}} {m[2]}"
-                                           for lab, m in zip(label, lost)])
+        metric("streamer_voice_late_packets_total", "counter", "voice packets placed late: after a later one, or "
+               "after their time was made up (network jitter, or a busy event loop)",
+               [f"streamer_voice_late_packets_total{{{lab}}} {m[2]}" for lab, m in zip(label, lost)])
         metric("streamer_interrupts_total", "counter", "barge-ins: voice and mouths dropped at a program's clear",
                [f"streamer_interrupts_total{{{lab}}} {c.interrupts}" for lab, c in zip(label, chans)])
         metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
