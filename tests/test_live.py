@@ -259,9 +259,9 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
     assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
     assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
     # the talk page and /metrics say how much of the voice was lost on the way (aiortc sends no FEC)
-    sent_lost = stats["lost_on_the_way"]  # by the time the stats were asked for (the last run not yet made up)
-    assert sent_lost > 15 and stats["voice_fec_ms"] == 0, stats
-    assert 20 * sent_lost - 60 <= stats["voice_lost_ms"] <= 20 * sent_lost, stats
+    before, after = stats["lost_on_the_way"]  # when the stats were asked for, and came (the last run may not be
+    assert before > 15 and stats["voice_fec_ms"] == 0, stats  # made up yet)
+    assert 20 * before - 60 <= stats["voice_lost_ms"] <= 20 * after, stats
     lost = [s.value for f in text_string_to_metric_families(metrics) if f.name == "streamer_voice_lost_seconds"
             for s in f.samples if s.name == "streamer_voice_lost_seconds_total"]
     # (asked for up to a second before the stats: 3 packets in every 30 lost meanwhile)
@@ -412,8 +412,12 @@ def test_neural_engines_live_lipsync_as_much_as_they_can(case, exported, release
         engine = Wav2LipInfer(released_checkpoint if case == "pth" else exported["fp16"], device="cpu")
     face = SlowToStart(video_avatar, 1.5) if case == "onnx-slow-decoder" else avatar
 
+    # MuseTalk on this 2-core CPU: 100-150 ms a call, and the auto delay's cap (500 ms) leaves a call 110-125
+    # ms, where what is in time is luck (4 to 27 of 109 speech frames in runs); a longer delay gives it room
+    settings = {"live.delay_ms": 700} if case == "musetalk" else {}
+
     async def main():
-        async with serving(face, engine=engine) as (server, url):
+        async with serving(face, engine=engine, **settings) as (server, url):
             got, stats = await talk(url, wav, wav.size / 48000 - 1.0)
             return got, stats, server.worker.cost.known()
 
@@ -427,11 +431,8 @@ def test_neural_engines_live_lipsync_as_much_as_they_can(case, exported, release
     print(f"{engine.name}: {capacity:.1f} frames/s at batch 1 after warm-up, {1000 * room:.0f} ms from a window's "
           f"audio to its slot; {stats}")
     assert speech > 60, stats
-    if 2 * cost[1] <= room:
+    if cost[1] <= room:
         assert share >= 0.6 * min(1.0, capacity / 25), (share, capacity)
-    elif cost[1] <= room:  # one call at a time: after each, the next frame whose window is in may come a
-        # frame later (MuseTalk on a 2-core CPU, 101 ms a call and 122 ms of room: 25 of 109, 23%, in time)
-        assert share >= 0.6 / (cost[1] + 1 / 25) / 25, (share, capacity)
     else:  # one call takes longer than the delay (at most 500 ms) leaves it: MuseTalk on a slow 2-core CPU
         print("a call does not fit the delay: what is in time is luck")
     times = np.array([t for t, _ in got.video])

@@ -13,8 +13,8 @@ exactly at the end of a packet, not up to a packet later: the least delay is the
 The first packet may itself have come late (a busy loop), and the sender's sound card is never exactly
 48 kHz (±100 ppm is common: 60 ms in 10 minutes), so the pin is settled by the packets that follow:
 once before the first mouth is cut, and again in silence, the channel's clock moves (voice and video
-together, so sync is kept) to where the voice arrives. More than RESYNC_S off, the voice moves by one
-whole frame instead, where repeating or skipping 40 ms of silent input is neither seen nor heard.
+together, so sync is kept) to where the voice arrives. More than RESYNC_S off, the voice moves by whole
+frames first, where repeating or skipping 40 ms of silent input is neither seen nor heard.
 """
 
 from __future__ import annotations
@@ -43,9 +43,8 @@ CHUNK = 960  # 20 ms of outgoing voice
 PACKET_S = 0.02  # the voice's packets as WebRTC senders make them (browsers, aiortc, OBS)
 RESYNC_S = 0.03
 SETTLE_S = 0.002  # an offset of the voice from its pinned timeline under this is left (the loop's own jitter)
-# voice after which a new voice's timeline is settled once: before its first frame can be cut (every
-# engine's lookahead is longer), whatever the packets' length
-SETTLE_FIRST_S = 0.2
+SETTLE_FIRST_S = 0.2  # voice after which a new voice's timeline is settled once (or when frame 0 can be cut)
+SHOWN_WITHIN_S = 0.1  # a track may send a frame this long after its slot (tracks.BEHIND_S)
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # network jitter (a lost packet holds a window back 20 ms) and event-loop lag. 42.5 ms keeps the total the
@@ -396,14 +395,16 @@ class Channel:
         """Keep the voice on its pinned timeline by the least lateness of its packets (network jitter
         only ever adds, so that is the offset): the first packet, which pinned it, may itself have come
         late (a busy loop, a sender starting up), and the sender's clock drifts. Judged once on the first
-        SETTLE_FIRST_S of voice (before the first frame can be cut), then on each 2 s of packets, in
+        SETTLE_FIRST_S of voice (or before the first frame is cut), then on each 2 s of packets, in
         silence. The channel's clock moves by the offset (voice and video together, so sync holds) and
         the delay is the target again; an offset over RESYNC_S moves the voice by whole frames first."""
-        first = not v.settled and v.received >= SETTLE_FIRST_S * VOICE_RATE
+        # (first: before frame 0 is cut, which `_cut` does after this, whatever the engine and packets)
+        first = not v.settled and (v.received >= SETTLE_FIRST_S * VOICE_RATE
+                                   or (v.next_i == 0 and 0 in v.windows and self.fade in v.speech))
         if not (first or len(v.lateness) == v.lateness.maxlen) or self.speaking or v.level > 0:
             return
-        if self._expected and max(self._expected) >= (self.clock() - self.start) * FPS:
-            return  # mouths still to show (those whose slot has passed go when a viewer asks again)
+        if self._expected and max(self._expected) >= (self.clock() - self.start - SHOWN_WITHIN_S) * FPS:
+            return  # mouths still to show (those long past their slot go when a viewer asks again)
         v.settled = True
         late = min(v.lateness)
         if abs(late) <= SETTLE_S:
@@ -414,8 +415,8 @@ class Channel:
             with self._lock:
                 v.n0 += frames
             self.resyncs += 1
-            log.info("[%s] voice clock drifted %+.0f ms: moved the channel timeline %+d frame%s in silence",
-                     self.session, 1000 * late, frames, "" if abs(frames) == 1 else "s")
+            log.info("[%s] voice %+.0f ms off its timeline (a sender's clock drifting, or its first packet late): "
+                     "moved it %+d frame(s) in silence", self.session, 1000 * late, frames)
         rest = late - frames / FPS
         if abs(rest) > 1e-6:
             self.start += rest

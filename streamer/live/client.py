@@ -170,7 +170,8 @@ async def talk(url: str, voice: np.ndarray, seconds: float, offer_extra: dict | 
         lost = got.lost_on_the_way
         async with http.get(f"{url}/session/{body['session']}") as res:
             stats = await res.json()
-        stats["session"], stats["lost_on_the_way"] = body["session"], lost  # (what the stats can count)
+        # (what the stats can count: lost before they were asked for, and by the time they came)
+        stats["session"], stats["lost_on_the_way"] = body["session"], (lost, got.lost_on_the_way)
         async with http.delete(f"{url}/session/{body['session']}"):  # as the page does: the channel is free at once
             pass
     await pc.close()
