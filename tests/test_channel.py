@@ -162,6 +162,33 @@ def test_auto_delay_widens_in_silence_when_mouths_come_late(avatar):
     assert ch.lipsync_frames == 0 and ch.late > 100
 
 
+def test_mouths_expected_when_the_last_viewer_left_are_not_counted_late_when_one_comes_back(avatar):
+    """The last viewer leaves mid-speech (an OBS source hidden) and one comes back a second later: the
+    mouths that were expected when it left were never to be shown, and must not count as late frames
+    (nor widen the auto delay); the speech after it came back is lip-synced as before."""
+    x, rate = speak("One two three, lips and voice together. And four five six, on it goes.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(48000, np.float32)])
+    now, worker, ch = simulated_channel(avatar)
+    n, gone = 0, (1.2, 2.2)  # seconds into the voice with no viewer
+    for k in range(0, voice.size, CHUNK):
+        now[0] = 100.0 + (k + CHUNK) / 48000
+        t = (k + CHUNK) / 48000
+        if ch.viewers and gone[0] <= t < gone[1]:
+            ch.viewer_left()
+        elif not ch.viewers and t >= gone[1]:
+            ch.viewers += 1
+            n = int((now[0] - ch.start) * FPS)  # a track starts at the frame due now
+        ch.push_voice(voice[k : k + CHUNK])
+        assert worker.drain()
+        while ch.viewers and ch.start + n / FPS <= now[0]:
+            ch.video_frame(n)
+            n += 1
+    worker.close()
+    ch.close()
+    assert ch.late == 0 and ch.lipsync_frames > 30, (ch.late, ch.lipsync_frames)
+
+
 def test_voice_with_no_viewer_stays_bounded(avatar):
     """A WHIP publisher with no viewer: the outgoing voice nobody asks for is let go (it grew 11.5 MB a
     minute before), and a viewer arriving later still gets the voice from then on."""

@@ -573,6 +573,13 @@ class Channel:
             return 0.0
         return round((len(t) - 1) / max(1e-9, t[-1] - t[0]), 2)
 
+    def viewer_left(self) -> None:
+        """One viewer fewer. With none left, the mouths expected go: no frame will show them, and a viewer
+        who comes later must not find them counted late (nor the auto delay widened by them)."""
+        self.viewers -= 1
+        if self.viewers <= 0:
+            self._expected.clear()
+
     def follow_wire(self, wire) -> None:
         """The arrivals (`wire.VoiceArrivals`) of the voice now driving the channel; None when it ends.
         What their decoders made up for lost packets is counted over the channel's life."""

@@ -460,7 +460,7 @@ class Server:
         if s.publishes:
             ch.detach_voice(sid)
         if s.views:
-            ch.viewers -= 1
+            ch.viewer_left()
         if s.pc is not None:
             await s.pc.close()
         st = ch.stats()
