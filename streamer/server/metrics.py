@@ -6,6 +6,8 @@ import threading
 
 from aiohttp import web
 
+from streamer.live.channel import VOICE_RATE
+
 DELAY_BUCKETS = (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.75, 1.0, 2.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -75,36 +77,35 @@ class Metrics:
         metric("streamer_channels", "gauge", "open channels", [f"streamer_channels {len(s.channels)}"])
         chans = list(s.channels.values())
         label = [f'channel="{_escape(c.name)}"' for c in chans]
-        metric("streamer_viewers", "gauge", "viewers per channel",
-               [f"streamer_viewers{{{lab}}} {c.viewers}" for lab, c in zip(label, chans)])
-        metric("streamer_fps_out", "gauge", "video frames sent per second over the last two seconds",
-               [f"streamer_fps_out{{{lab}}} {c.stats()['fps']}" for lab, c in zip(label, chans)])
-        metric("streamer_frames_sent_total", "counter", "video frames sent",
-               [f"streamer_frames_sent_total{{{lab}}} {c.sent}" for lab, c in zip(label, chans)])
-        metric("streamer_video_encoded_total", "counter", "VP8 frames encoded once for all the channel's VP8 "
-               "viewers (each other viewer's frames are encoded for it alone)",
-               [f"streamer_video_encoded_total{{{lab}}} {c.encoded}" for lab, c in zip(label, chans)])
-        metric("streamer_video_keyframes_total", "counter", "of those, keyframes: one when a viewer joins or "
-               "falls behind, at most one per half second for receivers that lost a picture",
-               [f"streamer_video_keyframes_total{{{lab}}} {c.keyframes}" for lab, c in zip(label, chans)])
-        metric("streamer_frames_lipsync_total", "counter", "frames sent with a lip-synced mouth",
-               [f"streamer_frames_lipsync_total{{{lab}}} {c.lipsync_frames}" for lab, c in zip(label, chans)])
-        metric("streamer_frames_late_total", "counter", "speech frames whose own mouth was not ready in time",
-               [f"streamer_frames_late_total{{{lab}}} {c.late}" for lab, c in zip(label, chans)])
-        metric("streamer_frames_held_total", "counter", "late speech frames shown with the previous mouth "
-               "(the rest showed the idle mouth)",
-               [f"streamer_frames_held_total{{{lab}}} {c.held}" for lab, c in zip(label, chans)])
+
+        def per_channel(name, kind, help_text, values):
+            metric(name, kind, help_text, [f"{name}{{{lab}}} {v}" for lab, v in zip(label, values)])
+
+        per_channel("streamer_viewers", "gauge", "viewers per channel", [c.viewers for c in chans])
+        per_channel("streamer_fps_out", "gauge", "video frames sent per second over the last two seconds",
+                    [c.fps() for c in chans])
+        per_channel("streamer_frames_sent_total", "counter", "video frames sent", [c.sent for c in chans])
+        per_channel("streamer_video_encoded_total", "counter", "VP8 frames encoded once for all the channel's VP8 "
+                    "viewers (each other viewer's frames are encoded for it alone)", [c.encoded for c in chans])
+        per_channel("streamer_video_keyframes_total", "counter", "of those, keyframes: one when a viewer joins or "
+                    "falls behind, at most one per half second for receivers that lost a picture",
+                    [c.keyframes for c in chans])
+        per_channel("streamer_frames_lipsync_total", "counter", "frames sent with a lip-synced mouth",
+                    [c.lipsync_frames for c in chans])
+        per_channel("streamer_frames_late_total", "counter", "speech frames whose own mouth was not ready in time",
+                    [c.late for c in chans])
+        per_channel("streamer_frames_held_total", "counter", "late speech frames shown with the previous mouth "
+                    "(the rest showed the idle mouth)", [c.held for c in chans])
         lost = [c.voice_losses() for c in chans]
-        metric("streamer_voice_lost_seconds_total", "counter", "voice lost on the way in and made up (concealed, "
-               "or rebuilt from the next packet's FEC copy; not gaps too long to make up, left silent)",
-               [f"streamer_voice_lost_seconds_total{{{lab}}} {m[0] / 48000:.3f}" for lab, m in zip(label, lost)])
-        metric("streamer_voice_fec_seconds_total", "counter", "of the voice lost, what was rebuilt from FEC copies",
-               [f"streamer_voice_fec_seconds_total{{{lab}}} {m[1] / 48000:.3f}" for lab, m in zip(label, lost)])
-        metric("streamer_voice_late_packets_total", "counter", "voice packets placed late: after a later one, or "
-               "after their time was made up (network jitter, or a busy event loop)",
-               [f"streamer_voice_late_packets_total{{{lab}}} {m[2]}" for lab, m in zip(label, lost)])
-        metric("streamer_interrupts_total", "counter", "barge-ins: voice and mouths dropped at a program's clear",
-               [f"streamer_interrupts_total{{{lab}}} {c.interrupts}" for lab, c in zip(label, chans)])
+        per_channel("streamer_voice_lost_seconds_total", "counter", "voice lost on the way in and made up "
+                    "(concealed, or rebuilt from the next packet's FEC copy; not gaps too long to make up, left "
+                    "silent)", [f"{m[0] / VOICE_RATE:.3f}" for m in lost])
+        per_channel("streamer_voice_fec_seconds_total", "counter", "of the voice lost, what was rebuilt from FEC "
+                    "copies", [f"{m[1] / VOICE_RATE:.3f}" for m in lost])
+        per_channel("streamer_voice_late_packets_total", "counter", "voice packets placed late: after a later one, "
+                    "or after their time was made up (network jitter, or a busy event loop)", [m[2] for m in lost])
+        per_channel("streamer_interrupts_total", "counter", "barge-ins: voice and mouths dropped at a program's clear",
+                    [c.interrupts for c in chans])
         metric("streamer_inference_queue_depth", "gauge", "frames waiting for the inference worker",
                [f"streamer_inference_queue_depth {w.depth()}"])
         metric("streamer_inference_frames_total", "counter", "frames inferred",
