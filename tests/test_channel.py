@@ -162,6 +162,68 @@ def test_auto_delay_widens_in_silence_when_mouths_come_late(avatar):
     assert ch.lipsync_frames == 0 and ch.late > 100
 
 
+def run_auto(avatar, voice: np.ndarray, hold=lambda k: 0.0):
+    """`voice` in 20 ms packets into an auto-delay channel on a driven clock, packet k held `hold(k)` s on
+    the way (none overtakes another), every frame shown at its slot and every voice chunk sent at its
+    time: (channel, voice chunks sent in order, (time, delay) at each change of the auto delay)."""
+    now = [100.0]
+    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
+    ch = Channel("c", avatar, worker, delay_s=None, clock=lambda: now[0])
+    ch.viewers = 1
+    ch.attach_voice("s")
+    sent, changes, n, j, last = [], [(0.0, ch.delay_s)], 0, 0, 0.0
+    for k in range(0, voice.size // CHUNK):
+        last = max(last, 100.0 + (k + 1) * CHUNK / 48000 + hold(k))
+        now[0] = last
+        while ch.start + n / FPS <= now[0]:
+            ch.video_frame(n)
+            n += 1
+        while ch.start + j * CHUNK / 48000 <= now[0]:
+            sent.append(ch.voice_chunk(j))
+            j += 1
+        ch.push_voice(voice[k * CHUNK : (k + 1) * CHUNK])
+        assert worker.drain()
+        if ch.delay_s != changes[-1][1]:
+            changes.append((now[0] - 100.0, ch.delay_s))
+    worker.close()
+    ch.close()
+    return ch, np.concatenate(sent), changes
+
+
+def test_auto_delay_comes_down_to_what_the_mouths_need_while_speaking(avatar):
+    """Auto delay starts with a margin for jitter the network and the event loop may bring (256 ms with
+    the builtin engine); once 2 s of mouths have come back with time to spare, it comes down to what
+    they needed and a 10 ms guard, while the talker speaks: the same voice samples go out, in order,
+    none skipped or repeated, sooner; the same mouths, none late; the lips still on their voice."""
+    x, rate = speak("One two three, lips and voice together. And four five six, on it goes, without a pause.")
+    speech = signal.resample_poly(x, 48000 // 100, rate // 100).astype(np.float32)
+    voice = np.concatenate([np.zeros(24000, np.float32), speech, np.zeros(48000, np.float32)])
+    ch, sent, changes = run_auto(avatar, voice)
+    first, settled = changes[0][1], ch.delay_s
+    assert len(changes) == 2 and changes[1][0] < 0.5 + speech.size / 48000 - 1, changes  # moved while speaking
+    assert first - settled > 0.025 and settled == pytest.approx(MIN_DELAY_S + 0.01, abs=0.002), (first, settled)
+    assert ch.late == 0 and ch.lipsync_frames > 80
+    lead = voice_lead(LOOKAHEAD_S)
+    out = sent[ch.n0 * SAMPLES_PER_FRAME + lead :]
+    m = min(out.size, voice.size)
+    assert m > voice.size - 48000 // 2 and np.array_equal(out[:m], voice[:m])
+    assert abs(np.median(list(ch.delays)[-40:]) - settled) < 0.021  # measured voice in -> lips out follows
+
+
+def test_auto_delay_grows_in_a_pause_to_cover_the_jitter_that_came(avatar):
+    """A network that holds every fifth voice packet 60 ms (those behind it wait too): mouths of the
+    first phrase come late, by as much as the holds; in the pause the auto delay grows to what they
+    needed and the guard (not by whole frames until the late ones stop), and the next phrases' mouths
+    are in time."""
+    voice = phrases_with_pauses(1.0, 3)
+    ch, sent, changes = run_auto(avatar, voice, hold=lambda k: 0.06 if k % 5 == 0 else 0.0)
+    assert len(changes) == 2, changes
+    assert ch.delay_s == pytest.approx(MIN_DELAY_S + 0.06 + 0.01, abs=0.006), ch.delay_s
+    phrase_s = (voice.size / 48000 - 1.0) / 3
+    assert 1.0 + phrase_s - 1.0 < changes[1][0] < 1.0 + phrase_s + 1.0, changes  # in the first pause
+    assert 0 < ch.late < phrase_s * FPS, ch.late  # late in the first phrase only
+
+
 def test_mouths_expected_when_the_last_viewer_left_are_not_counted_late_when_one_comes_back(avatar):
     """The last viewer leaves mid-speech (an OBS source hidden) and one comes back a second later: the
     mouths that were expected when it left were never to be shown, and must not count as late frames

@@ -20,6 +20,7 @@ frames first, where repeating or skipping 40 ms of silent input is neither seen 
 from __future__ import annotations
 
 import bisect
+import heapq
 import logging
 import math
 import threading
@@ -47,13 +48,20 @@ SETTLE_FIRST_S = 0.2  # voice after which a new voice's timeline is settled once
 SHOWN_WITHIN_S = 0.1  # a track may send a frame this long after its slot (tracks.BEHIND_S)
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
-# network jitter (a lost packet holds a window back 20 ms) and event-loop lag. 42.5 ms keeps the total the
-# auto delay had before the floor was counted exactly (265 ms with Wav2Lip on a GPU); 30 ms (253) was tried on
-# an H100 box and gave 16 talkers 97.4% of speech frames in time (BENCHMARKS.md): not shown to be as safe
+# The auto delay's first margin, until the mouths say what they need: network jitter (a lost packet holds a
+# window back 20 ms or more) and event-loop lag. It only comes down while the talker speaks, but goes up only
+# in a pause: 25 ms cost a talker behind 15 ms of jitter 27% of its first phrase's mouths (BENCHMARKS.md)
 AUTO_MARGIN_S = 0.0425
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
 AUTO_WINDOW = 25  # speech frames judged at least before widening again
+# Auto delay, measured: once this many speech mouths have come back, the delay is what their 1st
+# percentile needed (from the start of their frame's voice to their arrival: lookahead, network jitter,
+# the event loop, inference) and a guard for what a few seconds of them did not show.
+AUTO_MEASURED = 50
+AUTO_GUARD_S = 0.01
+AUTO_STEP_S = 0.004  # the auto delay moves no less than this (each move sends voice and video sooner or later)
+SPARE_KEPT = 10 * FPS  # speech frames whose time to spare the auto delay goes by (the last 10 s of speech)
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
 
 
@@ -199,6 +207,10 @@ class Channel:
         self._sent_at: deque[float] = deque(maxlen=51)  # when the last frames were made (fps over ~2 s)
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
+        # speech frame -> seconds before its slot its mouth came (until it comes: before its slot it was cut)
+        self._spare: dict[int, float] = {}
+        self._tuned_at: int | None = None  # speech frames shown when the auto delay was last judged
+        self._target: tuple[float, str] | None = None  # the auto delay they asked for, and why
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
 
     @property
@@ -225,6 +237,7 @@ class Channel:
             if self.auto:
                 self.delay_s = self._auto_delay()
                 self._recent.clear()
+                self._spare.clear()
 
     def _auto_delay(self) -> float:
         self.front_s = self.features.compute_s  # what it counted for the audio front end (logged)
@@ -294,7 +307,7 @@ class Channel:
         if not v.per_frame or v.pending_size >= SAMPLES_PER_FRAME or v.received >= self._cuttable(v):
             self._analyse(v)
         self._resync(v)
-        self._widen(v)
+        self._retune(v)
         self._cut(v)
 
     def _cuttable(self, v: VoiceIn) -> int:
@@ -332,7 +345,13 @@ class Channel:
             step = i + v.n0
             face = self._crop(step)
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
-            self._expected[step] = (strength, face, taken, self.start + step / FPS - self.clock())
+            spare = self.start + step / FPS - self.clock()
+            self._expected[step] = (strength, face, taken, spare)
+            if self.auto:
+                with self._lock:
+                    self._spare[step] = spare
+                    if len(self._spare) > SPARE_KEPT:
+                        del self._spare[next(iter(self._spare))]
 
     def late_voice(self, behind: int, mono48: np.ndarray) -> None:
         """A packet that came after later ones, starting `behind` samples before the end of the voice
@@ -401,43 +420,101 @@ class Channel:
         # (first: before frame 0 is cut, which `_cut` does after this, whatever the engine and packets)
         first = not v.settled and (v.received >= SETTLE_FIRST_S * VOICE_RATE
                                    or (v.next_i == 0 and 0 in v.windows and self.fade in v.speech))
-        if not (first or len(v.lateness) == v.lateness.maxlen) or self.speaking or v.level > 0:
+        if not (first or len(v.lateness) == v.lateness.maxlen) or not self._still(v):
             return
-        if self._expected and max(self._expected) >= (self.clock() - self.start - SHOWN_WITHIN_S) * FPS:
-            return  # mouths still to show (those long past their slot go when a viewer asks again)
         v.settled = True
         late = min(v.lateness)
         if abs(late) <= SETTLE_S:
             return
         v.lateness.clear()
-        frames = round(late * FPS) if abs(late) > RESYNC_S else 0
+        frames, rest = self._shift(v, late)
         if frames:
-            with self._lock:
-                v.n0 += frames
             self.resyncs += 1
             log.info("[%s] voice %+.0f ms off its timeline (a sender's clock drifting, or its first packet late): "
                      "moved it %+d frame(s) in silence", self.session, 1000 * late, frames)
-        rest = late - frames / FPS
         if abs(rest) > 1e-6:
-            self.start += rest
             self.settles += 1
             log.debug("[%s] voice %+.1f ms off its pinned timeline: channel clock moved by that", self.session,
                       1000 * rest)
 
-    def _widen(self, v: VoiceIn) -> None:
-        """Auto delay: the first estimate counts inference only. When more than AUTO_LATE_SHARE of the
-        recent speech frames the worker took still missed their mouth (a loaded machine, a busy event
-        loop; not an inference service that is away), the delay grows by one frame, in silence as a
-        drift correction does, up to AUTO_MAX_S."""
-        if not self.auto or self.speaking or v.level > 0 or len(self._recent) < AUTO_WINDOW:
+    def _still(self, v: VoiceIn) -> bool:
+        """Whether the timeline may move now: in silence, with no mouth still to show (those long past
+        their slot go when a viewer asks again)."""
+        if self.speaking or v.level > 0:
+            return False
+        return not (self._expected and max(self._expected) >= (self.clock() - self.start - SHOWN_WITHIN_S) * FPS)
+
+    def _shift(self, v: VoiceIn, by: float) -> tuple[int, float]:
+        """Voice and video out `by` seconds later (earlier if negative), together: over RESYNC_S by whole
+        frames of the voice first (40 ms of silent input repeated or skipped), the rest by the channel's
+        clock (the tracks send their next frame a little later or sooner). The frames and the rest moved."""
+        frames = round(by * FPS) if abs(by) > RESYNC_S else 0
+        if frames:
+            with self._lock:
+                v.n0 += frames
+        rest = by - frames / FPS
+        if abs(rest) > 1e-6:
+            self.start += rest
+        return frames, rest
+
+    def _retune(self, v: VoiceIn) -> None:
+        """Auto delay. It starts from what inference was measured to need, and a margin for the network
+        and the event loop. Then it is what the speech mouths needed, measured as they come back (the 1st
+        percentile of their time to spare, taken off; late ones spare less than none), and AUTO_GUARD_S:
+        down to ~10 ms above the floor on a quiet machine and network once AUTO_MEASURED have come, up to
+        cover jitter that came. When more than AUTO_LATE_SHARE of the recent speech frames the worker took
+        missed their mouth and those that came do not say by how much (the rest were dropped by a worker
+        that could not make them in time), it grows by a frame. At most AUTO_MAX_S, never under the floor.
+
+        Down, the channel's clock moves (voice and video go out sooner, the same samples and frames in
+        the same order: a receiver's jitter buffer plays the little surplus out), at once if no mouth is
+        in flight, at most SHOWN_WITHIN_S / 2 a time. Up, in silence, as a drift correction does: a
+        receiver would have to stretch speech to fill the gap."""
+        judged = self.lipsync_frames + self.late
+        if not self.auto or not v.settled or len(self._recent) < AUTO_WINDOW:
             return
-        if self._recent.count(False) <= AUTO_LATE_SHARE * len(self._recent) or self.delay_s + 1 / FPS > AUTO_MAX_S:
+        if judged != self._tuned_at:  # judged once per speech frame shown at most, then waits for its moment
+            self._tuned_at, self._target = judged, self._want()
+        if self._target is None:
             return
-        with self._lock:
-            v.n0 += 1
-        self.delay_s += 1 / FPS
+        delay, why = self._target
+        if delay > self.delay_s:
+            if not self._still(v):
+                return
+            self._shift(v, delay - self.delay_s)
+        else:
+            with self._lock:
+                if any(e[2] and k not in self._faces for k, e in self._expected.items()):
+                    return  # a mouth in flight: its slot stays where its deadline was set
+            delay = max(delay, self.delay_s - SHOWN_WITHIN_S / 2)
+            self.start += delay - self.delay_s
+        self.delay_s = delay
         self._recent.clear()
-        log.info("[%s] mouths came late: auto delay widened to %.0f ms in silence", self.session, 1000 * self.delay_s)
+        self._target = None
+        with self._lock:
+            self._spare.clear()
+        log.info("[%s] %s: auto delay now %.0f ms", self.session, why, 1000 * self.delay_s)
+
+    def _want(self) -> tuple[float, str] | None:
+        """The auto delay the recent speech frames ask for, and why; None: as it is."""
+        missed = self._recent.count(False)
+        with self._lock:
+            spare = list(self._spare.values())
+        # the 1st percentile of the time to spare (the lower one: of 25-250 frames, the 1st to 3rd least)
+        need = self.delay_s - heapq.nsmallest(len(spare) // 100 + 1, spare)[-1] if len(spare) >= AUTO_WINDOW else None
+        if missed > AUTO_LATE_SHARE * len(self._recent):
+            if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
+                delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
+            else:  # not measured (dropped by a worker that could not make them in time)
+                delay, why = self.delay_s + 1 / FPS, "mouths came late"
+        else:
+            if need is None or (len(spare) < AUTO_MEASURED and not missed):
+                return None
+            delay, why = need + AUTO_GUARD_S, f"mouths needed {1000 * need:.0f} ms"
+            if missed and delay < self.delay_s:  # a mouth not measured may have needed more
+                return None
+        delay = min(max(delay, self.min_delay_s + self.front_s), max(AUTO_MAX_S, self.min_delay_s))
+        return (delay, why) if abs(delay - self.delay_s) >= AUTO_STEP_S else None
 
     def _crop(self, step: int) -> np.ndarray | None:
         """The face crop inference needs for output frame `step` (None if the decoder is behind)."""
@@ -453,6 +530,8 @@ class Channel:
         with self._lock:
             if not self.closed:
                 self._faces[step] = face
+                if step in self._spare:
+                    self._spare[step] = self.start + step / FPS - self.clock()
                 if step < self._shown:
                     log.debug("[%s] mouth %d came %.0f ms after its frame's slot", self.session, step,
                               1000 * (self.clock() - self.start - step / FPS))
