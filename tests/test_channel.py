@@ -224,6 +224,17 @@ def test_auto_delay_grows_in_a_pause_to_cover_the_jitter_that_came(avatar):
     assert 0 < ch.late < phrase_s * FPS, ch.late  # late in the first phrase only
 
 
+def test_a_slower_path_is_settled_not_also_added_to_the_auto_delay(avatar):
+    """The voice's path gets 30 ms slower in the first phrase: its later mouths need 30 ms more, within the
+    delay. In the pause the timeline settles on where the voice now arrives (30 ms later), so those
+    frames needed 30 ms less than they seemed: the auto delay comes down to the floor and the guard, not
+    30 ms above."""
+    voice = phrases_with_pauses(1.0, 3)
+    ch, sent, changes = run_auto(avatar, voice, hold=lambda k: 0.03 if k * CHUNK / 48000 >= 1.8 else 0.0)
+    assert ch.resyncs + ch.settles >= 1 and ch.late == 0
+    assert ch.delay_s == pytest.approx(MIN_DELAY_S + 0.01, abs=0.003), changes
+
+
 def test_mouths_expected_when_the_last_viewer_left_are_not_counted_late_when_one_comes_back(avatar):
     """The last viewer leaves mid-speech (an OBS source hidden) and one comes back a second later: the
     mouths that were expected when it left were never to be shown, and must not count as late frames

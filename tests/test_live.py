@@ -135,12 +135,12 @@ def test_talk_session_end_to_end(avatar, voice):
     assert max(score) > 0.5
     # the server measured its voice-in to lips-out delay
     assert stats["lipsync_frames"] > 40 and stats["late_frames"] == 0
-    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    assert stats["delay_off_ms_p95"] < 25, stats  # measured: the delays set, auto ones as they moved
     # and that is the delay the talker meets: the voice comes back that long after it was sent
     # (aiortc's receiver used to hold each voice packet 80 ms before the server saw it, unmeasured)
     back = voice_back_ms(got, wav)
     print(f"voice back after {back:.1f} ms, target {stats['target_delay_ms']} ms")
-    assert abs(back - stats["target_delay_ms"]) < 25, (back, stats)
+    assert abs(back - stats["first_target_delay_ms"]) < 25, (back, stats)  # (the first sound's)
     # and everything is gone once the peer left
     assert cleaned and not leftover
     assert all(name == "stats-report" or "aiohttp" in name or name.startswith("Task-") for name in tasks), tasks
@@ -257,7 +257,7 @@ def test_lost_packets_do_not_shift_voice_or_lips(avatar, voice):
 
     got, stats, metrics = asyncio.run(main())
     assert stats["late_frames"] == 0 and stats["lipsync_frames"] > 40, stats
-    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    assert stats["delay_off_ms_p95"] < 25, stats  # measured: the delays set, auto ones as they moved
     # the talk page and /metrics say how much of the voice was lost on the way (aiortc sends no FEC)
     before, after = stats["lost_on_the_way"]  # when the stats were asked for, and came (the last run may not be
     assert before > 15 and stats["voice_fec_ms"] == 0, stats  # made up yet)
@@ -321,7 +321,7 @@ def test_a_publisher_that_stops_for_10_s_then_resumes_is_in_sync_again(avatar, v
     loud = np.array([np.abs(a).max() for _, a in got.audio])
     assert loud[(audio_t > t[0] + pause_at + 10 + 1.3) & (audio_t < t[0] + pause_at + 10 + speech_s)].max() > 0.05
     assert stats["late_frames"] <= 2 and stats["lipsync_frames"] > 80, stats  # both phrases, in time
-    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 25, stats
+    assert stats["delay_off_ms_p95"] < 25, stats  # measured: the delays set, auto ones as they moved
 
 
 class FaultyEngine(BuiltinEngine):

@@ -108,9 +108,9 @@ def test_talk_whip_whep_and_limits_through_the_front(front, voice):
     # a few frames now and then (each counted late). Inference itself is never the cause with this engine.
     speech = stats["lipsync_frames"] + stats["late_frames"]
     assert stats["lipsync_frames"] > 40 and stats["late_frames"] <= 0.08 * speech, stats
-    assert abs(stats["delay_ms_p95"] - stats["target_delay_ms"]) < 30, stats
+    assert stats["delay_off_ms_p95"] < 30, stats  # measured: the delays set, auto ones as they moved
     back = voice_back_ms(got, voice)  # what the talker meets, from outside: the same
-    assert abs(back - stats["target_delay_ms"]) < 30, (back, stats)
+    assert abs(back - stats["first_target_delay_ms"]) < 30, (back, stats)  # (the first sound's)
     viewed, _ = out["view"]
     assert fps_of(viewed, viewed.video[0][0] + 1) > 24 and len(viewed.audio) > 100
     b_got, _ = out["b_view"]

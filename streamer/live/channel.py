@@ -15,6 +15,10 @@ The first packet may itself have come late (a busy loop), and the sender's sound
 once before the first mouth is cut, and again in silence, the channel's clock moves (voice and video
 together, so sync is kept) to where the voice arrives. More than RESYNC_S off, the voice moves by whole
 frames first, where repeating or skipping 40 ms of silent input is neither seen nor heard.
+
+An auto delay moves the same way, voice and video together: down to what the mouths were measured to
+need (`_retune`), while the talker speaks, by the clock alone (what goes out goes out sooner); up only
+in silence.
 """
 
 from __future__ import annotations
@@ -49,19 +53,19 @@ SHOWN_WITHIN_S = 0.1  # a track may send a frame this long after its slot (track
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # The auto delay's first margin, until the mouths say what they need: network jitter (a lost packet holds a
-# window back 20 ms or more) and event-loop lag. It only comes down while the talker speaks, but goes up only
-# in a pause: 25 ms cost a talker behind 15 ms of jitter 27% of its first phrase's mouths (BENCHMARKS.md)
+# window back 20 ms or more) and event-loop lag. It comes down as soon as they say so, but goes up only in a
+# pause: 25 ms cost a talker behind 15 ms of jitter 27% of its first phrase's mouths (BENCHMARKS.md)
 AUTO_MARGIN_S = 0.0425
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
 AUTO_WINDOW = 25  # speech frames judged at least before widening again
-# Auto delay, measured: once this many speech mouths have come back, the delay is what their 1st
-# percentile needed (from the start of their frame's voice to their arrival: lookahead, network jitter,
-# the event loop, inference) and a guard for what a few seconds of them did not show.
+# Auto delay, measured: once this many speech frames have been cut, the delay is what the 99th percentile
+# of the last NEEDS_KEPT needed (from the start of a frame's voice to its mouth's arrival: lookahead,
+# network jitter, the event loop, inference) and a guard for what a few seconds of them did not show.
 AUTO_MEASURED = 50
 AUTO_GUARD_S = 0.01
 AUTO_STEP_S = 0.004  # the auto delay moves no less than this (each move sends voice and video sooner or later)
-SPARE_KEPT = 10 * FPS  # speech frames whose time to spare the auto delay goes by (the last 10 s of speech)
+NEEDS_KEPT = 10 * FPS  # speech frames whose needs the auto delay goes by (the last 10 s of speech)
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
 
 
@@ -206,11 +210,15 @@ class Channel:
         self._lost = (0, 0, 0)  # voices gone before: samples made up, of them from FEC copies, packets late
         self._sent_at: deque[float] = deque(maxlen=51)  # when the last frames were made (fps over ~2 s)
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
+        self.off: deque[float] = deque(maxlen=750)  # ... less the delay set then (the auto delay moves)
+        self.first_delay_s = self.delay_s  # the delay the voice started with
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
-        # speech frame -> seconds before its slot its mouth came (until it comes: before its slot it was cut)
-        self._spare: dict[int, float] = {}
+        # speech frame the worker took -> seconds from the start of its voice to its mouth's arrival (until
+        # it comes: to its cut); the same whatever the delay, which moves the voice's start and the slot alike
+        self._need: dict[int, float] = {}
         self._tuned_at: int | None = None  # speech frames shown when the auto delay was last judged
-        self._target: tuple[float, str] | None = None  # the auto delay they asked for, and why
+        self._moving = False  # the auto delay wants to move, and waits for its moment
+        self._grown_to = 0.0  # auto delay grown because mouths were dropped: measured needs stay above it
         self.on_delay = None  # called with each frame's voice-in -> lips-out delay (metrics)
 
     @property
@@ -237,7 +245,9 @@ class Channel:
             if self.auto:
                 self.delay_s = self._auto_delay()
                 self._recent.clear()
-                self._spare.clear()
+                self._need.clear()
+                self._grown_to = 0.0
+            self.first_delay_s = self.delay_s
 
     def _auto_delay(self) -> float:
         self.front_s = self.features.compute_s  # what it counted for the audio front end (logged)
@@ -347,11 +357,11 @@ class Channel:
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
             spare = self.start + step / FPS - self.clock()
             self._expected[step] = (strength, face, taken, spare)
-            if self.auto:
+            if self.auto and taken:
                 with self._lock:
-                    self._spare[step] = spare
-                    if len(self._spare) > SPARE_KEPT:
-                        del self._spare[next(iter(self._spare))]
+                    self._need[step] = self.delay_s - spare
+                    if len(self._need) > NEEDS_KEPT:
+                        del self._need[next(iter(self._need))]
 
     def late_voice(self, behind: int, mono48: np.ndarray) -> None:
         """A packet that came after later ones, starting `behind` samples before the end of the voice
@@ -428,6 +438,7 @@ class Channel:
             return
         v.lateness.clear()
         frames, rest = self._shift(v, late)
+        self._moving = True  # (the auto delay judged again)
         if frames:
             self.resyncs += 1
             log.info("[%s] voice %+.0f ms off its timeline (a sender's clock drifting, or its first packet late): "
@@ -444,73 +455,88 @@ class Channel:
             return False
         return not (self._expected and max(self._expected) >= (self.clock() - self.start - SHOWN_WITHIN_S) * FPS)
 
-    def _shift(self, v: VoiceIn, by: float) -> tuple[int, float]:
+    def _shift(self, v: VoiceIn, by: float, delay: bool = False) -> tuple[int, float]:
         """Voice and video out `by` seconds later (earlier if negative), together: over RESYNC_S by whole
         frames of the voice first (40 ms of silent input repeated or skipped), the rest by the channel's
-        clock (the tracks send their next frame a little later or sooner). The frames and the rest moved."""
+        clock (the tracks send their next frame a little later or sooner). `delay`: the delay grows by
+        that (else the voice was found to start `by` later than pinned: its frames needed that much less).
+        The frames and the rest moved."""
         frames = round(by * FPS) if abs(by) > RESYNC_S else 0
-        if frames:
-            with self._lock:
-                v.n0 += frames
         rest = by - frames / FPS
-        if abs(rest) > 1e-6:
+        with self._lock:  # (with the needs, as `accept` sees them)
+            v.n0 += frames
             self.start += rest
+            if delay:
+                self.delay_s += by
+            else:
+                for k in self._need:
+                    self._need[k] -= by
         return frames, rest
 
     def _retune(self, v: VoiceIn) -> None:
         """Auto delay. It starts from what inference was measured to need, and a margin for the network
-        and the event loop. Then it is what the speech mouths needed, measured as they come back (the 1st
-        percentile of their time to spare, taken off; late ones spare less than none), and AUTO_GUARD_S:
-        down to ~10 ms above the floor on a quiet machine and network once AUTO_MEASURED have come, up to
-        cover jitter that came. When more than AUTO_LATE_SHARE of the recent speech frames the worker took
-        missed their mouth and those that came do not say by how much (the rest were dropped by a worker
-        that could not make them in time), it grows by a frame. At most AUTO_MAX_S, never under the floor.
+        and the event loop. Then it is what the speech frames needed (`_need`; their 99th percentile),
+        and AUTO_GUARD_S: down to ~10 ms above the floor on a quiet machine and network once
+        AUTO_MEASURED frames have been cut, up to cover jitter that came. When more than AUTO_LATE_SHARE
+        of the recent speech frames the worker took missed their mouth and the needs do not say by how
+        much (the worker dropped them: it could not make them in time), it grows by a frame, and the
+        needs do not take it back. At most AUTO_MAX_S, never under the floor.
 
         Down, the channel's clock moves (voice and video go out sooner, the same samples and frames in
-        the same order: a receiver's jitter buffer plays the little surplus out), at once if no mouth is
-        in flight, at most SHOWN_WITHIN_S / 2 a time. Up, in silence, as a drift correction does: a
-        receiver would have to stretch speech to fill the gap."""
-        judged = self.lipsync_frames + self.late
+        the same order: a receiver's jitter buffer plays the little surplus out), when no mouth is in
+        flight, at most as far as keeps the tracks within SHOWN_WITHIN_S / 2 of their slots. Up, in
+        silence, as a drift correction does: a receiver would have to stretch speech to fill the gap."""
         if not self.auto or not v.settled or len(self._recent) < AUTO_WINDOW:
             return
-        if judged != self._tuned_at:  # judged once per speech frame shown at most, then waits for its moment
-            self._tuned_at, self._target = judged, self._want()
-        if self._target is None:
+        judged = self.lipsync_frames + self.late
+        if judged != self._tuned_at:  # judged once per speech frame shown, then on each packet until it moves
+            self._tuned_at, self._moving = judged, True
+        if not self._moving:
             return
-        delay, why = self._target
+        want = self._want()
+        if want is None:
+            self._moving = False
+            return
+        delay, why = want
         if delay > self.delay_s:
             if not self._still(v):
                 return
-            self._shift(v, delay - self.delay_s)
+            self._shift(v, delay - self.delay_s, delay=True)
+            if why.startswith("mouths dropped"):
+                self._grown_to = delay
         else:
             with self._lock:
                 if any(e[2] and k not in self._faces for k, e in self._expected.items()):
                     return  # a mouth in flight: its slot stays where its deadline was set
-            delay = max(delay, self.delay_s - SHOWN_WITHIN_S / 2)
-            self.start += delay - self.delay_s
-        self.delay_s = delay
+            now = self.clock() - self.start  # how far behind their slots the tracks are
+            behind = max(0.0, now - self._shown / FPS,
+                         now - (max(self._voice_memo) + 1) * CHUNK / VOICE_RATE if self._voice_memo else 0.0)
+            delay = max(delay, self.delay_s - (SHOWN_WITHIN_S / 2 - behind))
+            if self.delay_s - delay < AUTO_STEP_S:
+                return
+            with self._lock:
+                self.start += delay - self.delay_s
+                self.delay_s = delay
         self._recent.clear()
-        self._target = None
-        with self._lock:
-            self._spare.clear()
+        self._moving = False
         log.info("[%s] %s: auto delay now %.0f ms", self.session, why, 1000 * self.delay_s)
 
     def _want(self) -> tuple[float, str] | None:
         """The auto delay the recent speech frames ask for, and why; None: as it is."""
         missed = self._recent.count(False)
         with self._lock:
-            spare = list(self._spare.values())
-        # the 1st percentile of the time to spare (the lower one: of 25-250 frames, the 1st to 3rd least)
-        need = self.delay_s - heapq.nsmallest(len(spare) // 100 + 1, spare)[-1] if len(spare) >= AUTO_WINDOW else None
+            needs = list(self._need.values())
+        # the 99th percentile (the upper one: of 25-250 frames, the 1st to 3rd most)
+        need = heapq.nlargest(len(needs) // 100 + 1, needs)[-1] if len(needs) >= AUTO_WINDOW else None
         if missed > AUTO_LATE_SHARE * len(self._recent):
             if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
                 delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
-            else:  # not measured (dropped by a worker that could not make them in time)
-                delay, why = self.delay_s + 1 / FPS, "mouths came late"
+            else:  # not measured
+                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"
         else:
-            if need is None or (len(spare) < AUTO_MEASURED and not missed):
+            if need is None or (len(needs) < AUTO_MEASURED and not missed):
                 return None
-            delay, why = need + AUTO_GUARD_S, f"mouths needed {1000 * need:.0f} ms"
+            delay, why = max(need + AUTO_GUARD_S, self._grown_to), f"mouths needed {1000 * need:.0f} ms"
             if missed and delay < self.delay_s:  # a mouth not measured may have needed more
                 return None
         delay = min(max(delay, self.min_delay_s + self.front_s), max(AUTO_MAX_S, self.min_delay_s))
@@ -530,8 +556,8 @@ class Channel:
         with self._lock:
             if not self.closed:
                 self._faces[step] = face
-                if step in self._spare:
-                    self._spare[step] = self.start + step / FPS - self.clock()
+                if step in self._need:
+                    self._need[step] = self.delay_s - (self.start + step / FPS - self.clock())
                 if step < self._shown:
                     log.debug("[%s] mouth %d came %.0f ms after its frame's slot", self.session, step,
                               1000 * (self.clock() - self.start - step / FPS))
@@ -619,6 +645,7 @@ class Channel:
         packet_end = v.arrivals[k + 1][0] if k + 1 < len(v.arrivals) else v.received
         delay = self.clock() - (arrival - (packet_end - sample) / VOICE_RATE)
         self.delays.append(delay)
+        self.off.append(delay - self.delay_s)
         if self.on_delay:
             self.on_delay(delay)
 
@@ -687,7 +714,10 @@ class Channel:
                 "speaking": self.speaking,
                 "delay_ms_p50": round(float(np.percentile(d, 50)), 1) if d.size else None,
                 "delay_ms_p95": round(float(np.percentile(d, 95)), 1) if d.size else None,
-                "target_delay_ms": round(self.delay_s * 1000)}
+                # how far the delays measured were from the delay set when each was (p95): the timeline's health
+                "delay_off_ms_p95": round(float(np.percentile(np.abs(self.off), 95)) * 1000, 1) if self.off else None,
+                "target_delay_ms": round(self.delay_s * 1000),
+                "first_target_delay_ms": round(self.first_delay_s * 1000)}
 
     def close(self) -> None:
         with self._lock:
