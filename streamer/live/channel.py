@@ -16,9 +16,9 @@ once before the first mouth is cut, and again in silence, the channel's clock mo
 together, so sync is kept) to where the voice arrives. More than RESYNC_S off, the voice moves by whole
 frames first, where repeating or skipping 40 ms of silent input is neither seen nor heard.
 
-An auto delay moves the same way, voice and video together: down to what the mouths were measured to
-need (`_retune`), while the talker speaks, by the clock alone (what goes out goes out sooner); up only
-in silence.
+An auto delay moves the same way, voice and video together, to what the mouths were measured to need
+(`_retune`): down by the clock alone, even while the talker speaks (what goes out goes out sooner); up in
+silence, or by small steps of the clock when mouths come late while the talker speaks.
 """
 
 from __future__ import annotations
@@ -53,9 +53,10 @@ SHOWN_WITHIN_S = 0.1  # a track may send a frame this long after its slot (track
 FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # The auto delay's first margin, until the mouths say what they need: network jitter (a lost packet holds a
-# window back 20 ms or more) and event-loop lag. It comes down as soon as they say so, but goes up only in a
-# pause: 25 ms cost a talker behind 15 ms of jitter 27% of its first phrase's mouths (BENCHMARKS.md)
-AUTO_MARGIN_S = 0.0425
+# window back 20 ms or more) and event-loop lag. They say so within 1-2 s of speech (BENCHMARKS.md: 42.5 ms
+# before; 25 ms held 256 of 262 mouths in time behind 15 ms of exponential jitter once it could grow while
+# the talker speaks, 184-192 when it grew only in pauses)
+AUTO_MARGIN_S = 0.025
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
 AUTO_WINDOW = 25  # speech frames judged at least before widening again
@@ -64,6 +65,7 @@ AUTO_WINDOW = 25  # speech frames judged at least before widening again
 # network jitter, the event loop, inference) and a guard for what a few seconds of them did not show.
 AUTO_MEASURED = 50
 AUTO_GUARD_S = 0.01
+SPEECH_STEP_S = 0.02  # the auto delay grows at most this much a time while the talker speaks
 AUTO_STEP_S = 0.004  # the auto delay moves no less than this (each move sends voice and video sooner or later)
 NEEDS_KEPT = 10 * FPS  # speech frames whose needs the auto delay goes by (the last 10 s of speech)
 HOLD_FRAMES = 2  # a speech frame whose mouth is late shows the last mouth up to this many frames old
@@ -213,9 +215,9 @@ class Channel:
         self.off: deque[float] = deque(maxlen=750)  # ... less the delay set then (the auto delay moves)
         self.first_delay_s = self.delay_s  # the delay the voice started with
         self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
-        # speech frame the worker took -> seconds from the start of its voice to its mouth's arrival (until
-        # it comes: to its cut); the same whatever the delay, which moves the voice's start and the slot alike
-        self._need: dict[int, float] = {}
+        # speech frame the worker took -> (seconds from the start of its voice to its mouth's arrival, or until
+        # it comes to its cut; whether it came): the same whatever the delay, which moves both ends alike
+        self._need: dict[int, tuple[float, bool]] = {}
         self._tuned_at: int | None = None  # speech frames shown when the auto delay was last judged
         self._moving = False  # the auto delay wants to move, and waits for its moment
         self._grown_to = 0.0  # auto delay grown because mouths were dropped: measured needs stay above it
@@ -260,6 +262,7 @@ class Channel:
             if self.voice is not None:
                 self._set_voice(VoiceIn(self._vad_factory(), self.features))
                 self.speaking = False
+                self._need.clear()  # (measured against the old pin)
         log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
 
     def detach_voice(self, session: str) -> None:
@@ -354,14 +357,17 @@ class Channel:
                 continue
             step = i + v.n0
             face = self._crop(step)
-            taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
             spare = self.start + step / FPS - self.clock()
-            self._expected[step] = (strength, face, taken, spare)
-            if self.auto and taken:
-                with self._lock:
-                    self._need[step] = self.delay_s - spare
+            if self.auto and face is not None:
+                with self._lock:  # (before the worker can bring its mouth)
+                    self._need[step] = (self.delay_s - spare, False)
                     if len(self._need) > NEEDS_KEPT:
                         del self._need[next(iter(self._need))]
+            taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
+            if self.auto and face is not None and not taken:
+                with self._lock:
+                    self._need.pop(step, None)
+            self._expected[step] = (strength, face, taken, spare)
 
     def late_voice(self, behind: int, mono48: np.ndarray) -> None:
         """A packet that came after later ones, starting `behind` samples before the end of the voice
@@ -469,8 +475,8 @@ class Channel:
             if delay:
                 self.delay_s += by
             else:
-                for k in self._need:
-                    self._need[k] -= by
+                for k, (need, came) in self._need.items():
+                    self._need[k] = (need - by, came)
         return frames, rest
 
     def _retune(self, v: VoiceIn) -> None:
@@ -480,12 +486,16 @@ class Channel:
         AUTO_MEASURED frames have been cut, up to cover jitter that came. When more than AUTO_LATE_SHARE
         of the recent speech frames the worker took missed their mouth and the needs do not say by how
         much (the worker dropped them: it could not make them in time), it grows by a frame, and the
-        needs do not take it back. At most AUTO_MAX_S, never under the floor.
+        needs do not take it back; missed frames whose mouths came in time (a track that skipped them,
+        its loop stalled) move nothing, no delay would help them. At most AUTO_MAX_S (unless the floor
+        and the audio front end's time alone are more), never under those.
 
         Down, the channel's clock moves (voice and video go out sooner, the same samples and frames in
         the same order: a receiver's jitter buffer plays the little surplus out), when no mouth is in
         flight, at most as far as keeps the tracks within SHOWN_WITHIN_S / 2 of their slots. Up, in
-        silence, as a drift correction does: a receiver would have to stretch speech to fill the gap."""
+        silence, as a drift correction does; while the talker speaks, only for mouths measured late, by
+        the clock, SPEECH_STEP_S at most a time (a receiver's jitter buffer, grown with the jitter that
+        made them late, mostly covers the gap; a larger one it would fill by stretching speech)."""
         if not self.auto or not v.settled or len(self._recent) < AUTO_WINDOW:
             return
         judged = self.lipsync_frames + self.late
@@ -499,18 +509,27 @@ class Channel:
             return
         delay, why = want
         if delay > self.delay_s:
+            dropped = why.startswith("mouths dropped")
             if not self._still(v):
-                return
-            self._shift(v, delay - self.delay_s, delay=True)
-            if why.startswith("mouths dropped"):
+                if dropped:
+                    return
+                # measured late while speaking: a step by the clock now (a gap a receiver's jitter buffer,
+                # grown with the jitter, mostly covers), the rest in the next pause or step
+                delay = min(delay, self.delay_s + SPEECH_STEP_S)
+                with self._lock:
+                    self.start += delay - self.delay_s
+                    self.delay_s = delay
+            else:
+                self._shift(v, delay - self.delay_s, delay=True)
+            if dropped:
                 self._grown_to = delay
         else:
             with self._lock:
                 if any(e[2] and k not in self._faces for k, e in self._expected.items()):
                     return  # a mouth in flight: its slot stays where its deadline was set
             now = self.clock() - self.start  # how far behind their slots the tracks are
-            behind = max(0.0, now - self._shown / FPS,
-                         now - (max(self._voice_memo) + 1) * CHUNK / VOICE_RATE if self._voice_memo else 0.0)
+            voice = now - (max(self._voice_memo) + 1) * CHUNK / VOICE_RATE if self._voice_memo else 0.0
+            behind = max(0.0, now - self._shown / FPS, voice if voice < 1.0 else 0.0)  # (none sending the voice)
             delay = max(delay, self.delay_s - (SHOWN_WITHIN_S / 2 - behind))
             if self.delay_s - delay < AUTO_STEP_S:
                 return
@@ -525,21 +544,24 @@ class Channel:
         """The auto delay the recent speech frames ask for, and why; None: as it is."""
         missed = self._recent.count(False)
         with self._lock:
-            needs = list(self._need.values())
+            items = list(self._need.items())
+        needs = [need for _, (need, _) in items]
         # the 99th percentile (the upper one: of 25-250 frames, the 1st to 3rd most)
         need = heapq.nlargest(len(needs) // 100 + 1, needs)[-1] if len(needs) >= AUTO_WINDOW else None
         if missed > AUTO_LATE_SHARE * len(self._recent):
             if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
                 delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
-            else:  # not measured
-                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"
+            elif any(not came and k < self._shown - HOLD_FRAMES for k, (_, came) in items):
+                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"  # not measured: a frame more
+            else:  # the mouths came in time: a track skipped their frames (a stalled loop), which no delay helps
+                return None
         else:
             if need is None or (len(needs) < AUTO_MEASURED and not missed):
                 return None
             delay, why = max(need + AUTO_GUARD_S, self._grown_to), f"mouths needed {1000 * need:.0f} ms"
             if missed and delay < self.delay_s:  # a mouth not measured may have needed more
                 return None
-        delay = min(max(delay, self.min_delay_s + self.front_s), max(AUTO_MAX_S, self.min_delay_s))
+        delay = min(max(delay, self.min_delay_s + self.front_s), max(AUTO_MAX_S, self.min_delay_s + self.front_s))
         return (delay, why) if abs(delay - self.delay_s) >= AUTO_STEP_S else None
 
     def _crop(self, step: int) -> np.ndarray | None:
@@ -557,7 +579,7 @@ class Channel:
             if not self.closed:
                 self._faces[step] = face
                 if step in self._need:
-                    self._need[step] = self.delay_s - (self.start + step / FPS - self.clock())
+                    self._need[step] = (self.delay_s - (self.start + step / FPS - self.clock()), True)
                 if step < self._shown:
                     log.debug("[%s] mouth %d came %.0f ms after its frame's slot", self.session, step,
                               1000 * (self.clock() - self.start - step / FPS))
