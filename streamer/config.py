@@ -103,9 +103,9 @@ class LiveConfig:
                                        "and the resampler's 0.6 ms (213.1 ms for Wav2Lip, 340.6 for MuseTalk at its "
                                        "defaults; at the floor inference has no time left); "
                                        "the rest is the budget for inference. auto: starts at that + what this "
-                                       "machine's measured feature and inference times need + 25 ms, then follows "
-                                       "what the mouths needed (their 1st percentile + 10 ms; at most 500, unless "
-                                       "the floor and feature time alone are more)",
+                                       "machine's measured feature and inference times need + 30 ms, then follows "
+                                       "what the speech frames needed (their 99th percentile + 10 ms; at most 500, "
+                                       "unless the floor and feature time alone are more)",
                                min=214, max=3000, auto=True)
     max_batch: int = _opt(8, "most frames in one inference call, across all sessions", min=1, max=256)
     fade_frames: int = _opt(2, "frames over which the mouth fades into and out of speech", min=0, max=12)

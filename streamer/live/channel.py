@@ -54,9 +54,8 @@ FADE_OUT = 240  # samples (5 ms) over which an interrupted voice fades out
 KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, for slow viewers
 # The auto delay's first margin, until the mouths say what they need: network jitter (a lost packet holds a
 # window back 20 ms or more) and event-loop lag. They say so within 1-2 s of speech (BENCHMARKS.md: 42.5 ms
-# before; 25 ms held 256 of 262 mouths in time behind 15 ms of exponential jitter once it could grow while
-# the talker speaks, 184-192 when it grew only in pauses)
-AUTO_MARGIN_S = 0.025
+# before; 25 ms cost a mouth in the tests with lost and reordered packets, 30 did not)
+AUTO_MARGIN_S = 0.03
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
 AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
 AUTO_WINDOW = 25  # speech frames judged at least before widening again
@@ -214,7 +213,7 @@ class Channel:
         self.delays: deque[float] = deque(maxlen=750)  # voice in -> its frame out, seconds (30 s)
         self.off: deque[float] = deque(maxlen=750)  # ... less the delay set then (the auto delay moves)
         self.first_delay_s = self.delay_s  # the delay the voice started with
-        self._recent: deque[bool] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: was the mouth in time?
+        self._recent: deque[tuple[int, bool]] = deque(maxlen=2 * AUTO_WINDOW)  # speech frames: mouth in time?
         # speech frame the worker took -> (seconds from the start of its voice to its mouth's arrival, or until
         # it comes to its cut; whether it came): the same whatever the delay, which moves both ends alike
         self._need: dict[int, tuple[float, bool]] = {}
@@ -511,8 +510,8 @@ class Channel:
         if delay > self.delay_s:
             dropped = why.startswith("mouths dropped")
             if not self._still(v):
-                if dropped:
-                    return
+                if not why.startswith("mouths came late") or self._in_flight():
+                    return  # (a mouth in flight has its deadline from the slot it had)
                 # measured late while speaking: a step by the clock now (a gap a receiver's jitter buffer,
                 # grown with the jitter, mostly covers), the rest in the next pause or step
                 delay = min(delay, self.delay_s + SPEECH_STEP_S)
@@ -524,9 +523,8 @@ class Channel:
             if dropped:
                 self._grown_to = delay
         else:
-            with self._lock:
-                if any(e[2] and k not in self._faces for k, e in self._expected.items()):
-                    return  # a mouth in flight: its slot stays where its deadline was set
+            if self._in_flight():
+                return  # a mouth in flight: its slot stays where its deadline was set
             now = self.clock() - self.start  # how far behind their slots the tracks are
             voice = now - (max(self._voice_memo) + 1) * CHUNK / VOICE_RATE if self._voice_memo else 0.0
             behind = max(0.0, now - self._shown / FPS, voice if voice < 1.0 else 0.0)  # (none sending the voice)
@@ -540,19 +538,26 @@ class Channel:
         self._moving = False
         log.info("[%s] %s: auto delay now %.0f ms", self.session, why, 1000 * self.delay_s)
 
+    def _in_flight(self) -> bool:
+        """Whether a mouth the worker took is still to come for a frame not yet shown."""
+        with self._lock:
+            return any(e[2] and k not in self._faces for k, e in self._expected.items())
+
     def _want(self) -> tuple[float, str] | None:
         """The auto delay the recent speech frames ask for, and why; None: as it is."""
-        missed = self._recent.count(False)
+        missed = [k for k, ok in self._recent if not ok]
         with self._lock:
-            items = list(self._need.items())
-        needs = [need for _, (need, _) in items]
+            need_of = dict(self._need)
+        needs = [need for need, _ in need_of.values()]
         # the 99th percentile (the upper one: of 25-250 frames, the 1st to 3rd most)
         need = heapq.nlargest(len(needs) // 100 + 1, needs)[-1] if len(needs) >= AUTO_WINDOW else None
-        if missed > AUTO_LATE_SHARE * len(self._recent):
+        if len(missed) > AUTO_LATE_SHARE * len(self._recent):
             if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
                 delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
-            elif any(not came and k < self._shown - HOLD_FRAMES for k, (_, came) in items):
-                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"  # not measured: a frame more
+            elif any(k < self._shown - HOLD_FRAMES and k in need_of and not need_of[k][1]
+                     and need_of[k][0] + AUTO_GUARD_S <= self.delay_s for k in missed):
+                # a missed frame's voice was in in time and its mouth never came: not measured, a frame more
+                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"
             else:  # the mouths came in time: a track skipped their frames (a stalled loop), which no delay helps
                 return None
         else:
@@ -601,7 +606,7 @@ class Channel:
             self._shown = max(self._shown, step + 1)  # (a mouth for it that comes now is late)
         for k in [k for k in self._expected if k < step]:  # skipped by the track: never shown
             if self._expected.pop(k)[2]:
-                self._recent.append(False)
+                self._recent.append((k, False))
             self.late += 1
             log.debug("[%s] frame %d late: skipped, the video was behind (sent frame %d instead)", self.session, k,
                       step)
@@ -614,7 +619,7 @@ class Channel:
             face = None
         if want is not None:
             if want[2]:  # what the auto delay judges by: mouths the worker took and did not bring in time
-                self._recent.append(face is not None)
+                self._recent.append((step, face is not None))
             if face is not None:
                 self.lipsync_frames += 1
                 self._last_face = (step, face)
