@@ -306,8 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--device", choices=("auto", "cuda", "cpu"), help="where inference runs (default auto)")
     sv.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="inference precision (default auto)")
     sv.add_argument("--delay-ms", type=auto_or_int("milliseconds"),
-                    help="voice-in to lips-out delay in ms, or auto (default: auto, the model's lookahead + what "
-                         "the mouths were measured to need, ~10 ms more on a quiet machine and network)")
+                    help="voice-in to lips-out delay in ms, or auto (default: auto, what the mouths were measured "
+                         "to need, lookahead included (99th percentile), + 10 ms)")
     sv.add_argument("--max-sessions", type=int, help="voices at once, more get 503 (default 4)")
     sv.add_argument("--max-batch", type=int, metavar="N", help="most frames in one inference call, across all "
                                                                "sessions (default 8; more for many talkers on a GPU)")

@@ -57,8 +57,8 @@ KEEP_VOICE_S = 1.0  # outgoing voice kept this long after its time to be sent, f
 # before; 25 ms cost a mouth in the tests with lost and reordered packets, 30 did not)
 AUTO_MARGIN_S = 0.03
 AUTO_MAX_S = 0.5  # beyond this a conversation suffers more from the delay than from held mouths
-AUTO_LATE_SHARE = 0.02  # auto delay: more late mouths than this among the last speech frames widen it
-AUTO_WINDOW = 25  # speech frames judged at least before widening again
+AUTO_LATE_SHARE = 0.02  # auto delay: more missed mouths than this among the last speech frames: grow it
+AUTO_WINDOW = 25  # speech frames judged before the auto delay moves (again), and the fewest needs it goes by
 # Auto delay, measured: once this many speech frames have been cut, the delay is what the 99th percentile
 # of the last NEEDS_KEPT needed (from the start of a frame's voice to its mouth's arrival: lookahead,
 # network jitter, the event loop, inference) and a guard for what a few seconds of them did not show.
@@ -262,6 +262,7 @@ class Channel:
                 self._set_voice(VoiceIn(self._vad_factory(), self.features))
                 self.speaking = False
                 self._need.clear()  # (measured against the old pin)
+                self._recent.clear()
         log.info("[%s] voice resumed after a pause on channel %s: timeline pinned again", self.session, self.name)
 
     def detach_voice(self, session: str) -> None:
@@ -481,7 +482,7 @@ class Channel:
     def _retune(self, v: VoiceIn) -> None:
         """Auto delay. It starts from what inference was measured to need, and a margin for the network
         and the event loop. Then it is what the speech frames needed (`_need`; their 99th percentile),
-        and AUTO_GUARD_S: down to ~10 ms above the floor on a quiet machine and network once
+        and AUTO_GUARD_S (on a quiet machine and network 10-20 ms above the floor): down once
         AUTO_MEASURED frames have been cut, up to cover jitter that came. When more than AUTO_LATE_SHARE
         of the recent speech frames the worker took missed their mouth and the needs do not say by how
         much (the worker dropped them: it could not make them in time), it grows by a frame, and the
@@ -492,9 +493,10 @@ class Channel:
         Down, the channel's clock moves (voice and video go out sooner, the same samples and frames in
         the same order: a receiver's jitter buffer plays the little surplus out), when no mouth is in
         flight, at most as far as keeps the tracks within SHOWN_WITHIN_S / 2 of their slots. Up, in
-        silence, as a drift correction does; while the talker speaks, only for mouths measured late, by
-        the clock, SPEECH_STEP_S at most a time (a receiver's jitter buffer, grown with the jitter that
-        made them late, mostly covers the gap; a larger one it would fill by stretching speech)."""
+        silence, as a drift correction does; while the talker speaks only when more than AUTO_LATE_SHARE
+        missed and were measured late, with no mouth in flight, by the clock, SPEECH_STEP_S at most a
+        time (a receiver's jitter buffer, grown with the jitter that made them late, mostly covers the
+        gap; a larger one it would fill by stretching speech)."""
         if not self.auto or not v.settled or len(self._recent) < AUTO_WINDOW:
             return
         judged = self.lipsync_frames + self.late
@@ -554,9 +556,9 @@ class Channel:
         if len(missed) > AUTO_LATE_SHARE * len(self._recent):
             if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
                 delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
-            elif any(k < self._shown - HOLD_FRAMES and k in need_of and not need_of[k][1]
-                     and need_of[k][0] + AUTO_GUARD_S <= self.delay_s for k in missed):
-                # a missed frame's voice was in in time and its mouth never came: not measured, a frame more
+            elif sum(1 for k in missed if k < self._shown - HOLD_FRAMES and k in need_of and not need_of[k][1]
+                     and need_of[k][0] + AUTO_GUARD_S <= self.delay_s) > AUTO_LATE_SHARE * len(self._recent):
+                # missed frames whose voice was in in time and whose mouth never came: not measured, a frame more
                 delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"
             else:  # the mouths came in time: a track skipped their frames (a stalled loop), which no delay helps
                 return None
