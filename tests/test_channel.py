@@ -167,11 +167,7 @@ def run_auto(avatar, voice: np.ndarray, hold=lambda k: 0.0):
     the way (none overtakes another), every frame shown and every voice chunk sent at its slot, or
     skipped as a track does when over BEHIND_S behind: (channel, voice chunks sent in order, (time,
     delay) at each change of the auto delay)."""
-    now = [100.0]
-    worker = InferenceWorker(BuiltinEngine(), clock=lambda: now[0])
-    ch = Channel("c", avatar, worker, delay_s=None, clock=lambda: now[0])
-    ch.viewers = 1
-    ch.attach_voice("s")
+    now, worker, ch = simulated_channel(avatar, delay_s=None)
     sent, changes, n, j, last = [], [(0.0, ch.delay_s)], 0, 0, 0.0
     for k in range(0, voice.size // CHUNK):
         last = max(last, 100.0 + (k + 1) * CHUNK / 48000 + hold(k))

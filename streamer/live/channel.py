@@ -358,13 +358,14 @@ class Channel:
             step = i + v.n0
             face = self._crop(step)
             spare = self.start + step / FPS - self.clock()
-            if self.auto and face is not None:
+            noted = self.auto and face is not None
+            if noted:
                 with self._lock:  # (before the worker can bring its mouth)
                     self._need[step] = (self.delay_s - spare, False)
                     if len(self._need) > NEEDS_KEPT:
                         del self._need[next(iter(self._need))]
             taken = face is not None and self.worker.submit(Request(self, step, window, face, self.start + step / FPS))
-            if self.auto and face is not None and not taken:
+            if noted and not taken:
                 with self._lock:
                     self._need.pop(step, None)
             self._expected[step] = (strength, face, taken, spare)
@@ -461,13 +462,13 @@ class Channel:
             return False
         return not (self._expected and max(self._expected) >= (self.clock() - self.start - SHOWN_WITHIN_S) * FPS)
 
-    def _shift(self, v: VoiceIn, by: float, delay: bool = False) -> tuple[int, float]:
+    def _shift(self, v: VoiceIn, by: float, delay: bool = False, frames_first: bool = True) -> tuple[int, float]:
         """Voice and video out `by` seconds later (earlier if negative), together: over RESYNC_S by whole
-        frames of the voice first (40 ms of silent input repeated or skipped), the rest by the channel's
-        clock (the tracks send their next frame a little later or sooner). `delay`: the delay grows by
-        that (else the voice was found to start `by` later than pinned: its frames needed that much less).
-        The frames and the rest moved."""
-        frames = round(by * FPS) if abs(by) > RESYNC_S else 0
+        frames of the voice first (40 ms of silent input repeated or skipped; not if `frames_first` is
+        False: while the talker speaks), the rest by the channel's clock (the tracks send their next frame
+        a little later or sooner). `delay`: the delay grows by that (else the voice was found to start
+        `by` later than pinned: its frames needed that much less). The frames and the rest moved."""
+        frames = round(by * FPS) if frames_first and abs(by) > RESYNC_S else 0
         rest = by - frames / FPS
         with self._lock:  # (with the needs, as `accept` sees them)
             v.n0 += frames
@@ -508,21 +509,18 @@ class Channel:
         if want is None:
             self._moving = False
             return
-        delay, why = want
+        delay, kind, why = want
         if delay > self.delay_s:
-            dropped = why.startswith("mouths dropped")
             if not self._still(v):
-                if not why.startswith("mouths came late") or self._in_flight():
+                if kind != "late" or self._in_flight():
                     return  # (a mouth in flight has its deadline from the slot it had)
                 # measured late while speaking: a step by the clock now (a gap a receiver's jitter buffer,
                 # grown with the jitter, mostly covers), the rest in the next pause or step
                 delay = min(delay, self.delay_s + SPEECH_STEP_S)
-                with self._lock:
-                    self.start += delay - self.delay_s
-                    self.delay_s = delay
+                self._shift(v, delay - self.delay_s, delay=True, frames_first=False)
             else:
                 self._shift(v, delay - self.delay_s, delay=True)
-            if dropped:
+            if kind == "dropped":
                 self._grown_to = delay
         else:
             if self._in_flight():
@@ -533,9 +531,7 @@ class Channel:
             delay = max(delay, self.delay_s - (SHOWN_WITHIN_S / 2 - behind))
             if self.delay_s - delay < AUTO_STEP_S:
                 return
-            with self._lock:
-                self.start += delay - self.delay_s
-                self.delay_s = delay
+            self._shift(v, delay - self.delay_s, delay=True, frames_first=False)
         self._recent.clear()
         self._moving = False
         log.info("[%s] %s: auto delay now %.0f ms", self.session, why, 1000 * self.delay_s)
@@ -545,8 +541,10 @@ class Channel:
         with self._lock:
             return any(e[2] and k not in self._faces for k, e in self._expected.items())
 
-    def _want(self) -> tuple[float, str] | None:
-        """The auto delay the recent speech frames ask for, and why; None: as it is."""
+    def _want(self) -> tuple[float, str, str] | None:
+        """The auto delay the recent speech frames ask for, the kind of reason ("late": mouths measured
+        late, "dropped": mouths never came, "needed": what the mouths needed) and why, for the log; None:
+        as it is."""
         missed = [k for k, ok in self._recent if not ok]
         with self._lock:
             need_of = dict(self._need)
@@ -555,21 +553,21 @@ class Channel:
         need = heapq.nlargest(len(needs) // 100 + 1, needs)[-1] if len(needs) >= AUTO_WINDOW else None
         if len(missed) > AUTO_LATE_SHARE * len(self._recent):
             if need is not None and need + AUTO_GUARD_S > self.delay_s:  # they came, late: by this much
-                delay, why = need + AUTO_GUARD_S, f"mouths came late (needed {1000 * need:.0f} ms)"
+                delay, kind, why = need + AUTO_GUARD_S, "late", f"mouths came late (needed {1000 * need:.0f} ms)"
             elif sum(1 for k in missed if k < self._shown - HOLD_FRAMES and k in need_of and not need_of[k][1]
                      and need_of[k][0] + AUTO_GUARD_S <= self.delay_s) > AUTO_LATE_SHARE * len(self._recent):
                 # missed frames whose voice was in in time and whose mouth never came: not measured, a frame more
-                delay, why = self.delay_s + 1 / FPS, "mouths dropped by the worker"
+                delay, kind, why = self.delay_s + 1 / FPS, "dropped", "mouths dropped by the worker"
             else:  # the mouths came in time: a track skipped their frames (a stalled loop), which no delay helps
                 return None
         else:
             if need is None or (len(needs) < AUTO_MEASURED and not missed):
                 return None
-            delay, why = max(need + AUTO_GUARD_S, self._grown_to), f"mouths needed {1000 * need:.0f} ms"
+            delay, kind, why = max(need + AUTO_GUARD_S, self._grown_to), "needed", f"mouths needed {1000 * need:.0f} ms"
             if missed and delay < self.delay_s:  # a mouth not measured may have needed more
                 return None
         delay = min(max(delay, self.min_delay_s + self.front_s), max(AUTO_MAX_S, self.min_delay_s + self.front_s))
-        return (delay, why) if abs(delay - self.delay_s) >= AUTO_STEP_S else None
+        return (delay, kind, why) if abs(delay - self.delay_s) >= AUTO_STEP_S else None
 
     def _crop(self, step: int) -> np.ndarray | None:
         """The face crop inference needs for output frame `step` (None if the decoder is behind)."""
