@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 
 # A machine with an NVIDIA driver gets CUDA torch and onnxruntime-gpu; others the CPU build of
-# torch 2.13.0 and plain onnxruntime. Override either: `make install TORCH='torch==2.13.0+cpu' ORT=cpu`.
+# torch 2.13.0 and plain onnxruntime. Override either: `make install TORCH='torch==2.13.0' ORT=cpu`.
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo yes)
 ORT ?= $(if $(HAS_GPU),gpu,cpu)
 TORCH ?= $(if $(HAS_GPU),torch,torch==2.13.0)

@@ -108,7 +108,10 @@ def _use_avatar(engine, avatar, progress: bool) -> None:
 
 
 def _prepare(args) -> int:
-    from streamer.avatar.cache import PrepareSettings, prepare
+    from streamer.avatar.cache import IMAGE_SUFFIXES, PrepareSettings, prepare
+
+    if args.image and Path(args.image).suffix.lower() not in IMAGE_SUFFIXES:
+        raise UserError(f"--image takes a photo ({', '.join(sorted(IMAGE_SUFFIXES))}); for {args.image} use --video")
 
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.max_height": args.max_height, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype})
@@ -131,19 +134,24 @@ def _prepare(args) -> int:
 
 
 def _render(args) -> int:
-    from streamer.lipsync.engine import load_engine
-    from streamer.render import check_output, render
+    from streamer import outfile
+    from streamer.lipsync.engine import load_engine, resolve_model
+    from streamer.render import OUT_SUFFIXES, read_audio, render
 
-    check_output(args.out, args.force)
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
                            "model.device": args.device, "model.dtype": args.dtype,
                            "render.batch_size": args.batch_size, "musetalk.audio_pe": args.audio_pe})
+    # what the user gave is checked before anything slow or lasting (a model loaded, the demo avatar made)
+    outfile.check(args.out, args.force, OUT_SUFFIXES)
+    audio = read_audio(args.audio)
+    if cfg.model.path is not None:
+        resolve_model(cfg.model.path)
     avatar = _avatar(cfg, cfg.avatar.name)
     engine = load_engine(cfg.model.path, cfg.model.device, cfg.model.dtype, mouth=avatar.mouth_in_crop(),
                          musetalk=cfg.musetalk)
     _use_avatar(engine, avatar, not args.quiet)
     log.info("engine: %s", engine.name)
-    summary = render(avatar, args.audio, args.out, engine, batch_size=cfg.render.batch_size,
+    summary = render(avatar, audio, args.out, engine, batch_size=cfg.render.batch_size,
                      vad=cfg.audio.voice_activity(25), force=args.force, progress=not args.quiet, crf=cfg.render.crf,
                      fade=cfg.live.fade_frames)
     print(f"wrote {args.out}: {summary['frames']} frames at {summary['fps']:g} fps, {summary['seconds']:.2f} s, "
@@ -181,6 +189,24 @@ def _serve_inference(cfg, path: str) -> int:
     return 0
 
 
+def _check_delay(cfg) -> None:
+    """A fixed delay below the model's floor is refused at start, not raised by every channel."""
+    import math
+
+    from streamer.lipsync.engine import model_lookahead_s
+    from streamer.live.channel import FPS, cut_lookahead, packet_floor
+
+    delay = cfg.live.delay_ms
+    if delay == "auto":
+        return
+    lookahead = cut_lookahead(cfg.audio.voice_activity(FPS), cfg.live.fade_frames,
+                              model_lookahead_s(cfg.model.path, cfg.musetalk))
+    floor = math.ceil(1000 * packet_floor(lookahead) - 1e-6)
+    if delay < floor:
+        raise UserError(f"a delay of {delay} ms is below this model's floor of {floor} ms (its audio lookahead and "
+                        "the voice activity settings): use at least that, and more for inference, or auto")
+
+
 def _serve(args) -> int:
     import asyncio
     import signal
@@ -196,6 +222,7 @@ def _serve(args) -> int:
                            "server.port": args.port, "live.delay_ms": args.delay_ms,
                            "server.max_sessions": args.max_sessions, "server.workers": args.workers,
                            "live.max_batch": args.max_batch, "musetalk.audio_pe": args.audio_pe})
+    _check_delay(cfg)
     workers = cfg.server.workers
     if workers == "auto":
         from streamer.server.front import workers_for
@@ -329,7 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("render", parents=[common], help="turn an audio file into a lip-synced mp4",
                        description="Lip-sync an avatar to an audio file (any format PyAV reads) and write an "
-                                   "H.264 + AAC mp4 as long as the audio, at the avatar's frame rate.")
+                                   "H.264 + AAC mp4 as long as the audio, at 25 fps (a video avatar's frames picked by "
+                                   "time). The output appears only when complete.")
     r.add_argument("--audio", required=True, help="speech to lip-sync: wav, mp3, m4a, ogg, ...")
     r.add_argument("--out", required=True, help="mp4 to write")
     r.add_argument("--avatar", help="prepared avatar name (default astronaut, the demo, prepared on first use)")
@@ -350,11 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, help="wav2lip.pth or wav2lip_gan.pth as released")
     e.add_argument("--out", required=True, help="ONNX file to write, e.g. models/wav2lip_fp16.onnx")
     e.add_argument("--dtype", choices=("fp16", "fp32"), default="fp16", help="weights and compute type (default fp16)")
-    e.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    e.add_argument("--opset", type=int, default=18,
+                   help="ONNX opset (default 18, torch's own; another is converted to where onnx can: 17 and newer)")
     e.add_argument("--force", action="store_true", help="replace OUT if it exists")
     e.set_defaults(func=_export)
 
-    b = sub.add_parser("bench", help="measure inference speed on this machine",
+    b = sub.add_parser("bench", help="measure this machine: inference, live sessions, soak and more",
                        description="engine: ms/frame and frames/s for every backend x dtype x batch available here. "
                                    "audio: CPU cost of resampling, streaming mel and voice activity. avatar: preparing "
                                    "and loading a long 1080p avatar (time, disk, RAM), blending. live: a real talk "
@@ -377,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--churn", type=int, default=200, help="soak: connect/disconnect cycles (default 200)")
     b.add_argument("--half-open", type=int, default=50, help="soak: offers that never connect (default 50)")
     b.add_argument("--viewers", type=int, default=0, help="live: WHEP viewers of the first talker's channel")
-    b.add_argument("--voice", metavar="AUDIO", help="live: what the talkers say, any audio file (default: espeak-ng "
-                                                    "speech)")
+    b.add_argument("--voice", metavar="AUDIO", help="live and audio-pe: what is said, any audio file (default: "
+                                                    "espeak-ng speech)")
     b.add_argument("--workers", type=auto_or_int("processes"), metavar="N",
                    help="live: the server's media worker processes (default: serve's own default, auto)")
     b.add_argument("--client-processes", type=int, metavar="K",
@@ -395,8 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="live: serve a 512x512 video avatar of S seconds (made here), not the demo photo")
     b.add_argument("--pause-first", type=float, default=1.0, metavar="S",
                    help="live: seconds of silence before the voice (default 1; 0 talks at once)")
-    b.add_argument("--model", help=".pth or .onnx to measure (engine default: reference weights, same speed; "
-                                   "live default: builtin engine)")
+    b.add_argument("--model", help=".pth or .onnx, or musetalk:DIR, to measure (engine default: reference weights, "
+                                   "same speed; live default: builtin engine; audio-pe: a musetalk:DIR is needed)")
     b.add_argument("--device", choices=("cuda", "cpu"), help="engine: only this device (default: every one here)")
     b.add_argument("--batches", default="1,4,16,64", help="comma-separated batch sizes (default 1,4,16,64)")
     b.add_argument("--seconds", type=float, default=2.0, help="time to spend per measurement (default 2)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from streamer.errors import UserError
+from streamer.errors import UserError, need_file
 
 
 def _opt(default, help: str, choices=None, min=None, max=None, auto=False):  # noqa: A002 - mirrors argparse
@@ -159,11 +159,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, object] | N
     """Defaults, then the YAML file (if any), then `overrides` ({"model.path": ..., ...}; None = unset)."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
+        path = need_file(path, "config file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except FileNotFoundError:
-            raise UserError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise UserError(f"config file {path} is not a text file (YAML)") from None
+        except OSError as e:
+            raise UserError(f"config file {path} cannot be read ({e.strerror or e})") from None
         except yaml.YAMLError as e:
             raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

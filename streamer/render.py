@@ -5,20 +5,21 @@ the same frames a live channel makes of the same voice, at the same 25 fps."""
 from __future__ import annotations
 
 import logging
-import os
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
+from streamer import outfile
 from streamer.audio import VoiceActivity, resample
 from streamer.audio.features import MelFeatures
 from streamer.avatar.cache import Avatar
-from streamer.errors import UserError
+from streamer.errors import UserError, need_file
 from streamer.mouth import FADE_FRAMES, FPS, face_crop, loop_step, speech_strength, with_mouth
 
 log = logging.getLogger(__name__)
 
+OUT_SUFFIXES = (".mp4",)  # what it writes: naming it .avi or .mkv would not make it one
 AAC_RATES = {8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000}
 
 
@@ -26,9 +27,7 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """Any audio PyAV reads -> (channels, samples) float32 planar, sample rate."""
     import av
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"audio {path} does not exist")
+    path = need_file(path, "audio")
     try:
         with av.open(str(path), metadata_errors="replace") as container:  # a damaged tag is no reason to fail
             if not container.streams.audio:
@@ -89,26 +88,18 @@ def render_frames(avatar: Avatar, windows: np.ndarray, strength: np.ndarray, eng
             batch = []
 
 
-def check_output(out: str | Path, force: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist")
-    return out
-
-
-def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batch_size: int = 16,
-           vad: VoiceActivity | None = None, force: bool = False, progress: bool = True, crf: int = 18,
-           fade: int = FADE_FRAMES) -> dict:
-    """Write `out` (H.264 + AAC mp4); returns a summary. The file appears only when complete."""
+def render(avatar: Avatar, audio_path: str | Path | tuple[np.ndarray, int], out: str | Path, engine,
+           batch_size: int = 16, vad: VoiceActivity | None = None, force: bool = False, progress: bool = True,
+           crf: int = 18, fade: int = FADE_FRAMES) -> dict:
+    """Write `out` (H.264 + AAC mp4) for an audio file, or one already read (`read_audio`'s
+    (samples, rate)); returns a summary. The file appears only when complete."""
     import av
     from tqdm import tqdm
 
-    out = check_output(out, force)
+    out = outfile.check(out, force, OUT_SUFFIXES)
     if batch_size < 1 or batch_size > 1024:
         raise UserError("--batch-size must be 1 to 1024")
-    audio, rate = read_audio(audio_path)
+    audio, rate = audio_path if isinstance(audio_path, tuple) else read_audio(audio_path)
     mono = audio.mean(axis=0)
     seconds = mono.size / rate
     fps = FPS
@@ -117,31 +108,35 @@ def render(avatar: Avatar, audio_path: str | Path, out: str | Path, engine, batc
     windows, strength = plan(audio16, frames, vad or VoiceActivity(fps=FPS), fade, engine.features)
     speech_frames = int((strength > 0).sum())
     if not speech_frames:
-        log.warning("no speech found in %s: the avatar will not move its mouth", audio_path)
+        log.warning("no speech found in %s: the avatar will not move its mouth",
+                    "the audio" if isinstance(audio_path, tuple) else audio_path)
 
     rate_out = rate if rate in AAC_RATES else 48000
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     width, height = avatar.size
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
-            vs = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-            vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-            vs.options = {"crf": str(crf), "preset": "veryfast"}
-            layout = "stereo" if audio.shape[0] == 2 else "mono"
-            aud = container.add_stream("aac", rate=rate_out, layout=layout)
-            _write_audio(container, aud, audio, rate, rate_out, layout)
+    with outfile.writing(out) as tmp:
+        try:
+            container = av.open(str(tmp), "w", format="mp4")
+        except OSError as e:
+            raise outfile.cannot_write(out, e) from None
+        try:
+            with container:
+                vs = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+                vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+                vs.options = {"crf": str(crf), "preset": "veryfast"}
+                layout = "stereo" if audio.shape[0] == 2 else "mono"
+                aud = container.add_stream("aac", rate=rate_out, layout=layout)
+                _write_audio(container, aud, audio, rate, rate_out, layout)
 
-            bar = tqdm(total=frames, desc="render", unit="frame", disable=not progress)
-            for image in render_frames(avatar, windows, strength, engine, batch_size):
-                for packet in vs.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
+                bar = tqdm(total=frames, desc="render", unit="frame", disable=not progress)
+                for image in render_frames(avatar, windows, strength, engine, batch_size):
+                    for packet in vs.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
+                        container.mux(packet)
+                    bar.update(1)
+                for packet in vs.encode():
                     container.mux(packet)
-                bar.update(1)
-            for packet in vs.encode():
-                container.mux(packet)
-            bar.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+                bar.close()
+        except OSError as e:  # the disk filled, or the folder went away: the reader's errors are UserErrors
+            raise outfile.cannot_write(out, e) from None
     return {"frames": frames, "fps": fps, "seconds": seconds, "speech_frames": speech_frames}
 
 

@@ -10,6 +10,7 @@ import pytest
 from streamer.avatar.blend import blend, lower_face_mask
 from streamer.avatar.cache import Avatar, PrepareSettings, keep_frames, ping_pong, prepare
 from streamer.avatar.detect import FaceDetector
+from streamer.errors import UserError
 from streamer.lipsync.builtin import BuiltinEngine
 from streamer.lipsync.engine import face_input, to_images
 from tests.conftest import ASTRONAUT, decode_video, run_cli
@@ -130,7 +131,9 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
              (["--video", empty, "--name", "e"], "is empty"),
              (["--image", tiny, "--name", "t"], "sizes from 64"),
              (["--image", ASTRONAUT, "--name", "../escape"], "not allowed"),
-             (["--video", tmp_path / "missing.mp4", "--name", "m"], "does not exist")]
+             (["--video", tmp_path / "missing.mp4", "--name", "m"], "does not exist"),
+             (["--video", tmp_path, "--name", "m"], "is a folder, not a file"),
+             (["--image", garbage, "--name", "g"], "--image takes a photo")]
     for args, expect in cases:
         proc = run_cli("prepare", *args, "--avatars", root, "-q")
         expect = (expect,) if isinstance(expect, str) else expect
@@ -138,6 +141,23 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
         assert "Traceback" not in proc.stderr
     assert not root.exists() or list(root.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir() if p != root) == ["clip.mp4", "empty.mp4", "noise.png", "tiny.png"]
+    proc = run_cli("prepare", "--image", ASTRONAUT, "--name", "a", "--avatars", noise, "-q")
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr
+
+
+def test_a_damaged_avatar_is_told_at_load(video_avatar, tmp_path):
+    """frames.mkv cut short: one line when the avatar is loaded (serve, render), not a failure in every
+    session that shows it."""
+    copy = tmp_path / "avatars" / "cut"
+    shutil.copytree(video_avatar.path, copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "name": "cut"}))
+    (copy / "frames.npy").unlink(missing_ok=True)
+    Avatar.load(tmp_path / "avatars", "cut")  # whole: loads
+    with open(copy / "frames.mkv", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(UserError, match="'cut' is damaged .*prepare it again"):
+        Avatar.load(tmp_path / "avatars", "cut")
 
 
 def test_blend_is_the_plain_formula_to_the_level():

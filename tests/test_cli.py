@@ -30,6 +30,11 @@ def test_bad_config_fails_with_one_line(tmp_path):
         bad.write_text(text)
         with pytest.raises(UserError, match=expect):
             load_config(bad)
+    bad.write_bytes(bytes(range(256)))
+    with pytest.raises(UserError, match="not a text file"):
+        load_config(bad)
+    with pytest.raises(UserError, match="is a folder, not a file"):
+        load_config(tmp_path)
 
 
 def test_serve_refuses_bad_starts_with_one_line(tmp_path):
@@ -45,6 +50,10 @@ def test_serve_refuses_bad_starts_with_one_line(tmp_path):
     bad.write_text("live:\n  delay_ms: 100\n")
     proc = run_cli("serve", "--config", bad)
     assert proc.returncode == 2 and "live.delay_ms must be at least 214" in proc.stderr
+    bad.write_text("live:\n  delay_ms: 250\n  fade_frames: 8\n")  # the fade into speech is cut ahead: 421 ms
+    proc = run_cli("serve", "--config", bad, "--avatars", avatars)
+    assert proc.returncode == 2 and "below this model's floor of 421 ms" in proc.stderr, proc.stderr
+    assert not avatars.exists()
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

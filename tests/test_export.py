@@ -38,6 +38,22 @@ def test_export_refuses_to_clobber_without_force(exported, released_checkpoint):
     assert target.read_bytes() == before
 
 
+def test_export_writes_the_opset_asked_for_or_says_why_not(released_checkpoint, golden, tmp_path):
+    import onnx
+
+    out = tmp_path / "m17.onnx"
+    proc = run_cli("export", "--checkpoint", released_checkpoint, "--out", out, "--dtype", "fp32", "--opset", "17")
+    assert proc.returncode == 0, proc.stderr
+    assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert np.abs(_ort(out, golden["mel"], golden["face"]) - golden["out"]).max() < 1e-3
+    (tmp_path / "dir.onnx").mkdir()
+    for args, expect in ((["--out", tmp_path / "x.onnx", "--opset", "3"], "--opset must be 7 to"),
+                         (["--out", tmp_path / "dir.onnx", "--force"], "not a regular file")):
+        proc = run_cli("export", "--checkpoint", released_checkpoint, *args)
+        assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "m17.onnx"]
+
+
 def test_infer_runs_every_model_kind_on_cpu(exported, released_checkpoint, golden):
     cases = [(released_checkpoint, "auto", "fp32", 1e-4), (exported["fp32"], "auto", "fp32", 1e-4),
              (exported["fp16"], "auto", "fp32", 1e-2), (exported["fp16"], "fp16", "fp16", 1e-2)]

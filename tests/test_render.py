@@ -1,3 +1,6 @@
+import os
+import stat
+
 import av
 import numpy as np
 import pytest
@@ -79,8 +82,33 @@ def test_render_bad_audio_fails_cleanly(avatars, tmp_path):
         assert proc.returncode == 2 and expect in proc.stderr, proc.stderr
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.wav", "notes.mp3"]
-    proc = run_cli("render", "--avatar", "nobody", "--avatars", avatars, "--audio", empty, "--out", tmp_path / "y.mp4")
+    tone = tmp_path / "tone.wav"
+    write_audio(tone, 0.3 * np.sin(np.arange(8000) * 0.1).astype(np.float32), 16000)
+    proc = run_cli("render", "--avatar", "nobody", "--avatars", avatars, "--audio", tone, "--out", tmp_path / "y.mp4")
     assert proc.returncode == 2 and "not prepared" in proc.stderr
+
+
+def test_render_checks_what_it_is_given_before_any_work(tmp_path):
+    """Missing audio is said before the demo avatar is made in a new avatars folder, and no output name
+    that is not a new or regular .mp4 file is written over, --force or not (renaming the finished file
+    into place would replace a folder, a pipe or, as root, /dev/null)."""
+    tone = tmp_path / "tone.wav"
+    write_audio(tone, 0.3 * np.sin(np.arange(8000) * 0.1).astype(np.float32), 16000)
+    fresh = tmp_path / "fresh_avatars"
+    proc = run_cli("render", "--avatars", fresh, "--audio", tmp_path / "nope.wav", "--out", tmp_path / "o.mp4")
+    assert proc.returncode == 2 and "audio" in proc.stderr and "does not exist" in proc.stderr, proc.stderr
+    assert not fresh.exists() and not (tmp_path / "o.mp4").exists()
+    (tmp_path / "folder.mp4").mkdir()
+    os.mkfifo(tmp_path / "pipe.mp4")
+    for out, expect in ((tmp_path / "folder.mp4", "not a regular file"), (tmp_path / "pipe.mp4", "not a regular file"),
+                        (tmp_path / "x.avi", "must end in .mp4"), (tmp_path / "no" / "x.mp4", "does not exist")):
+        proc = run_cli("render", "--avatars", fresh, "--audio", tone, "--out", out, "--force", "-q")
+        assert proc.returncode == 2 and expect in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (tmp_path / "folder.mp4").is_dir() and stat.S_ISFIFO((tmp_path / "pipe.mp4").stat().st_mode)
+    assert not fresh.exists() and not list(tmp_path.glob(".*part"))
+    (tmp_path / "avatars_file").write_text("not a folder")
+    proc = run_cli("render", "--avatars", tmp_path / "avatars_file", "--audio", tone, "--out", tmp_path / "o.mp4")
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr
 
 
 def test_silent_audio_renders_the_idle_avatar(avatars, talk_video, tmp_path):

@@ -34,6 +34,14 @@ PAD_LEFT = PAD_RIGHT = 2  # video frames of audio either side of a frame (v1.5)
 MAX_PENDING = 50  # blocks a stream may have queued for the encoder; past that, new ones are skipped
 
 
+def lookahead_s(block_ms: int, context_ms: int, fps: float = 25) -> float:
+    """Audio needed past a frame's start before its window is complete, at these block settings."""
+    # frame i needs positions up to step*(i + PAD_RIGHT + 1) - 1; the block holding it, then the context
+    step = round(RATE / fps / POSITION)
+    last = step * (PAD_RIGHT + 1)
+    return ((last - 1 + block_ms // 20) * POSITION + context_ms * RATE // 1000) / RATE
+
+
 class WhisperFeatures:
     """Per-frame whisper windows for one loaded encoder (shared by every stream of a process)."""
 
@@ -54,9 +62,7 @@ class WhisperFeatures:
         self.width = self.step * (PAD_LEFT + PAD_RIGHT + 1)  # positions per window: 10
         self.state_shape = (layers, config.d_model)  # one position's features
         self.shape = (self.width * layers, config.d_model)
-        # frame i needs positions up to step*(i + PAD_RIGHT + 1) - 1; the block holding it, then the context
-        last = self.step * (PAD_RIGHT + 1)
-        self.lookahead_s = ((last - 1 + self.block) * POSITION + self.context) / RATE
+        self.lookahead_s = lookahead_s(block_ms, context_ms, fps)
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="whisper")
         self._times: deque[float] = deque(maxlen=25)  # recent block encode times

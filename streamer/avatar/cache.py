@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streamer.errors import UserError
+from streamer.errors import UserError, need_file
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,10 @@ def avatar_dir(root: str | Path, name: str) -> Path:
     """The avatar's folder; names are plain words, so no name can point outside `root`."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise UserError(f"avatar name {name!r} is not allowed: use 1-64 letters, digits, '-' or '_'")
-    return Path(root) / name
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise UserError(f"avatars folder {root} is a file, not a folder")
+    return root / name
 
 
 def ping_pong(k: int, n: int) -> int:
@@ -131,6 +134,8 @@ class Avatar:
                 _read_ahead(path / "frames.npy")
             else:  # frames.mkv still holds every frame
                 log.warning("avatar %s: frames.npy is damaged; decoding frames.mkv instead", name)
+        if avatar.raw is None:
+            _check_video(path / "frames.mkv", name)
         return avatar
 
     def read_frames(self, start: int = 0, count: int | None = None, ahead: int = 2 * GOP):
@@ -139,6 +144,19 @@ class Avatar:
         A thread decodes up to `ahead` frames in advance; stop by closing the generator.
         """
         return FrameReader(self, start, ahead).iterate(count)
+
+
+def _check_video(path: Path, name: str) -> None:
+    """A UserError unless `path`'s first frame decodes: a damaged avatar is told at load, not by every
+    session that would show it."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            next(container.decode(container.streams.video[0]))
+    except (av.FFmpegError, OSError, IndexError, StopIteration) as e:
+        why = "no frame decodes" if isinstance(e, StopIteration) else getattr(e, "strerror", None) or type(e).__name__
+        raise UserError(f"avatar {name!r} is damaged (frames.mkv: {why}); prepare it again") from None
 
 
 def _read_ahead(path: Path) -> None:
@@ -221,12 +239,17 @@ class FrameReader:
                         if frame is None:  # a damaged file: repeat the last good frame rather than stall
                             frame = frames[min(frames, key=lambda j: abs(j - src))] if frames else None
                         if frame is None:
-                            raise RuntimeError(f"frame {src} of {self.avatar.name} cannot be decoded")
+                            raise self._damaged(f"frame {src} cannot be decoded")
                         if not self._put((step + i, src, frame)):
                             return
                         produced += 1
+        except (av.FFmpegError, OSError) as e:  # a damaged or unreadable frames.mkv
+            self._put(self._damaged(f"frames.mkv: {e.strerror or type(e).__name__}"))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(e)
+
+    def _damaged(self, why: str) -> UserError:
+        return UserError(f"avatar {self.avatar.name!r} is damaged ({why}); prepare it again")
 
     def _run_raw(self, count: int | None) -> None:
         """frames.npy: nothing to decode. Each frame is copied here, on the reader's thread, so a page
@@ -241,7 +264,9 @@ class FrameReader:
                     return
                 step += 1
             self._put(None)
-        except Exception as e:  # noqa: BLE001 - an I/O error reading it: handed to the consumer, which raises it
+        except OSError as e:  # an I/O error reading it: handed to the consumer, which raises it
+            self._put(self._damaged(f"frames.npy: {e.strerror or type(e).__name__}"))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(e)
 
     def _put(self, item) -> bool:
@@ -399,8 +424,7 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
     source = Path(source)
     root = Path(root)
     target = avatar_dir(root, name)
-    if not source.is_file():
-        raise UserError(f"source {source} does not exist")
+    need_file(source, "source")
     if source.stat().st_size == 0:
         raise UserError(f"source {source} is empty")
     digest = sha256(source)
@@ -415,10 +439,15 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
             pass
         log.info("avatar %s: source or settings changed, rebuilding", name)
 
-    root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.building-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    try:
+        if not root.is_dir():
+            log.info("making the avatars folder %s", root)
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise UserError(f"cannot write to the avatars folder {root} ({e.strerror or e})") from None
     try:
         fps, total, frames = _source_frames(source, settings.max_height)
         detector = FaceDetector()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streamer.errors import UserError
+from streamer.errors import UserError, need_file
 from streamer.lipsync.model import Wav2Lip
 
 
@@ -26,9 +26,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
     Raises UserError with one sentence saying what is wrong.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist")
+    path = need_file(path, "checkpoint")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty")
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from streamer.audio.features import MelFeatures
-from streamer.errors import UserError
+from streamer.errors import UserError, need_file
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,7 @@ class Wav2LipInfer:
             raise UserError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
         if dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-        if not self.path.is_file():
-            raise UserError(f"model file {self.path} does not exist")
+        need_file(self.path, "model file")
         if device == "auto":
             device = "cuda" if cuda_available() else "cpu"
         elif device == "cuda" and not cuda_available():
@@ -320,6 +319,20 @@ def load_features(model: str | Path | None, device: str = "auto", dtype: str = "
     return MelFeatures()
 
 
+def model_lookahead_s(model: str | Path | None, musetalk=None) -> float:
+    """The audio `model`'s engine needs past a frame's start (its features' `lookahead_s`), from the
+    settings alone: nothing is loaded."""
+    from streamer.lipsync.musetalk import is_musetalk
+
+    if model is not None and is_musetalk(model):
+        from streamer.audio.whisper import lookahead_s
+        from streamer.config import MuseTalkConfig
+
+        mt = musetalk or MuseTalkConfig()
+        return lookahead_s(mt.block_ms, mt.context_ms)
+    return MelFeatures.lookahead_s
+
+
 def resolve_model(model: str | Path, models_dir: str | Path = "models") -> Path:
     """The file `model` names: a path, or a file name in `models_dir`; for musetalk:DIR, the folder
     (checked to hold the released layout)."""
@@ -336,4 +349,6 @@ def resolve_model(model: str | Path, models_dir: str | Path = "models") -> Path:
         path = Path(models_dir) / path
     if not path.exists():
         raise UserError(f"model {model} not found (looked for the path and in {models_dir}/)")
+    if not path.is_file():
+        raise UserError(f"model {model} is not a file: give a .onnx or .pth file, or musetalk:DIR for MuseTalk")
     return path

@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from streamer import outfile
 from streamer.errors import UserError
 from streamer.lipsync.engine import face_input
 
@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 # What an export may differ from torch fp32 on the check inputs before we refuse to keep it.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2}
+MIN_OPSET = 7  # the oldest the converter knows
 
 
 def sample_inputs(batch: int = 3, size: int = 96, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -58,33 +59,37 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp16", op
     from streamer.lipsync.checkpoint import load_model
     from streamer.lipsync.onnx_utils import io_layout
 
-    out = Path(out)
     if dtype not in TOLERANCE:
         raise UserError(f"dtype must be fp16 or fp32, not {dtype!r}")
-    if out.suffix != ".onnx":
-        raise UserError(f"output {out} must end in .onnx")
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist")
+    out = outfile.check(out, force, (".onnx",))
+    if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
+        raise UserError(f"--opset must be {MIN_OPSET} to {onnx.defs.onnx_opset_version()} (this onnx's newest), "
+                        f"not {opset}")
     model = load_model(checkpoint)
     mel, faces = sample_inputs()
     with torch.inference_mode():
         expected = model(torch.from_numpy(mel), torch.from_numpy(faces)).numpy()
 
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    try:
+    with outfile.writing(out) as tmp:
         tdtype = torch.float16 if dtype == "fp16" else torch.float32
         m = model.to(tdtype)
-        _quiet_export(m, (torch.from_numpy(mel[:2]).to(tdtype), torch.from_numpy(faces[:2]).to(tdtype)), tmp, opset)
-        proto = onnx.load(str(tmp))
+        try:
+            _quiet_export(m, (torch.from_numpy(mel[:2]).to(tdtype), torch.from_numpy(faces[:2]).to(tdtype)), tmp,
+                          opset)
+        except OSError as e:
+            raise outfile.cannot_write(out, e) from None
+        proto = _at_opset(onnx.load(str(tmp)), opset)
         for key, value in (("streamer.model", "wav2lip"), ("streamer.dtype", dtype),
                            ("streamer.source", Path(checkpoint).name)):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
 
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        try:
+            sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own error types; an opset newer than it knows
+            raise UserError(f"onnxruntime {ort.__version__} cannot load the exported model at opset {opset} "
+                            f"({str(e).strip().splitlines()[0][:200]}); not written") from None
         mel_name, face_name, _ = io_layout(sess)
         np_dtype = np.float16 if dtype == "fp16" else np.float32
         got = sess.run(None, {mel_name: mel.astype(np_dtype), face_name: faces.astype(np_dtype)})[0]
@@ -92,7 +97,21 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp16", op
         if not err <= TOLERANCE[dtype]:
             raise UserError(f"exported model differs from torch by {err:.2e} (limit {TOLERANCE[dtype]:.0e}); "
                             "not written")
-        os.replace(tmp, out)
-        return err
-    finally:
-        tmp.unlink(missing_ok=True)
+    return err
+
+
+def _at_opset(proto, opset: int):
+    """`proto` at `opset`: torch's exporter writes its own (18 in torch 2.13) whatever it is asked, so an
+    older one is converted to, and refused where onnx has no conversion for one of the model's ops."""
+    from onnx import version_converter
+
+    have = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    if have == opset:
+        return proto
+    try:
+        converted = version_converter.convert_version(proto, opset)
+    except Exception as e:  # noqa: BLE001 - the converter asserts in C++ for what it cannot do
+        why = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot write opset {opset}: the exporter made opset {have} and onnx cannot convert it "
+                        f"({why.split('failed: ')[-1]})") from None
+    return converted
