@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"streamer {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # (a process it started has said it already)
+            print(f"streamer {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -100,7 +100,7 @@ def test_whip_whep_protocol_details(avatar):  # noqa: F811
     assert (status == 204 and headers["Access-Control-Allow-Origin"] == "https://player.example"
             and "Location" in headers["Access-Control-Expose-Headers"])
     assert "Access-Control-Allow-Origin" not in out["foreign"]  # a site not configured gets no CORS
-    assert out["patch"] == (405, "POST, DELETE")
+    assert out["patch"] == (405, "DELETE, OPTIONS")  # PATCH (trickle ICE) is refused: not in Allow
     assert out["type"] == 415 and out["name"] in (400, 404) and out["delete"] == 404
     assert out["busy"] == (201, 409) and out["end"] == 200 and out["channels"] == {}
 

@@ -2,9 +2,16 @@
 hypothesis against a running server (one process, token set)."""
 
 import asyncio
+import contextlib
 import http.client
 import json
+import logging
+import socket
+import struct
+import subprocess
+import sys
 import threading
+import time
 
 import pytest
 from aiohttp import web
@@ -14,16 +21,26 @@ from hypothesis import strategies as st
 from streamer.avatar.cache import demo_avatar
 from streamer.config import load_config
 from streamer.lipsync.builtin import BuiltinEngine
+from streamer.live.client import watch
 from streamer.server.app import Server
+from streamer.server.guard import ConnectionGuard
 
 TOKEN = "t0k"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """(host, port, Server) of a server running on its own event loop thread."""
+def avatars(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("avatars")
+    demo_avatar(folder)
+    return folder
+
+
+@contextlib.contextmanager
+def running(avatars, header_s: float | None = None):
+    """(host, port, Server) of a server running on its own event loop thread; with `header_s`, behind
+    the connection guard `streamer serve` puts in front of it."""
     cfg = load_config(None, {"server.token": TOKEN})
-    srv = Server(cfg, BuiltinEngine(), demo_avatar(tmp_path_factory.mktemp("avatars")))
+    srv = Server(cfg, BuiltinEngine(), demo_avatar(avatars))
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     box = {}
@@ -31,6 +48,8 @@ def server(tmp_path_factory):
     async def start():
         runner = web.AppRunner(srv.app())
         await runner.setup()
+        if header_s is not None:
+            ConnectionGuard.install(runner, 100, header_s)
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
         box["runner"], box["port"] = runner, site._server.sockets[0].getsockname()[1]
@@ -39,10 +58,18 @@ def server(tmp_path_factory):
     thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
     thread.start()
     assert ready.wait(30)
-    yield "127.0.0.1", box["port"], srv
-    asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
-    loop.call_soon_threadsafe(loop.stop)
-    thread.join(10)
+    try:
+        yield "127.0.0.1", box["port"], srv
+    finally:
+        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server(avatars):
+    with running(avatars) as s:
+        yield s
 
 
 def request(server, method: str, path: str, body: bytes = b"", headers: dict | None = None, auth: bool = True):
@@ -187,3 +214,66 @@ def test_connections_are_bounded_per_client_and_must_send_headers_in_time(tmp_pa
     text = log.read_text()
     assert "Traceback" not in text and "ERROR" not in text, text[-2000:]
     assert "sent no complete request" in text and "more refused" in text
+
+
+def test_a_known_path_asked_with_another_method_is_a_405_naming_only_what_answers(server):
+    host, port, _ = server
+    cases = [("GET", "/offer", "OPTIONS, POST"), ("DELETE", "/offer", "OPTIONS, POST"),
+             ("GET", "/whip/a", "OPTIONS, POST"), ("DELETE", "/whip/a", "OPTIONS, POST"),
+             ("PATCH", "/whep/a/b", "DELETE, OPTIONS"), ("GET", "/speak/x", "DELETE, OPTIONS, POST"),
+             ("PUT", "/session/x", "DELETE, GET, HEAD, OPTIONS"), ("POST", "/metrics", "GET, HEAD"),
+             ("POST", "/index.html", "GET, HEAD"), ("POST", "/no/such/page", None), ("GET", "/whip/a/b/c", None)]
+    for method, path, allow in cases:
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request(method, path, headers={"Authorization": f"Bearer {TOKEN}"})
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        conn.close()
+        assert (r.status, r.headers.get("Allow")) == ((405, allow) if allow else (404, None)), (method, path, body)
+        assert isinstance(body.get("error"), str)
+
+
+def test_a_client_gone_mid_body_is_one_info_line_and_a_stalled_body_is_cut(avatars, caplog):
+    caplog.set_level(logging.INFO, logger="streamer.server.guard")
+    head = (f"POST /offer HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n")
+    with running(avatars, header_s=1.0) as (host, port, _):
+        gone = socket.create_connection((host, port))
+        gone.sendall(head.format(100000).encode() + b"{" * 1000)
+        time.sleep(0.3)
+        gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # hangs up: a reset
+        gone.close()
+        stalled = socket.create_connection((host, port))
+        stalled.sendall(head.format(100).encode() + b"{")  # and never the rest
+        stalled.settimeout(10)
+        start = time.monotonic()
+        assert stalled.recv(100) == b""  # closed
+        assert time.monotonic() - start < 3  # a pause of header_s (checked each header_s)
+        time.sleep(0.2)
+    lines = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "streamer.server.guard"]
+    assert lines == [(logging.INFO, "127.0.0.1 went away before its request was complete", None),
+                     (logging.INFO, "127.0.0.1 sent nothing more of its request body for 1 s: connection closed",
+                      None)], lines
+
+
+def test_webrtc_libraries_chatter_stays_out_of_the_log(server, caplog):
+    host, port, _ = server
+    caplog.set_level(logging.INFO)  # as `streamer serve` logs, without --verbose
+    got, _ = asyncio.run(watch(f"http://{host}:{port}", "quiet", 1.5, token=TOKEN))
+    assert got.video  # connected: ICE checked its candidate pairs
+    assert any("whep session started" in r.getMessage() for r in caplog.records)
+    chatter = [r.getMessage() for r in caplog.records if r.name.startswith(("aioice", "aiortc"))]
+    assert not chatter, chatter[:3]
+
+
+def test_serve_with_workers_checks_its_port_before_starting_anything(avatars):
+    taken = socket.create_server(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    try:
+        run = subprocess.run([sys.executable, "-m", "streamer", "serve", "--port", str(port), "--workers", "2",
+                              "--avatars", str(avatars)], capture_output=True, text=True, timeout=120)
+    finally:
+        taken.close()
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()  # no inference service nor worker started first
+    assert len(lines) == 1 and lines[0].startswith(f"streamer serve: error: cannot listen on 127.0.0.1:{port} ("), lines

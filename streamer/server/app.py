@@ -45,6 +45,8 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # package data: found in 
 MAX_BODY = 256 * 1024  # an SDP offer is a few kB
 CONNECT_TIMEOUT_S = 10  # a peer not connected by then is dropped: half-open offers must not hold slots long
 TAKEOVER_S = 3.0  # a talk page or WHIP voice silent on the wire this long gives its channel to a newcomer
+PAGES = "pages"  # the route of web/'s files, under every path no endpoint has
+NOT_FOUND = "no such page or endpoint (see /openapi.json)"
 CORS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH, OPTIONS",
         "Access-Control-Allow-Headers": "Authorization, Content-Type", "Access-Control-Expose-Headers": "Location"}
 
@@ -74,16 +76,53 @@ def error(status: int, message: str, headers: dict | None = None) -> web.Respons
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
-    """A file of web/, nothing outside it (no '..', no symbolic link out), a JSON 404 otherwise."""
-    root = web_dir.resolve()  # noqa: ASYNC240 - a few stats of a small local folder, not worth a thread
+def page_file(web_dir: Path, name: str) -> Path | None:
+    """The file `name` of web/, nothing outside it (no '..', no symbolic link out), or None."""
+    root = web_dir.resolve()
     try:
-        path = (root / request.match_info["page"]).resolve()
+        path = (root / name).resolve()
     except (ValueError, OSError):  # a NUL byte, a name too long
-        path = root
-    if not path.is_relative_to(root) or not path.is_file():
-        return error(404, "no such page or endpoint (see /openapi.json)")
-    return web.FileResponse(path)
+        return None
+    return path if path.is_relative_to(root) and path.is_file() else None
+
+
+async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
+    """A file of web/, a JSON 404 otherwise (a few stats of a small local folder: not worth a thread)."""
+    path = page_file(web_dir, request.match_info["page"])
+    return error(404, NOT_FOUND) if path is None else web.FileResponse(path)
+
+
+async def refused(request: web.Request) -> web.Response:
+    """A method routed only to be refused, so that /openapi.json lists it (PATCH: trickle ICE is not
+    supported); `wrong_method` answers it, as any method a path does not answer."""
+    return web.Response(status=405)
+
+
+async def served_methods(request: web.Request) -> set[str]:
+    """The methods the endpoint at the request's path answers; none where no endpoint is (the pages'
+    catch-all matches every path, and routes to `refused` answer nothing)."""
+    methods: set[str] = set()
+    for resource in request.app.router.resources():
+        if resource.name != PAGES and (await resource.resolve(request))[1]:  # its path matches
+            methods.update(route.method for route in resource if route.handler is not refused)
+    return methods
+
+
+async def wrong_method(request: web.Request, web_dir: Path) -> web.Response | None:
+    """The JSON 405 for a method the request's path does not answer, Allow naming only those it does
+    (the pages' catch-all would answer `GET /offer` with a 404, and add its GET to the router's 405 for
+    `DELETE /offer`); a 404 where nothing answers; None: the route matched answers."""
+    route = request.match_info.route
+    pages = route.resource is not None and route.resource.name == PAGES
+    if route.resource is not None and not pages and route.handler is not refused:
+        return None  # an endpoint's own method
+    methods = await served_methods(request)
+    if not methods and route.resource is None and page_file(web_dir, request.path[1:]):
+        methods = {"GET", "HEAD"}  # a file of web/, asked with another method
+    if not methods:
+        return None if pages else error(404, NOT_FOUND)
+    allow = ", ".join(sorted(methods))
+    return error(405, f"{request.method} is not answered here; use {allow}", {"Allow": allow})
 
 
 def shown_host(host: str) -> str:
@@ -95,6 +134,16 @@ def warn_if_open(host: str, token: str | None) -> None:
     if host not in ("127.0.0.1", "::1", "localhost") and not token:
         log.warning("listening on %s without a token: anyone who can reach this machine can talk, watch and "
                     "read /metrics; set server.token (--config) to require one", host or "every address")
+
+
+def quiet_webrtc_logs() -> None:
+    """aioice logs each ICE candidate pair's every state at INFO (~6 lines a session): it and aiortc say
+    only warnings unless the server runs --verbose (the root logger at DEBUG) or they were set already."""
+    if logging.getLogger().isEnabledFor(logging.DEBUG):
+        return
+    for name in ("aioice", "aiortc"):
+        if logging.getLogger(name).level == logging.NOTSET:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -111,27 +160,30 @@ def allow_origin(response: web.StreamResponse, request: web.Request, origins: st
     return response
 
 
-async def guarded(request: web.Request, handler, origins: str | None = None) -> web.StreamResponse:
+async def guarded(request: web.Request, handler, origins: str | None = None,
+                  web_dir: Path = WEB_DIR) -> web.StreamResponse:
     """Run `handler` (or answer the Response given instead): every error is a JSON body, the router's
     404 and 405 too, and a defect is a 500 with one line, never a traceback to the client."""
-    return allow_origin(await _guarded(request, handler), request, origins)
+    return allow_origin(await _guarded(request, handler, web_dir), request, origins)
 
 
-async def _guarded(request: web.Request, handler) -> web.StreamResponse:
+async def _guarded(request: web.Request, handler, web_dir: Path) -> web.StreamResponse:
     if isinstance(handler, web.StreamResponse):
         return handler
+    if (wrong := await wrong_method(request, web_dir)) is not None:
+        return wrong
     try:
         response = await handler(request)
         if response.status >= 400 and not response.prepared and response.content_type != "application/json":
             allow = {"Allow": response.headers["Allow"]} if "Allow" in response.headers else None
-            text = "no such page or endpoint (see /openapi.json)" if response.status == 404 else response.reason
+            text = NOT_FOUND if response.status == 404 else response.reason
             return error(response.status, text, allow)  # the static handler's bare 404, a plain 405
         return response
     except web.HTTPException as e:
         if e.status < 400:
             raise
         allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
-        text = "no such page or endpoint (see /openapi.json)" if e.status == 404 else e.reason
+        text = NOT_FOUND if e.status == 404 else e.reason
         return error(e.status, text, allow)
     except (asyncio.CancelledError, ConnectionError):
         raise
@@ -191,6 +243,7 @@ class Server:
         self.web_dir = web_dir
         vp8.install()  # avatar frames are clean: no denoiser
         advertise_fec()  # a lost voice packet comes back from the next one's copy
+        quiet_webrtc_logs()  # (a Server is made after `streamer serve` has set its logging up)
         self.worker = worker or InferenceWorker(engine, max_batch=cfg.live.max_batch)
         self.channels: dict[str, Channel] = {}
         self.delay_s = None if cfg.live.delay_ms == "auto" else cfg.live.delay_ms / 1000  # None: auto
@@ -207,8 +260,9 @@ class Server:
         for kind in ("whip", "whep"):
             r.add_post(f"/{kind}/{{channel}}", self.whip if kind == "whip" else self.whep)
             r.add_delete(f"/{kind}/{{channel}}/{{id}}", self.resource_delete)
-            r.add_route("PATCH", f"/{kind}/{{channel}}", self.patch)
-            r.add_route("PATCH", f"/{kind}/{{channel}}/{{id}}", self.patch)
+            # trickle ICE is not supported (our answers carry every candidate): PATCH answers 405
+            r.add_route("PATCH", f"/{kind}/{{channel}}", refused)
+            r.add_route("PATCH", f"/{kind}/{{channel}}/{{id}}", refused)
             r.add_route("OPTIONS", f"/{kind}/{{channel}}", self.options)
             r.add_route("OPTIONS", f"/{kind}/{{channel}}/{{id}}", self.options)
         from streamer.server.push import Drive  # push builds on this module
@@ -221,7 +275,7 @@ class Server:
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", openapi)
         r.add_get("/", self.index)
-        r.add_get("/{page:.+}", self.page)
+        r.add_get("/{page:.+}", self.page, name=PAGES)
         app.on_startup.append(self._on_startup)
         app.on_shutdown.append(self._on_shutdown)
         return app
@@ -231,7 +285,7 @@ class Server:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         return await guarded(request, refuse(self.cfg.server.token, request, self.cfg.server.host) or handler,
-                             self.cfg.server.cors_origins)
+                             self.cfg.server.cors_origins, self.web_dir)
 
     async def _on_startup(self, app) -> None:
         settle()  # what this process loaded is kept out of the garbage collector's pauses
@@ -432,10 +486,6 @@ class Server:
             return error(404, "no such session")
         await self.close_session(s.id)
         return web.Response(status=200)
-
-    async def patch(self, request: web.Request) -> web.Response:
-        # Trickle ICE is not supported: our answers carry every candidate.
-        return web.Response(status=405, headers={"Allow": "POST, DELETE"})
 
     async def options(self, request: web.Request) -> web.Response:
         return web.Response(status=204, headers={"Accept-Post": "application/sdp"})

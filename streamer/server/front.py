@@ -51,6 +51,13 @@ WS_REFUSALS = {400: "channel names are 1-64 letters, digits, '-' or '_'",
 HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "date", "server", "keep-alive"}
 
 
+class ProcessFailed(UserError):
+    """A process the front started exited on a UserError: it printed its own error line already, so the
+    CLI need not print this one (`reported`)."""
+
+    reported = True
+
+
 def workers_for(cores: int) -> int:
     """`server.workers: auto`: one worker per two cores (what one process can use), at most 16."""
     return max(1, min(16, cores // 2))
@@ -125,7 +132,8 @@ class Front:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        raise UserError(f"{what} did not start (exit code {proc.returncode}); see the log above")
+        failed = ProcessFailed if proc.returncode == UserError.exit_code else UserError
+        raise failed(f"{what} did not start (exit code {proc.returncode}); see the log above")
 
     def _spawn(self, index: int) -> Worker:
         proc, port = self._start_process(f"media worker {index}", {"STREAMER_WORKER": str(index)})
@@ -300,7 +308,7 @@ class Front:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         return await guarded(request, refuse(self.cfg.server.token, request, self.cfg.server.host) or handler,
-                             self.cfg.server.cors_origins)
+                             self.cfg.server.cors_origins, self.web_dir)
 
     async def _forward(self, request: web.Request, w: Worker, body: bytes) -> tuple[web.Response, bytes]:
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "accept")}
@@ -427,6 +435,9 @@ class Front:
         channel = request.match_info["channel"]
         if request.method == "OPTIONS":
             return web.Response(status=204)
+        if request.method not in ("POST", "DELETE"):
+            return error(405, f"{request.method} is not answered here; use DELETE, OPTIONS, POST",
+                         {"Allow": "DELETE, OPTIONS, POST"})
         if request.method == "POST":
             if foreign_origin(request):
                 return error(403, f"requests from another site ({request.headers['Origin']}) refused")
@@ -512,8 +523,20 @@ def merge_metrics(texts: list[tuple[Worker, str]], restarts: int, workers: int, 
     return "\n".join(out) + "\n"
 
 
+async def check_port(host: str, port: int) -> None:
+    """UserError now if `host:port` cannot be listened on, not after the workers have loaded their
+    model (freed again for the site: a program taking it meanwhile gets the same error then)."""
+    try:
+        probe = await asyncio.get_running_loop().create_server(asyncio.Protocol, host, port)
+    except OSError as e:
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
+    probe.close()
+    await probe.wait_closed()
+
+
 async def serve_front(cfg: Config, count: int) -> None:
     """Run the front with `count` workers until SIGINT/SIGTERM (for `streamer serve`)."""
+    await check_port(cfg.server.host, cfg.server.port)
     front = Front(cfg, count)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()

@@ -1,7 +1,8 @@
 """Connections to an aiohttp server, bounded: at most `per_client` open at once from one address, the
 first request's headers within `header_s` (a client that opens connections and never finishes its
-headers cannot hold sockets and files), and a malformed request answered with a JSON 400 and one log
-line (no traceback, nothing of the request echoed back)."""
+headers cannot hold sockets and files), no pause of `header_s` in a request's body, and a malformed
+request answered with a JSON 400 and one log line (no traceback, nothing of the request echoed back);
+a client gone mid-request is one INFO line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 from collections import Counter
 from http import HTTPStatus
 
-from aiohttp import web
+from aiohttp import StreamReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 log = logging.getLogger(__name__)
@@ -43,11 +44,13 @@ class ConnectionGuard:
 
 
 class GuardedHandler(web.RequestHandler):
-    __slots__ = ("_guard", "_ip", "_timer")
+    __slots__ = ("_body_cut", "_body_timer", "_guard", "_ip", "_timer")
 
     def __init__(self, guard: ConnectionGuard, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._guard, self._ip, self._timer = guard, None, None
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_cut = False  # closed here for a stalled body: already logged
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -71,6 +74,32 @@ class GuardedHandler(web.RequestHandler):
             log.info("%s sent no complete request within %.0f s: connection closed", self._ip, self._guard.header_s)
             transport.close()
 
+    async def _handle_request(self, request: web.BaseRequest, *args):
+        # aiohttp waits for a body as long as its client likes: one stalled would hold the connection and
+        # the handler reading it, so it must keep coming (overrides aiohttp's per-request hook)
+        self._watch_body(request.content, -1)
+        try:
+            return await super()._handle_request(request, *args)
+        finally:
+            if self._body_timer is not None:
+                self._body_timer.cancel()
+                self._body_timer = None
+
+    def _watch_body(self, body: StreamReader, seen: int) -> None:
+        """Close the connection when no byte of the body came in `header_s` (`seen`: the count before)."""
+        self._body_timer = None
+        if body.is_eof() or self.transport is None or self.transport.is_closing():
+            return
+        if body.total_bytes == seen and not self._reading_paused:  # paused: the wait is ours, not the client's
+            self._guard.timed_out += 1
+            self._body_cut = True
+            log.info("%s sent nothing more of its request body for %.0f s: connection closed", self._ip,
+                     self._guard.header_s)
+            self.transport.close()
+            return
+        self._body_timer = asyncio.get_running_loop().call_later(self._guard.header_s, self._watch_body, body,
+                                                                 body.total_bytes)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -84,7 +113,10 @@ class GuardedHandler(web.RequestHandler):
 
     def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
-        if isinstance(exc, HttpProcessingError) or status < 500:
+        if isinstance(exc, ConnectionError):  # the client hung up mid-request (or was cut off above)
+            if not self._body_cut:
+                log.info("%s went away before its request was complete", request.remote)
+        elif isinstance(exc, HttpProcessingError) or status < 500:
             log.info("malformed HTTP request from %s: %s", request.remote, type(exc).__name__ if exc else status)
         else:
             log.error("request from %s failed", request.remote, exc_info=exc)
