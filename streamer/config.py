@@ -80,7 +80,8 @@ class RenderConfig:
 class ServerConfig:
     host: str = _opt("127.0.0.1", "address to listen on; 0.0.0.0 serves other machines too")
     port: int = _opt(8080, "HTTP port (0: any free one, printed at start)", min=0, max=65535)
-    max_sessions: int = _opt(4, "voices at once (talk pages and WHIP publishers); more get HTTP 503", min=1, max=1000)
+    max_sessions: int = _opt(4, "voices at once (talk pages, WHIP publishers, programs over /ws and /speak); "
+                                "more get HTTP 503", min=1, max=1000)
     max_viewers: int = _opt(50, "WHEP viewers at once; more get HTTP 503", min=0, max=10000)
     workers: int | str = _opt("auto", "media worker processes, each holding whole channels (one process uses about "
                                       "two cores); 1: everything in one process; auto: one per two cores",

@@ -5,6 +5,7 @@ import re
 
 import aiohttp
 import numpy as np
+from aiortc import RTCConfiguration, RTCPeerConnection
 from prometheus_client.parser import text_string_to_metric_families
 
 from streamer.live.channel import MIN_DELAY_S
@@ -83,6 +84,13 @@ def test_whip_whep_protocol_details(avatar):  # noqa: F811
                     out["name"] = r.status
                 async with http.delete(f"{url}/whep/x/nosuch") as r:
                     out["delete"] = r.status
+                listen = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+                listen.addTransceiver("audio", direction="recvonly")  # a viewer that only listens
+                await listen.setLocalDescription(await listen.createOffer())
+                async with http.post(f"{url}/whep/x", data=listen.localDescription.sdp,
+                                     headers={"Content-Type": "application/sdp"}) as r:
+                    out["audio_only"] = r.status, (await r.json())["error"]
+                await listen.close()
                 # a second voice on a busy channel is refused
                 sdp = await _offer_sdp()
                 async with http.post(f"{url}/whip/busy", data=sdp, headers={"Content-Type": "application/sdp"}) as r:
@@ -102,6 +110,7 @@ def test_whip_whep_protocol_details(avatar):  # noqa: F811
     assert "Access-Control-Allow-Origin" not in out["foreign"]  # a site not configured gets no CORS
     assert out["patch"] == (405, "DELETE, OPTIONS")  # PATCH (trickle ICE) is refused: not in Allow
     assert out["type"] == 415 and out["name"] in (400, 404) and out["delete"] == 404
+    assert out["audio_only"] == (400, "cannot use this offer: the offer does not receive video"), out["audio_only"]
     assert out["busy"] == (201, 409) and out["end"] == 200 and out["channels"] == {}
 
 

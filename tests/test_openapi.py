@@ -39,11 +39,7 @@ def test_the_document_matches_the_worker_routes(tmp_path):
 
 def test_the_front_answers_every_documented_path(tmp_path):
     front = Front(load_config(None), 1)
-    served = routes(front.app())
-    doc = documented()
-    assert set(served) == set(doc)
-    for path, methods in doc.items():
-        assert methods <= served[path], (path, methods, served[path])
+    assert routes(front.app()) == documented()  # the same methods as a worker: the same 405s
 
 
 def test_the_document_is_openapi_3_1_with_its_parameters():

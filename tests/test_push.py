@@ -217,3 +217,24 @@ def test_speak_a_file_and_interrupt_it(avatar, tts):
     assert busy == 409
     assert stopped[0] == 200 and stopped[1]["interrupted"] and 0.5 < stopped[1]["position"] < 1.0, stopped
     assert gone == 404 and freed
+
+
+def test_an_upload_is_judged_by_its_length_before_it_is_resampled():
+    """8 kB of WAV declaring 1 Hz would be hours of samples at 48 kHz (~100 MB kept per upload): refused
+    from its header's rate, as a file over the length limit is from what it decodes."""
+    import struct
+
+    from streamer.server.push import MAX_SPEAK_S, decode_audio
+
+    def wav(pcm: np.ndarray, rate: int) -> bytes:
+        data = pcm.astype("<i2").tobytes()
+        return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVEfmt "
+                + struct.pack("<IHHIIHH", 16, 1, 1, rate, 2 * rate, 2, 16)
+                + b"data" + struct.pack("<I", len(data)) + data)
+
+    noise = np.random.default_rng(0).integers(-2000, 2000, 4000)
+    with pytest.raises(ValueError, match="1 Hz is not a voice"):
+        decode_audio(wav(noise, 1))
+    with pytest.raises(ValueError, match=f"at most {MAX_SPEAK_S:.0f} s"):
+        decode_audio(wav(np.zeros(int(4000 * (MAX_SPEAK_S + 1))), 4000))
+    assert decode_audio(wav(noise, 8000)).size == 4000 * 6  # half a second, at 48 kHz

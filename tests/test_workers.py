@@ -152,9 +152,20 @@ def test_programs_drive_channels_through_the_front(front, voice):
                 stopped = r.status, await r.json()
             async with http.get(f"{url}/openapi.json") as r:
                 doc = await r.json()
-        return started, finished, conflict, spoke, stopped, doc
+            # as one process answers: a refusal's close reason, a 405 naming what the path answers
+            async with http.ws_connect(url.replace("http", "ws") + "/ws/bad") as ws:
+                await ws.send_json({"type": "start", "sample_rate": 22050})
+                ev, closed = await ws.receive_json(timeout=5), await ws.receive(timeout=5)
+                refusal = ev["type"], ws.close_code, closed.extra
+            methods = []
+            for method, path in (("GET", "/offer"), ("PUT", "/session/x"), ("GET", "/speak/x")):
+                async with http.request(method, f"{url}{path}") as r:
+                    methods.append((r.status, r.headers.get("Allow")))
+        return started, finished, conflict, spoke, stopped, doc, refusal, methods
 
-    started, finished, conflict, spoke, stopped, doc = asyncio.run(main())
+    started, finished, conflict, spoke, stopped, doc, refusal, methods = asyncio.run(main())
+    assert refusal[:2] == ("error", 1008) and "sample_rate" in refusal[2], refusal
+    assert methods == [(405, "OPTIONS, POST"), (405, "DELETE, GET, HEAD, OPTIONS"), (405, "DELETE, OPTIONS, POST")], methods
     assert started["type"] == "playback_started" and finished["type"] == "playback_finished"
     assert not finished["interrupted"] and abs(finished["position"] - 2.0) < 0.01, finished
     assert conflict and "409" in conflict

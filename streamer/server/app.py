@@ -45,6 +45,8 @@ WEB_DIR = Path(__file__).resolve().parents[1] / "web"  # package data: found in 
 MAX_BODY = 256 * 1024  # an SDP offer is a few kB
 CONNECT_TIMEOUT_S = 10  # a peer not connected by then is dropped: half-open offers must not hold slots long
 TAKEOVER_S = 3.0  # a talk page or WHIP voice silent on the wire this long gives its channel to a newcomer
+ACCEPTS_POST = {"whip": "application/sdp", "whep": "application/sdp", "offer": "application/json",
+                "speak": "audio/*, application/octet-stream"}
 PAGES = "pages"  # the route of web/'s files, under every path no endpoint has
 NOT_FOUND = "no such page or endpoint (see /openapi.json)"
 CORS = {"Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH, OPTIONS",
@@ -405,6 +407,8 @@ class Server:
             for t in pc.getTransceivers():
                 if t.kind == "audio":
                     t.setCodecPreferences(opus)
+            if session.views and not any(t.kind == "video" for t in pc.getTransceivers()):
+                raise OfferError("the offer does not receive video")  # (else aiortc fails in addTrack, in its words)
             if session.views:
                 pc.addTrack(VoiceTrack(ch))
                 video = AvatarVideoTrack(ch)
@@ -488,7 +492,8 @@ class Server:
         return web.Response(status=200)
 
     async def options(self, request: web.Request) -> web.Response:
-        return web.Response(status=204, headers={"Accept-Post": "application/sdp"})
+        accepts = ACCEPTS_POST.get(request.path.split("/")[1])  # what a POST there takes (WHIP asks)
+        return web.Response(status=204, headers={"Accept-Post": accepts} if accepts else None)
 
     async def _watch(self, sid: str) -> None:
         """Close a session whose peer never connects."""

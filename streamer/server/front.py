@@ -38,7 +38,19 @@ from aiohttp import web
 from streamer.config import Config
 from streamer.errors import UserError
 from streamer.pauses import settle
-from streamer.server.app import MAX_BODY, WEB_DIR, error, guarded, openapi, page, refuse, shown_host, warn_if_open
+from streamer.server.app import (
+    MAX_BODY,
+    PAGES,
+    WEB_DIR,
+    error,
+    guarded,
+    openapi,
+    page,
+    refuse,
+    refused,
+    shown_host,
+    warn_if_open,
+)
 from streamer.server.guard import ConnectionGuard
 from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin, read_limited, refuse_websocket
 
@@ -291,18 +303,27 @@ class Front:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._auth])
         r = app.router
-        r.add_route("*", "/offer", self.offer)
-        r.add_route("*", "/session/{id}", self.session)
+        # the methods the workers answer, so that another is the same 405 here as there (`guarded`)
+        for method in ("POST", "OPTIONS"):
+            r.add_route(method, "/offer", self.offer)
+        r.add_get("/session/{id}", self.session)
+        for method in ("DELETE", "OPTIONS"):
+            r.add_route(method, "/session/{id}", self.session)
         for kind in ("whip", "whep"):
-            r.add_route("*", f"/{kind}/{{channel}}", self.whip_whep)
-            r.add_route("*", f"/{kind}/{{channel}}/{{id}}", self.whip_whep)
+            for method in ("POST", "OPTIONS"):
+                r.add_route(method, f"/{kind}/{{channel}}", self.whip_whep)
+            for method in ("DELETE", "OPTIONS"):
+                r.add_route(method, f"/{kind}/{{channel}}/{{id}}", self.whip_whep)
+            r.add_route("PATCH", f"/{kind}/{{channel}}", refused)
+            r.add_route("PATCH", f"/{kind}/{{channel}}/{{id}}", refused)
         r.add_get("/ws/{channel}", self.websocket)
-        r.add_route("*", "/speak/{channel}", self.speak)
+        for method in ("POST", "DELETE", "OPTIONS"):
+            r.add_route(method, "/speak/{channel}", self.speak)
         r.add_get("/metrics", self.metrics)
         r.add_get("/healthz", self.healthz)
         r.add_get("/openapi.json", openapi)
         r.add_get("/", self.index)
-        r.add_get("/{page:.+}", self.page)
+        r.add_get("/{page:.+}", self.page, name=PAGES)
         return app
 
     @web.middleware
@@ -323,8 +344,6 @@ class Front:
     async def offer(self, request: web.Request) -> web.Response:
         if request.method == "OPTIONS":
             return web.Response(status=204)
-        if request.method != "POST":
-            return error(405, "POST the offer", {"Allow": "POST, OPTIONS"})
         if request.content_type != "application/json":
             return error(415, "send the offer as Content-Type: application/json")
         body = await request.read()
@@ -401,15 +420,21 @@ class Front:
             await client.prepare(request)
 
             async def down() -> None:  # worker -> client; notes the session once it is ready
-                async for msg in upstream:
+                while True:
+                    msg = await upstream.receive()
                     if msg.type == aiohttp.WSMsgType.TEXT:
                         if '"ready"' in msg.data:
                             self._note(w, msg.data)
                         await client.send_str(msg.data)
                     elif msg.type == aiohttp.WSMsgType.BINARY:
                         await client.send_bytes(msg.data)
+                    else:
+                        break
+                # the worker's close, reason and all (a refusal's reason is what the client is told)
+                reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
                 code = upstream.close_code or 1000
-                await client.close(code=1011 if code in (1005, 1006, 1015) else code)  # codes never sent
+                await client.close(code=1011 if code in (1005, 1006, 1015) else code,  # codes never sent
+                                   message=reason.encode()[:123])
 
             relay = asyncio.ensure_future(down())
             try:
@@ -435,9 +460,6 @@ class Front:
         channel = request.match_info["channel"]
         if request.method == "OPTIONS":
             return web.Response(status=204)
-        if request.method not in ("POST", "DELETE"):
-            return error(405, f"{request.method} is not answered here; use DELETE, OPTIONS, POST",
-                         {"Allow": "DELETE, OPTIONS, POST"})
         if request.method == "POST":
             if foreign_origin(request):
                 return error(403, f"requests from another site ({request.headers['Origin']}) refused")

@@ -18,13 +18,14 @@ def _errors(*codes: int) -> dict:
 
 
 def _whxp(kind: str, what: str) -> dict:
+    busy = (409,) if kind == "whip" else ()  # a channel has one voice; viewers, up to server.max_viewers
     return {
         f"/{kind}/{{channel}}": {
             "parameters": [CHANNEL],
             "post": {"summary": what, "requestBody": {"required": True, **SDP},
                      "responses": {"201": {"description": "the SDP answer; Location names the session",
                                            "headers": {"Location": {"schema": {"type": "string"}}}, **SDP},
-                                   **_errors(400, 401, 409, 413, 415, 503)}},
+                                   **_errors(400, 401, *busy, 413, 415, 503)}},
             "patch": {"summary": "trickle ICE: not supported (answers carry every candidate)",
                       "responses": {"405": {"description": "not supported"}}},
             "options": PREFLIGHT,
@@ -52,7 +53,10 @@ def document() -> dict:
         "openapi": "3.1.0",
         "info": {"title": "streamer", "version": __version__,
                  "description": "Real-time talking-head server. With `server.token` set, every endpoint but the pages, "
-                                "/healthz and /openapi.json needs `Authorization: Bearer <token>`."},
+                                "/healthz and /openapi.json needs `Authorization: Bearer <token>`. Every error is JSON "
+                                "{\"error\": ...}; any endpoint may answer 405 (a method its path does not "
+                                "answer, Allow naming those it does) and, while the server listens on loopback, 421 "
+                                "for a Host other than localhost (DNS rebinding)."},
         "components": {
             "schemas": {"Error": {"type": "object", "required": ["error"],
                                   "properties": {"error": {"type": "string"}}}},
@@ -68,7 +72,7 @@ def document() -> dict:
                 "responses": {"200": {"description": "the answer", "content": {"application/json": {"schema": {
                     "type": "object", "properties": {"sdp": {"type": "string"}, "type": {"const": "answer"},
                                                      "session": {"type": "string"}, "channel": {"type": "string"}}}}}},
-                              **_errors(400, 401, 409, 413, 503)}}},
+                              **_errors(400, 401, 409, 413, 415, 503)}}},
             **_whxp("whip", "WHIP ingest (RFC 9725): a publisher's voice drives the channel"),
             **_whxp("whep", "WHEP viewer: the channel's avatar video and delayed voice"),
             "/ws/{channel}": {"parameters": [CHANNEL], "get": {
@@ -84,14 +88,15 @@ def document() -> dict:
                              "type": "object", "properties": {"session": {"type": "string"},
                                                               "channel": {"type": "string"},
                                                               "seconds": {"type": "number"}}}}}},
-                                       **_errors(400, 401, 409, 413, 503)}},
+                                       **_errors(400, 401, 403, 409, 413, 503)}},
                 "delete": {"summary": "interrupt what is being spoken", "responses": {
                     "200": {"description": "interrupted", "content": {"application/json": {"schema": {
                         "type": "object", "properties": {"session": {"type": "string"}, "position": {"type": "number"},
                                                          "interrupted": {"type": "boolean"}}}}}},
                     **_errors(401, 404)}}},
             "/session/{id}": {"parameters": [ID], "options": PREFLIGHT,
-                "get": {"summary": "a session's live stats (frames sent, lip-synced, late, delay)",
+                "get": {"summary": "live stats of any session (talk, WHIP, WHEP, /speak, WebSocket: the id each "
+                                   "gave) and of its channel (frames sent, lip-synced, late, delay)",
                         "responses": {"200": {"description": "stats", "content": {"application/json": {
                             "schema": {"type": "object"}}}}, **_errors(401, 404, 410)}},
                 "delete": {"summary": "end a session", "responses": {"204": {"description": "ended"},

@@ -38,6 +38,7 @@ HARD_MAX_MESSAGE = 4 << 20  # beyond this the WebSocket layer itself closes with
 START_TIMEOUT_S = 10
 MAX_SPEAK_BYTES = 50 << 20
 MAX_SPEAK_S = 600.0
+MIN_RATE = 4000  # Hz: below this an upload is no voice (and its resampling would be huge)
 AUDIO_FORMATS = "wav,mp3,flac,ogg,mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,aac,aiff,caf,w64"
 
 
@@ -276,13 +277,16 @@ def decode_audio(data: bytes) -> np.ndarray:
                 raise ValueError("the file has no audio track")
             stream = f.streams.audio[0]
             resampler = av.AudioResampler(format="s16", layout="mono", rate=VOICE_RATE)
-            parts, total = [], 0
+            parts, seconds = [], 0.0
             for frame in f.decode(stream):
+                # judged before resampling: 8 kB declaring 1 Hz would be 2 hours, gigabytes, at 48 kHz
+                if frame.sample_rate < MIN_RATE:
+                    raise ValueError(f"a sample rate of {frame.sample_rate} Hz is not a voice's (at least {MIN_RATE})")
+                seconds += frame.samples / frame.sample_rate
+                if seconds > MAX_SPEAK_S:
+                    raise ValueError(f"audio files are at most {MAX_SPEAK_S:.0f} s long")
                 for out in resampler.resample(frame):
                     parts.append(to_mono_float(out.to_ndarray().reshape(-1)))
-                    total += parts[-1].size
-                if total > MAX_SPEAK_S * VOICE_RATE:
-                    raise ValueError(f"audio files are at most {MAX_SPEAK_S:.0f} s long")
             for out in resampler.resample(None):
                 parts.append(to_mono_float(out.to_ndarray().reshape(-1)))
     except av.FFmpegError as e:
