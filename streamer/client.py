@@ -2,7 +2,7 @@
 a channel, with utterance events and barge-in.
 
     async with await Speaker.connect("http://127.0.0.1:8080", "demo", sample_rate=24000) as s:
-        await s.send(pcm)            # int16 (or float in [-1, 1]) mono samples at 24 kHz, any size
+        await s.send(pcm)            # mono samples at 24 kHz, any size (see `pcm16` for the types)
         await s.end()                # the utterance is complete
         ev = await s.wait("playback_finished")
         await s.clear()              # barge-in: mouth and voice stop now
@@ -11,7 +11,9 @@ a channel, with utterance events and barge-in.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from collections import deque
 
 import aiohttp
 import numpy as np
@@ -19,6 +21,28 @@ import numpy as np
 
 class SpeakerError(Exception):
     """The server refused the connection or reported an error event."""
+
+
+def pcm16(samples) -> np.ndarray:
+    """Mono samples as int16: int16 as is; float in [-1, 1] (clipped); other integers as int16 values
+    (a Python list of ints); bytes as s16le PCM, as the server takes them. ValueError otherwise."""
+    if isinstance(samples, (bytes, bytearray, memoryview)):
+        if len(samples) % 2:
+            raise ValueError("bytes are 16-bit little-endian PCM: an odd number of bytes")
+        return np.frombuffer(samples, "<i2")
+    x = np.asarray(samples)
+    if x.ndim > 1 and x.size != max(x.shape):
+        raise ValueError(f"mono samples: one channel, not an array of shape {x.shape}")
+    x = x.reshape(-1)
+    if x.dtype == np.int16:
+        return x
+    if np.issubdtype(x.dtype, np.integer):
+        if x.size and (x.min() < -32768 or x.max() > 32767):  # 32-bit PCM, say: not to be clipped to noise
+            raise ValueError(f"{x.dtype} samples are taken as int16 values; these go beyond -32768..32767")
+        return x.astype(np.int16)
+    if np.issubdtype(x.dtype, np.floating):
+        return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
+    raise ValueError(f"samples are int16, float in [-1, 1] or s16le bytes, not {x.dtype}")
 
 
 class Speaker:
@@ -30,21 +54,39 @@ class Speaker:
         self.ready: dict = {}
         self._events: asyncio.Queue = asyncio.Queue()
         self._played_by = 0.0  # when what was sent so far will have played (estimate, for pacing)
+        self._clears = 0  # a send in progress stops when this changes
+        # The server numbers utterances from 1 as their first audio comes; an end() with no audio has no
+        # utterance there, so its playback_finished is made here, after those of the utterances before it.
+        self._open = False  # audio sent since the last end or clear
+        self._opened = 0
+        self._finished = 0  # the last utterance whose playback_finished came
+        self._empty_ends: deque[int] = deque()  # for each end() with no audio: the utterances before it
         self._reader: asyncio.Task | None = None
 
     @classmethod
     async def connect(cls, url: str, channel: str = "default", sample_rate: int = 24000, token: str | None = None,
-                      max_ahead_s: float = 10.0) -> Speaker:
+                      max_ahead_s: float = 10.0, connect_timeout_s: float = 5.0) -> Speaker:
         """Open `url`/ws/`channel` and start. max_ahead_s: send at most this far ahead of real time, so a
-        `clear` is never stuck behind a long queue of audio (the server itself queues up to 30 s)."""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        http = aiohttp.ClientSession(headers=headers)
+        `clear` is never stuck behind a long queue of audio (the server itself queues up to 30 s).
+        connect_timeout_s: SpeakerError when the server has not answered (ready) by then."""
         ws_url = url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1) + f"/ws/{channel}"
+
+        async def refused(resp: aiohttp.ClientResponse) -> None:  # a refused upgrade: the server says why
+            if resp.status != 101:
+                body = (await resp.content.read(4096)).decode(errors="replace")
+                try:
+                    reason = json.loads(body)["error"]
+                except (ValueError, TypeError, KeyError):
+                    reason = body.strip()[:200] or resp.reason
+                raise SpeakerError(f"{ws_url}: HTTP {resp.status}: {reason}")
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = aiohttp.ClientSession(headers=headers, raise_for_status=refused)
         try:
-            ws = await http.ws_connect(ws_url)
-        except aiohttp.WSServerHandshakeError as e:
+            ws = await asyncio.wait_for(http.ws_connect(ws_url), connect_timeout_s)
+        except asyncio.TimeoutError:
             await http.close()
-            raise SpeakerError(f"{ws_url}: HTTP {e.status} {e.message}") from None
+            raise SpeakerError(f"{ws_url}: no answer within {connect_timeout_s:g} s") from None
         except BaseException:
             await http.close()
             raise
@@ -52,7 +94,10 @@ class Speaker:
         try:
             await ws.send_json({"type": "start", "sample_rate": sample_rate})
             self._reader = asyncio.ensure_future(self._read())
-            self.ready = await self.wait("ready", timeout=10)
+            self.ready = await self.wait("ready", timeout=connect_timeout_s)
+        except asyncio.TimeoutError:
+            await self.close()
+            raise SpeakerError(f"{ws_url}: not ready within {connect_timeout_s:g} s") from None
         except BaseException:
             await self.close()
             raise
@@ -61,30 +106,57 @@ class Speaker:
     async def _read(self) -> None:
         async for msg in self._ws:
             if msg.type == aiohttp.WSMsgType.TEXT:
-                self._events.put_nowait(msg.json())
+                ev = msg.json()
+                self._events.put_nowait(ev)
+                if ev.get("type") == "playback_finished":
+                    self._finished = max(self._finished, ev.get("utterance") or 0)
+                    self._finish_empty()
         self._events.put_nowait(None)
 
+    def _finish_empty(self) -> None:
+        while self._empty_ends and self._empty_ends[0] <= self._finished:
+            self._empty_ends.popleft()
+            self._events.put_nowait({"type": "playback_finished", "utterance": None, "position": 0.0,
+                                     "interrupted": False})
+
     async def send(self, samples) -> None:
-        """Mono samples at `sample_rate`: int16, or float in [-1, 1]."""
-        x = np.asarray(samples)
-        if x.dtype != np.int16:
-            x = np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
-        ahead = self._played_by - time.monotonic()
-        if ahead > self.max_ahead_s:
-            await asyncio.sleep(ahead - self.max_ahead_s)
-        self._played_by = max(time.monotonic(), self._played_by) + x.size / self.sample_rate
-        for i in range(0, x.size, self.sample_rate):  # at most 1 s a message
-            await self._ws.send_bytes(x[i : i + self.sample_rate].astype("<i2").tobytes())
+        """Mono samples at `sample_rate` (see `pcm16`), sent as 1 s messages at most `max_ahead_s` ahead
+        of real time; a clear() meanwhile drops what is not sent yet."""
+        x = pcm16(samples).astype("<i2", copy=False)
+        clears = self._clears
+        for i in range(0, x.size, self.sample_rate):
+            piece = x[i : i + self.sample_rate]
+            now = time.monotonic()
+            wait = self._played_by + piece.size / self.sample_rate - self.max_ahead_s - now
+            if self._played_by > now and wait > 0:
+                await asyncio.sleep(wait)
+            if self._clears != clears:
+                return
+            if not self._open:
+                self._open = True
+                self._opened += 1
+            self._played_by = max(time.monotonic(), self._played_by) + piece.size / self.sample_rate
+            await self._ws.send_bytes(piece.tobytes())
 
     async def end(self) -> None:
+        """The utterance is complete. With no audio since the last end or clear there is none on the
+        server: its playback_finished (utterance None, position 0) comes after those before it."""
+        if not self._open:
+            self._empty_ends.append(self._opened)
+            self._finish_empty()
+            return
+        self._open = False
         await self._ws.send_json({"type": "end"})
 
     async def clear(self) -> None:
         self._played_by = time.monotonic()
+        self._clears += 1
+        self._open = False
         await self._ws.send_json({"type": "clear"})
 
     async def event(self, timeout: float | None = None) -> dict:
-        """The next event from the server; SpeakerError on an error event or a closed socket."""
+        """The next event from the server; SpeakerError on an error event or a closed socket,
+        asyncio.TimeoutError after `timeout` seconds."""
         ev = await asyncio.wait_for(self._events.get(), timeout)
         if ev is None:
             self._events.put_nowait(None)
@@ -94,7 +166,7 @@ class Speaker:
         return ev
 
     async def wait(self, kind: str, timeout: float | None = None) -> dict:
-        """Skip to the next event of `kind`."""
+        """Skip to the next event of `kind`; asyncio.TimeoutError when none came within `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             ev = await self.event(None if deadline is None else max(0.0, deadline - time.monotonic()))

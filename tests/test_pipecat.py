@@ -13,6 +13,7 @@ pipecat = pytest.importorskip("pipecat",
 from pipecat.frames.frames import EndFrame, InterruptionFrame, TTSAudioRawFrame, TTSStartedFrame, TTSStoppedFrame  # noqa: E402
 from pipecat.pipeline.pipeline import Pipeline  # noqa: E402
 from pipecat.pipeline.worker import PipelineWorker  # noqa: E402
+from pipecat.processors.frame_processor import FrameProcessor  # noqa: E402
 from pipecat.workers.runner import WorkerRunner  # noqa: E402
 
 from streamer.integrations.pipecat import StreamerAvatar  # noqa: E402
@@ -72,3 +73,47 @@ def test_a_pipecat_agent_drives_the_avatar_and_barges_in(avatar, tts):
     assert_rests(change[rest])
     assert rms[quiet].max() < 0.005
     assert ended
+
+
+class Seen(FrameProcessor):
+    """The frames that came down the pipeline, by type."""
+
+    def __init__(self):
+        super().__init__()
+        self.kinds: list[str] = []
+
+    async def process_frame(self, frame, direction):
+        await super().process_frame(frame, direction)
+        self.kinds.append(type(frame).__name__)
+        await self.push_frame(frame, direction)
+
+
+def test_a_pipecat_agent_goes_on_after_the_server_ends_its_session(avatar, tts):
+    """The server ends the session (DELETE /session, a restart) while an utterance is open: the frames
+    that follow still go down the pipeline, the next audio connects again, and the end is prompt."""
+
+    async def main():
+        async with serving(avatar) as (server, url):
+            events, seen = [], Seen()
+            task = PipelineWorker(Pipeline([StreamerAvatar(url, "agent", on_event=events.append), seen]))
+            runner = WorkerRunner(handle_sigint=False)
+            await runner.add_workers(task)
+            run = asyncio.ensure_future(runner.run())
+            await task.queue_frames(tts_frames(tts[: RATE], RATE)[:-1])  # no TTSStoppedFrame yet
+            assert await _until(lambda: events and events[-1]["type"] == "playback_started", 5), events
+            await server.close_session(next(s.id for s in server.sessions.values() if s.kind == "ws"))
+            await asyncio.sleep(0.5)
+            await task.queue_frames([TTSStoppedFrame(), InterruptionFrame()])
+            forwarded = await _until(lambda: {"TTSStoppedFrame", "InterruptionFrame"} <= set(seen.kinds), 2)
+            await task.queue_frames(tts_frames(tts[: RATE // 2], RATE))
+            again = await _until(lambda: events[-1] == {"type": "playback_finished", "utterance": 1,
+                                                         "position": 0.5, "interrupted": False}, 5)
+            ended_at = time.monotonic()
+            await task.queue_frame(EndFrame())
+            await asyncio.wait_for(run, 15)
+            return forwarded, again, time.monotonic() - ended_at, events
+
+    forwarded, again, end_s, events = asyncio.run(main())
+    assert forwarded
+    assert again, events  # a new session, its utterance played out
+    assert end_s < 1.0, end_s

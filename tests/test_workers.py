@@ -165,7 +165,8 @@ def test_programs_drive_channels_through_the_front(front, voice):
 
     started, finished, conflict, spoke, stopped, doc, refusal, methods = asyncio.run(main())
     assert refusal[:2] == ("error", 1008) and "sample_rate" in refusal[2], refusal
-    assert methods == [(405, "OPTIONS, POST"), (405, "DELETE, GET, HEAD, OPTIONS"), (405, "DELETE, OPTIONS, POST")], methods
+    assert methods == [(405, "OPTIONS, POST"), (405, "DELETE, GET, HEAD, OPTIONS"),
+                       (405, "DELETE, OPTIONS, POST")], methods
     assert started["type"] == "playback_started" and finished["type"] == "playback_finished"
     assert not finished["interrupted"] and abs(finished["position"] - 2.0) < 0.01, finished
     assert conflict and "409" in conflict

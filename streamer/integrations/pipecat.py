@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 
 import numpy as np
 from pipecat.frames.frames import (
@@ -70,15 +71,15 @@ class StreamerAvatar(FrameProcessor):
             return
         if isinstance(frame, TTSStoppedFrame) and self._speaker is not None and self._speaking:
             self._speaking = False
-            await self._speaker.end()
+            await self._tell(self._speaker.end)
         elif isinstance(frame, InterruptionFrame) and self._speaker is not None:
             self._speaking = False
-            await self._speaker.clear()
+            await self._tell(self._speaker.clear)
         elif isinstance(frame, EndFrame):  # let the last words play out (bounded), then leave
             if self._speaker is not None:
                 if self._speaking:
                     self._speaking = False
-                    await self._speaker.end()
+                    await self._tell(self._speaker.end)
                 try:
                     await asyncio.wait_for(self._finished.wait(), END_WAIT_S)
                 except asyncio.TimeoutError:
@@ -132,8 +133,20 @@ class StreamerAvatar(FrameProcessor):
                         self._finished.set()
                 if self.on_event is not None:
                     self.on_event(ev)
-        except SpeakerError as e:
+        except SpeakerError as e:  # the server ended the session (or restarted): connect at the next audio
             log.info("streamer channel %s: %s", self.channel, e)
+            speaker, self._speaker, self._events = self._speaker, None, None
+            self._speaking, self._unfinished = False, 0
+            self._finished.set()
+            await speaker.close()
+
+    async def _tell(self, command: Callable[[], Awaitable[None]]) -> None:
+        """The speaker's end or clear; a connection lost meanwhile is dropped, the frame goes on."""
+        try:
+            await command()
+        except (ConnectionError, RuntimeError, OSError) as e:
+            log.info("streamer channel %s lost: %s", self.channel, e)
+            await self._close()
 
     async def _close(self) -> None:
         if self._events is not None:
