@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from streamer.errors import UserError, need_file
+from streamer.errors import UserError
 
 
 def _opt(default, help: str, choices=None, min=None, max=None, auto=False):  # noqa: A002 - mirrors argparse
@@ -160,9 +160,13 @@ def load_config(path: str | Path | None = None, overrides: dict[str, object] | N
     """Defaults, then the YAML file (if any), then `overrides` ({"model.path": ..., ...}; None = unset)."""
     data: dict = {}
     if path is not None:
-        path = need_file(path, "config file")
+        path = Path(path)
+        if path.is_dir():  # (a pipe, as `--config <(...)`, is read like a file)
+            raise UserError(f"config file {path} is a folder, not a file")
         try:
             data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError:
+            raise UserError(f"config file {path} does not exist") from None
         except UnicodeDecodeError:
             raise UserError(f"config file {path} is not a text file (YAML)") from None
         except OSError as e:

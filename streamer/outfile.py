@@ -1,5 +1,5 @@
 """Files the commands write (a render's mp4, an exported model): checked before any work, written whole
-or not at all, and only ever over a regular file.
+or not at all, and only ever over a regular file (or a link, which is replaced, not followed).
 
 A file is written beside its name under a temporary one and renamed into place when complete, so a
 failed or interrupted run leaves what was there before. Renaming replaces whatever has the name, so
@@ -22,15 +22,16 @@ def check(out: str | Path, force: bool, suffixes: tuple[str, ...] = ()) -> Path:
     out = Path(out)
     if suffixes and out.suffix.lower() not in suffixes:
         raise UserError(f"output {out} must end in {' or '.join(suffixes)}")
-    if out.is_symlink() or out.exists():
-        if not out.is_file():
+    if out.is_symlink() or out.exists():  # (a link is replaced by the file, whatever it points to)
+        if out.exists() and not out.is_file():
             raise UserError(f"{out} is not a regular file; give the name of a file to write")
         if not force:
             raise UserError(f"{out} already exists; pass --force to replace it")
     folder = out.parent
     if not folder.is_dir():
         raise UserError(f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
+    # told before any work; the effective user's rights, as the write will have (`writing` says the rest)
+    if not os.access(folder, os.W_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
         raise UserError(f"cannot write to folder {folder}")
     return out
 

@@ -118,25 +118,36 @@ def render(avatar: Avatar, audio_path: str | Path | tuple[np.ndarray, int], out:
             container = av.open(str(tmp), "w", format="mp4")
         except OSError as e:
             raise outfile.cannot_write(out, e) from None
-        try:
-            with container:
-                vs = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
-                vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
-                vs.options = {"crf": str(crf), "preset": "veryfast"}
-                layout = "stereo" if audio.shape[0] == 2 else "mono"
-                aud = container.add_stream("aac", rate=rate_out, layout=layout)
-                _write_audio(container, aud, audio, rate, rate_out, layout)
 
-                bar = tqdm(total=frames, desc="render", unit="frame", disable=not progress)
-                for image in render_frames(avatar, windows, strength, engine, batch_size):
-                    for packet in vs.encode(av.VideoFrame.from_ndarray(image, format="bgr24")):
-                        container.mux(packet)
-                    bar.update(1)
-                for packet in vs.encode():
+        def mux(packets) -> None:  # only the writes: an error reading frames or inferring is not the output's
+            try:
+                for packet in packets:
                     container.mux(packet)
-                bar.close()
-        except OSError as e:  # the disk filled, or the folder went away: the reader's errors are UserErrors
-            raise outfile.cannot_write(out, e) from None
+            except OSError as e:  # the disk filled, or the folder went away
+                raise outfile.cannot_write(out, e) from None
+
+        written = False
+        try:
+            vs = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+            vs.width, vs.height, vs.pix_fmt = width, height, "yuv420p"
+            vs.options = {"crf": str(crf), "preset": "veryfast"}
+            layout = "stereo" if audio.shape[0] == 2 else "mono"
+            aud = container.add_stream("aac", rate=rate_out, layout=layout)
+            _write_audio(aud, audio, rate, rate_out, layout, mux)
+
+            bar = tqdm(total=frames, desc="render", unit="frame", disable=not progress)
+            for image in render_frames(avatar, windows, strength, engine, batch_size):
+                mux(vs.encode(av.VideoFrame.from_ndarray(image, format="bgr24")))
+                bar.update(1)
+            mux(vs.encode())
+            bar.close()
+            written = True
+        finally:
+            try:
+                container.close()  # (writes the index: a full disk shows here too)
+            except OSError as e:
+                if written:
+                    raise outfile.cannot_write(out, e) from None
     return {"frames": frames, "fps": fps, "seconds": seconds, "speech_frames": speech_frames}
 
 
@@ -154,7 +165,7 @@ def _animate(batch, avatar: Avatar, engine, windows, strength):
     return images
 
 
-def _write_audio(container, stream, audio: np.ndarray, rate: int, rate_out: int, layout: str) -> None:
+def _write_audio(stream, audio: np.ndarray, rate: int, rate_out: int, layout: str, mux) -> None:
     import av
 
     resampler = av.AudioResampler(format="fltp", layout=layout, rate=rate_out,
@@ -167,10 +178,7 @@ def _write_audio(container, stream, audio: np.ndarray, rate: int, rate_out: int,
         frame.pts = i
         frame.time_base = Fraction(1, rate)
         for piece in resampler.resample(frame):
-            for packet in stream.encode(piece):
-                container.mux(packet)
+            mux(stream.encode(piece))
     for piece in resampler.resample(None):
-        for packet in stream.encode(piece):
-            container.mux(packet)
-    for packet in stream.encode(None):
-        container.mux(packet)
+        mux(stream.encode(piece))
+    mux(stream.encode(None))

@@ -145,9 +145,9 @@ def test_bad_sources_fail_cleanly_and_leave_nothing(tmp_path):
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr, proc.stderr
 
 
-def test_a_damaged_avatar_is_told_at_load(video_avatar, tmp_path):
+def test_a_damaged_avatar_is_told_at_load_and_prepared_again(video_avatar, talk_video, tmp_path):
     """frames.mkv cut short: one line when the avatar is loaded (serve, render), not a failure in every
-    session that shows it."""
+    session that shows it; preparing it again (as the line says, no --force) rebuilds it."""
     copy = tmp_path / "avatars" / "cut"
     shutil.copytree(video_avatar.path, copy)
     meta = json.loads((copy / "meta.json").read_text())
@@ -158,6 +158,8 @@ def test_a_damaged_avatar_is_told_at_load(video_avatar, tmp_path):
         f.truncate(1000)
     with pytest.raises(UserError, match="'cut' is damaged .*prepare it again"):
         Avatar.load(tmp_path / "avatars", "cut")
+    again = prepare(talk_video, "cut", tmp_path / "avatars", progress=False)  # same source and settings
+    assert again.frames == video_avatar.frames and Avatar.load(tmp_path / "avatars", "cut").frames == again.frames
 
 
 def test_blend_is_the_plain_formula_to_the_level():

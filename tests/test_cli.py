@@ -1,3 +1,5 @@
+import os
+
 from streamer.config import describe, load_config
 from tests.conftest import run_cli
 
@@ -35,6 +37,13 @@ def test_bad_config_fails_with_one_line(tmp_path):
         load_config(bad)
     with pytest.raises(UserError, match="is a folder, not a file"):
         load_config(tmp_path)
+    read, write = os.pipe()  # as `--config <(...)`: a pipe, read like a file
+    os.write(write, b"live:\n  delay_ms: 300\n")
+    os.close(write)
+    try:
+        assert load_config(f"/dev/fd/{read}").live.delay_ms == 300
+    finally:
+        os.close(read)
 
 
 def test_serve_refuses_bad_starts_with_one_line(tmp_path):

@@ -248,7 +248,7 @@ def test_a_client_gone_mid_body_is_one_info_line_and_a_stalled_body_is_cut(avata
         stalled.settimeout(10)
         start = time.monotonic()
         assert stalled.recv(100) == b""  # closed
-        assert time.monotonic() - start < 3  # a pause of header_s (checked each header_s)
+        assert 0.9 < time.monotonic() - start < 1.25 + 0.5  # a pause of header_s is cut (looked at each header_s / 4)
         time.sleep(0.2)
     lines = [(r.levelno, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "streamer.server.guard"]
     assert lines == [(logging.INFO, "127.0.0.1 went away before its request was complete", None),

@@ -161,12 +161,16 @@ def test_programs_drive_channels_through_the_front(front, voice):
             for method, path in (("GET", "/offer"), ("PUT", "/session/x"), ("GET", "/speak/x")):
                 async with http.request(method, f"{url}{path}") as r:
                     methods.append((r.status, r.headers.get("Allow")))
+            for path in ("/offer", "/speak/x", "/whip/x"):
+                async with http.options(f"{url}{path}") as r:
+                    methods.append((r.status, r.headers.get("Accept-Post")))
         return started, finished, conflict, spoke, stopped, doc, refusal, methods
 
     started, finished, conflict, spoke, stopped, doc, refusal, methods = asyncio.run(main())
     assert refusal[:2] == ("error", 1008) and "sample_rate" in refusal[2], refusal
-    assert methods == [(405, "OPTIONS, POST"), (405, "DELETE, GET, HEAD, OPTIONS"),
-                       (405, "DELETE, OPTIONS, POST")], methods
+    assert methods == [(405, "OPTIONS, POST"), (405, "DELETE, GET, HEAD, OPTIONS"), (405, "DELETE, OPTIONS, POST"),
+                       (204, "application/json"), (204, "audio/*, application/octet-stream"),
+                       (204, "application/sdp")], methods
     assert started["type"] == "playback_started" and finished["type"] == "playback_finished"
     assert not finished["interrupted"] and abs(finished["position"] - 2.0) < 0.01, finished
     assert conflict and "409" in conflict

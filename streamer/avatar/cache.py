@@ -433,10 +433,13 @@ def prepare(source: str | Path, name: str, root: str | Path, settings: PrepareSe
             meta = json.loads((target / "meta.json").read_text())
             if meta.get("format") == FORMAT and meta.get("source_sha256") == digest \
                     and meta.get("settings") == settings.as_meta():
+                avatar = Avatar.load(root, name)
                 log.info("avatar %s is up to date, reusing %s", name, target)
-                return keep_frames(Avatar.load(root, name), settings.raw_frames_mb, progress)
+                return keep_frames(avatar, settings.raw_frames_mb, progress)
         except (OSError, json.JSONDecodeError):
             pass
+        except UserError as e:  # damaged: what "prepare it again" asks for (the demo avatar has no --force)
+            log.warning("%s: rebuilding", e)
         log.info("avatar %s: source or settings changed, rebuilding", name)
 
     tmp = root / f".{name}.building-{os.getpid()}"

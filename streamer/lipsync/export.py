@@ -76,14 +76,18 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp16", op
         try:
             _quiet_export(m, (torch.from_numpy(mel[:2]).to(tdtype), torch.from_numpy(faces[:2]).to(tdtype)), tmp,
                           opset)
+            proto = onnx.load(str(tmp))
         except OSError as e:
             raise outfile.cannot_write(out, e) from None
-        proto = _at_opset(onnx.load(str(tmp)), opset)
+        proto = _at_opset(proto, opset)
         for key, value in (("streamer.model", "wav2lip"), ("streamer.dtype", dtype),
                            ("streamer.source", Path(checkpoint).name)):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
+        try:
+            onnx.save(proto, str(tmp))
+        except OSError as e:  # a second model-sized write: the disk may fill here
+            raise outfile.cannot_write(out, e) from None
 
         try:
             sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])

@@ -94,6 +94,12 @@ async def page(web_dir: Path, request: web.Request) -> web.StreamResponse:
     return error(404, NOT_FOUND) if path is None else web.FileResponse(path)
 
 
+def preflight(request: web.Request) -> web.Response:
+    """The 204 for OPTIONS (a CORS preflight: the middleware adds CORS), saying what a POST there takes."""
+    accepts = ACCEPTS_POST.get(request.path.split("/")[1])
+    return web.Response(status=204, headers={"Accept-Post": accepts} if accepts else None)
+
+
 async def refused(request: web.Request) -> web.Response:
     """A method routed only to be refused, so that /openapi.json lists it (PATCH: trickle ICE is not
     supported); `wrong_method` answers it, as any method a path does not answer."""
@@ -492,8 +498,7 @@ class Server:
         return web.Response(status=200)
 
     async def options(self, request: web.Request) -> web.Response:
-        accepts = ACCEPTS_POST.get(request.path.split("/")[1])  # what a POST there takes (WHIP asks)
-        return web.Response(status=204, headers={"Accept-Post": accepts} if accepts else None)
+        return preflight(request)
 
     async def _watch(self, sid: str) -> None:
         """Close a session whose peer never connects."""

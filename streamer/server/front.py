@@ -46,13 +46,21 @@ from streamer.server.app import (
     guarded,
     openapi,
     page,
+    preflight,
     refuse,
     refused,
     shown_host,
     warn_if_open,
 )
 from streamer.server.guard import ConnectionGuard
-from streamer.server.push import HARD_MAX_MESSAGE, MAX_SPEAK_BYTES, foreign_origin, read_limited, refuse_websocket
+from streamer.server.push import (
+    HARD_MAX_MESSAGE,
+    MAX_SPEAK_BYTES,
+    close_reason,
+    foreign_origin,
+    read_limited,
+    refuse_websocket,
+)
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +351,7 @@ class Front:
 
     async def offer(self, request: web.Request) -> web.Response:
         if request.method == "OPTIONS":
-            return web.Response(status=204)
+            return preflight(request)
         if request.content_type != "application/json":
             return error(415, "send the offer as Content-Type: application/json")
         body = await request.read()
@@ -363,7 +371,7 @@ class Front:
 
     async def session(self, request: web.Request) -> web.Response:
         if request.method == "OPTIONS":
-            return web.Response(status=204)
+            return preflight(request)
         sid = request.match_info["id"]
         w = self._holder(sid)
         if w is None:
@@ -434,7 +442,7 @@ class Front:
                 reason = msg.extra if msg.type == aiohttp.WSMsgType.CLOSE and isinstance(msg.extra, str) else ""
                 code = upstream.close_code or 1000
                 await client.close(code=1011 if code in (1005, 1006, 1015) else code,  # codes never sent
-                                   message=reason.encode()[:123])
+                                   message=close_reason(reason))
 
             relay = asyncio.ensure_future(down())
             try:
@@ -459,7 +467,7 @@ class Front:
         """An uploaded file to speak (placed like a voice), or its interruption (where its channel is)."""
         channel = request.match_info["channel"]
         if request.method == "OPTIONS":
-            return web.Response(status=204)
+            return preflight(request)
         if request.method == "POST":
             if foreign_origin(request):
                 return error(403, f"requests from another site ({request.headers['Origin']}) refused")

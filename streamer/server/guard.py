@@ -77,7 +77,7 @@ class GuardedHandler(web.RequestHandler):
     async def _handle_request(self, request: web.BaseRequest, *args):
         # aiohttp waits for a body as long as its client likes: one stalled would hold the connection and
         # the handler reading it, so it must keep coming (overrides aiohttp's per-request hook)
-        self._watch_body(request.content, -1)
+        self._watch_body(request.content, request.content.total_bytes, asyncio.get_running_loop().time())
         try:
             return await super()._handle_request(request, *args)
         finally:
@@ -85,20 +85,23 @@ class GuardedHandler(web.RequestHandler):
                 self._body_timer.cancel()
                 self._body_timer = None
 
-    def _watch_body(self, body: StreamReader, seen: int) -> None:
-        """Close the connection when no byte of the body came in `header_s` (`seen`: the count before)."""
+    def _watch_body(self, body: StreamReader, seen: int, since: float) -> None:
+        """Close the connection once no byte of the body has come for `header_s` (`seen` bytes had come
+        by `since`); looked at four times in that span, so a pause is cut within 1.25 x `header_s`."""
         self._body_timer = None
         if body.is_eof() or self.transport is None or self.transport.is_closing():
             return
-        if body.total_bytes == seen and not self._reading_paused:  # paused: the wait is ours, not the client's
+        loop = asyncio.get_running_loop()
+        if body.total_bytes != seen or self._reading_paused:  # paused: the wait is ours, not the client's
+            seen, since = body.total_bytes, loop.time()
+        elif loop.time() - since >= self._guard.header_s:
             self._guard.timed_out += 1
             self._body_cut = True
             log.info("%s sent nothing more of its request body for %.0f s: connection closed", self._ip,
                      self._guard.header_s)
             self.transport.close()
             return
-        self._body_timer = asyncio.get_running_loop().call_later(self._guard.header_s, self._watch_body, body,
-                                                                 body.total_bytes)
+        self._body_timer = loop.call_later(self._guard.header_s / 4, self._watch_body, body, seen, since)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if self._timer is not None:

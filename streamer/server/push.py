@@ -264,7 +264,12 @@ async def _send_events(ws: web.WebSocketResponse, events: asyncio.Queue) -> None
         except ConnectionError:
             pass
         if ev["type"] == "error":
-            await ws.close(code=1008, message=ev["message"][:120].encode())
+            await ws.close(code=1008, message=close_reason(ev["message"]))
+
+
+def close_reason(text: str) -> bytes:
+    """`text` as a WebSocket close reason: at most 123 bytes, never half a character."""
+    return text.encode()[:123].decode(errors="ignore").encode()
 
 
 def decode_audio(data: bytes) -> np.ndarray:
