@@ -27,22 +27,25 @@ def pcm16(samples) -> np.ndarray:
     """Mono samples as int16: int16 as is; float in [-1, 1] (clipped); other integers as int16 values
     (a Python list of ints); bytes as s16le PCM, as the server takes them. ValueError otherwise."""
     if isinstance(samples, (bytes, bytearray, memoryview)):
-        if len(samples) % 2:
+        data = memoryview(samples).cast("B")  # (a memoryview of wider items: its bytes)
+        if data.nbytes % 2:
             raise ValueError("bytes are 16-bit little-endian PCM: an odd number of bytes")
-        return np.frombuffer(samples, "<i2")
+        return np.frombuffer(data, "<i2")
     x = np.asarray(samples)
-    if x.ndim > 1 and x.size != max(x.shape):
+    if x.ndim > 1 and x.size and x.size != max(x.shape):
         raise ValueError(f"mono samples: one channel, not an array of shape {x.shape}")
     x = x.reshape(-1)
     if x.dtype == np.int16:
         return x
-    if np.issubdtype(x.dtype, np.integer):
+    if np.issubdtype(x.dtype, np.signedinteger):
         if x.size and (x.min() < -32768 or x.max() > 32767):  # 32-bit PCM, say: not to be clipped to noise
             raise ValueError(f"{x.dtype} samples are taken as int16 values; these go beyond -32768..32767")
         return x.astype(np.int16)
-    if np.issubdtype(x.dtype, np.floating):
+    if np.issubdtype(x.dtype, np.floating):  # (in float32: float16 has no 32767, and +1.0 would wrap)
+        x = np.nan_to_num(x.astype(np.float32, copy=False), nan=0.0)
         return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16)
-    raise ValueError(f"samples are int16, float in [-1, 1] or s16le bytes, not {x.dtype}")
+    raise ValueError(f"samples are int16 (or other signed integers), float in [-1, 1] or s16le bytes, not {x.dtype}"
+                     " (unsigned 8-bit PCM: subtract 128, times 256)")
 
 
 class Speaker:
@@ -61,6 +64,9 @@ class Speaker:
         self._opened = 0
         self._finished = 0  # the last utterance whose playback_finished came
         self._empty_ends: deque[int] = deque()  # for each end() with no audio: the utterances before it
+        self.idle = asyncio.Event()  # every utterance sent has played out or was cleared (or the socket closed)
+        self.idle.set()
+        self._cleared = asyncio.Event()  # set (and replaced) by each clear(): a send waiting stops at once
         self._reader: asyncio.Task | None = None
 
     @classmethod
@@ -69,6 +75,9 @@ class Speaker:
         """Open `url`/ws/`channel` and start. max_ahead_s: send at most this far ahead of real time, so a
         `clear` is never stuck behind a long queue of audio (the server itself queues up to 30 s).
         connect_timeout_s: SpeakerError when the server has not answered (ready) by then."""
+        if not max_ahead_s > 0:
+            raise ValueError("max_ahead_s must be more than 0")
+        deadline = time.monotonic() + connect_timeout_s
         ws_url = url.rstrip("/").replace("http://", "ws://", 1).replace("https://", "wss://", 1) + f"/ws/{channel}"
 
         async def refused(resp: aiohttp.ClientResponse) -> None:  # a refused upgrade: the server says why
@@ -87,6 +96,9 @@ class Speaker:
         except asyncio.TimeoutError:
             await http.close()
             raise SpeakerError(f"{ws_url}: no answer within {connect_timeout_s:g} s") from None
+        except aiohttp.WSServerHandshakeError as e:  # answered 101, but not as a WebSocket server does
+            await http.close()
+            raise SpeakerError(f"{ws_url}: not a WebSocket answer ({e.message})") from None
         except BaseException:
             await http.close()
             raise
@@ -94,7 +106,7 @@ class Speaker:
         try:
             await ws.send_json({"type": "start", "sample_rate": sample_rate})
             self._reader = asyncio.ensure_future(self._read())
-            self.ready = await self.wait("ready", timeout=connect_timeout_s)
+            self.ready = await self.wait("ready", timeout=max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
             await self.close()
             raise SpeakerError(f"{ws_url}: not ready within {connect_timeout_s:g} s") from None
@@ -111,7 +123,10 @@ class Speaker:
                 if ev.get("type") == "playback_finished":
                     self._finished = max(self._finished, ev.get("utterance") or 0)
                     self._finish_empty()
+                    if self._finished >= self._opened:
+                        self.idle.set()
         self._events.put_nowait(None)
+        self.idle.set()  # nothing more will play
 
     def _finish_empty(self) -> None:
         while self._empty_ends and self._empty_ends[0] <= self._finished:
@@ -120,21 +135,26 @@ class Speaker:
                                      "interrupted": False})
 
     async def send(self, samples) -> None:
-        """Mono samples at `sample_rate` (see `pcm16`), sent as 1 s messages at most `max_ahead_s` ahead
-        of real time; a clear() meanwhile drops what is not sent yet."""
+        """Mono samples at `sample_rate` (see `pcm16`), sent as 1 s messages (shorter if `max_ahead_s` is)
+        at most `max_ahead_s` ahead of real time; a clear() meanwhile drops what is not sent yet."""
         x = pcm16(samples).astype("<i2", copy=False)
-        clears = self._clears
-        for i in range(0, x.size, self.sample_rate):
-            piece = x[i : i + self.sample_rate]
+        clears, cleared = self._clears, self._cleared
+        step = max(self.sample_rate // 50, min(self.sample_rate, int(self.max_ahead_s * self.sample_rate)))
+        for i in range(0, x.size, step):
+            piece = x[i : i + step]
             now = time.monotonic()
             wait = self._played_by + piece.size / self.sample_rate - self.max_ahead_s - now
             if self._played_by > now and wait > 0:
-                await asyncio.sleep(wait)
+                try:  # (a clear() from another task ends the wait)
+                    await asyncio.wait_for(cleared.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
             if self._clears != clears:
                 return
             if not self._open:
                 self._open = True
                 self._opened += 1
+                self.idle.clear()
             self._played_by = max(time.monotonic(), self._played_by) + piece.size / self.sample_rate
             await self._ws.send_bytes(piece.tobytes())
 
@@ -151,6 +171,8 @@ class Speaker:
     async def clear(self) -> None:
         self._played_by = time.monotonic()
         self._clears += 1
+        self._cleared.set()
+        self._cleared = asyncio.Event()
         self._open = False
         await self._ws.send_json({"type": "clear"})
 

@@ -53,8 +53,8 @@ def test_a_long_send_is_paced_so_a_clear_stops_it_at_once(avatar):
             return ev, finished_s
 
     ev, finished_s = asyncio.run(main())
-    assert ev["interrupted"] and 0.8 < ev["position"] < 1.5, ev
-    assert finished_s < 0.5, finished_s
+    assert ev["interrupted"] and 0.8 < ev["position"] < 2.0, ev
+    assert finished_s < 1.0, finished_s  # (was 27.8 s: the server read the clear after 30 s of queued audio)
 
 
 def test_an_end_with_no_audio_finishes_at_once_after_the_utterances_before_it(avatar):
@@ -107,6 +107,11 @@ def test_samples_of_each_accepted_type_are_the_same_int16_and_others_are_refused
     pcm = (np.sin(np.arange(1600) / 5) * 8000).astype(np.int16)
     for x in (pcm, pcm.astype(np.int32), pcm.tolist(), pcm.tobytes(), pcm / 32767, (pcm / 32767)[:, None]):
         np.testing.assert_array_equal(pcm16(x), pcm)
-    for bad in (pcm.astype(np.int32) << 16, pcm.tobytes()[1:], np.zeros((100, 2)), np.array(["a"])):
+    for x in (memoryview(pcm), (pcm / 32767).astype(np.float16)):  # a buffer of samples; half floats
+        assert np.abs(pcm16(x).astype(np.int32) - pcm).max() <= (0 if isinstance(x, memoryview) else 16)
+    np.testing.assert_array_equal(pcm16(np.array([1.0, -1.0, np.nan], np.float16)), [32767, -32767, 0])
+    assert pcm16(np.zeros((0, 1))).size == 0
+    for bad in (pcm.astype(np.int32) << 16, pcm.tobytes()[1:], np.zeros((100, 2)), np.array(["a"]),
+                (pcm // 256 + 128).astype(np.uint8), np.array([True])):
         with pytest.raises(ValueError):  # 32-bit PCM, half a sample, stereo, text: not clipped into noise
             pcm16(bad)

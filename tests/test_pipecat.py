@@ -116,4 +116,4 @@ def test_a_pipecat_agent_goes_on_after_the_server_ends_its_session(avatar, tts):
     forwarded, again, end_s, events = asyncio.run(main())
     assert forwarded
     assert again, events  # a new session, its utterance played out
-    assert end_s < 1.0, end_s
+    assert end_s < 3.0, end_s  # (was 15 s: waiting for a playback_finished that could not come)

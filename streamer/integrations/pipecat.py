@@ -57,9 +57,6 @@ class StreamerAvatar(FrameProcessor):
         self._resampler: StreamResampler | None = None
         self._events: asyncio.Task | None = None
         self._speaking = False
-        self._finished = asyncio.Event()  # everything sent has played out (or was cleared)
-        self._finished.set()
-        self._unfinished = 0  # utterances sent that have not played out
         self._retry_at = 0.0  # after a failed connection, frames are dropped until then
 
     async def process_frame(self, frame: Frame, direction: FrameDirection):
@@ -80,8 +77,8 @@ class StreamerAvatar(FrameProcessor):
                 if self._speaking:
                     self._speaking = False
                     await self._tell(self._speaker.end)
-                try:
-                    await asyncio.wait_for(self._finished.wait(), END_WAIT_S)
+                try:  # (the speaker's own count: an utterance cut off before its first byte is none)
+                    await asyncio.wait_for(self._speaker.idle.wait(), END_WAIT_S)
                 except asyncio.TimeoutError:
                     pass
             await self._close()
@@ -112,13 +109,13 @@ class StreamerAvatar(FrameProcessor):
             if self._resampler is None or self._resampler.rate != frame.sample_rate:
                 self._resampler = StreamResampler(frame.sample_rate, target=self._rate)
             pcm = self._resampler.push(pcm.astype(np.float32) / 32768)
-        if not self._speaking:  # an utterance begins: it will get one playback_finished
-            self._unfinished += 1
-            self._finished.clear()
         self._speaking = True
+        speaker = self._speaker
         try:
-            await self._speaker.send(pcm)
+            await speaker.send(pcm)
         except (ConnectionError, RuntimeError, OSError) as e:  # the server went away: connect again later
+            if self._speaker is not speaker:  # reset meanwhile (the server ended the session): the next audio connects
+                return
             await self.push_error(f"streamer: channel {self.channel} lost: {e}")
             await self._close()
             self._retry_at = time.monotonic() + RETRY_S
@@ -127,17 +124,12 @@ class StreamerAvatar(FrameProcessor):
         try:
             while True:
                 ev = await self._speaker.event()
-                if ev["type"] == "playback_finished":
-                    self._unfinished = max(0, self._unfinished - 1)
-                    if not self._unfinished:
-                        self._finished.set()
                 if self.on_event is not None:
                     self.on_event(ev)
         except SpeakerError as e:  # the server ended the session (or restarted): connect at the next audio
             log.info("streamer channel %s: %s", self.channel, e)
             speaker, self._speaker, self._events = self._speaker, None, None
-            self._speaking, self._unfinished = False, 0
-            self._finished.set()
+            self._speaking = False
             await speaker.close()
 
     async def _tell(self, command: Callable[[], Awaitable[None]]) -> None:
@@ -155,8 +147,7 @@ class StreamerAvatar(FrameProcessor):
         if self._speaker is not None:
             await self._speaker.close()
             self._speaker = None
-        self._speaking, self._unfinished = False, 0
-        self._finished.set()
+        self._speaking = False
 
     async def cleanup(self):
         await super().cleanup()
