@@ -102,6 +102,18 @@ def test_page_plays_the_avatar_from_a_fake_microphone(server, tmp_path):
             assert stats["lost"] == "none"  # (nothing is lost on this machine's loopback)
             page.click("#stop")
             page.wait_for_function("document.getElementById('s-state').textContent === 'stopped'")
+            assert page.inner_text("#s-fps") == "-" and page.evaluate("window.pcState") == "closed"
+            # the server ends the next session: the page says so within its next stats poll (ICE took ~20 s)
+            page.click("#start")
+            page.wait_for_function("window.pcState === 'connected'", timeout=20000)
+            rvfc = page.evaluate("window.rvfcCount")
+            page.wait_for_timeout(1000)
+            assert page.evaluate("window.rvfcCount") - rvfc <= 30  # one frame counter, not one per Start
+            sid = page.evaluate("session")
+            urllib.request.urlopen(urllib.request.Request(f"{url}session/{sid}", method="DELETE"), timeout=5)
+            page.wait_for_function("document.getElementById('message').textContent.includes("
+                                   "'The session ended on the server')", timeout=5000)
+            assert page.inner_text("#s-state") == "stopped" and not page.is_disabled("#start")
         finally:
             browser.close()
     time.sleep(1)
