@@ -166,6 +166,16 @@ def test_obs_viewer_page_watches_a_channel(server, tmp_path):
                 rgba = cv2.imread(str(shot), cv2.IMREAD_UNCHANGED)
                 assert rgba.shape[2] == 4 and rgba[5, 5, 3] == 0  # transparent page around the avatar
                 assert rgba[240, 320, 3] == 255  # and an opaque avatar
+                # its session ended by the server: watching again in ~10 s (Chrome says "disconnected" after ~5 s
+                # without answers; waiting for "failed" held the last frame 16-20 s)
+                first = plain.evaluate("resource")
+                urllib.request.urlopen(urllib.request.Request(url.rstrip("/") + first, method="DELETE"), timeout=5)
+                plain.wait_for_function(f"resource && resource !== {first!r} && window.pcState === 'connected'",
+                                        timeout=20000)
+                bad = browser.new_page()  # what retrying cannot mend is said on the page, not only in a console
+                bad.goto(url + "viewer.html?channel=no%20such")
+                bad.wait_for_function("document.getElementById('problem').textContent.includes('channel names')",
+                                      timeout=10000)
             finally:
                 browser.close()
     finally:
