@@ -293,7 +293,8 @@ def _serve(args) -> int:
         else:
             warn_if_open(host, cfg.server.token)
             shown = shown_host(host)
-            print(f"streamer: open http://{shown}:{bound}/ and press Start (Ctrl-C stops)", flush=True)
+            page = "?token=<server.token>" if cfg.server.token else ""  # (the value is not printed: logs keep it)
+            print(f"streamer: open http://{shown}:{bound}/{page} and press Start (Ctrl-C stops)", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -595,7 +595,8 @@ async def serve_front(cfg: Config, count: int) -> None:
     port = site._server.sockets[0].getsockname()[1]
     warn_if_open(host, cfg.server.token)
     shown = shown_host(host)
-    print(f"streamer: open http://{shown}:{port}/ and press Start (Ctrl-C stops); {count} media workers",
+    page = "?token=<server.token>" if cfg.server.token else ""  # (the value is not printed: logs keep it)
+    print(f"streamer: open http://{shown}:{port}/{page} and press Start (Ctrl-C stops); {count} media workers",
           flush=True)
     await stop.wait()
     log.info("stopping: closing every worker")
