@@ -122,7 +122,7 @@ class Avatar:
             avatar = cls(path, meta, np.load(path / "boxes.npy"), np.load(path / "landmarks.npy"),
                          np.load(path / "crops.npy", mmap_mode="r"))
         except (OSError, ValueError) as e:
-            raise UserError(f"avatar {name!r} is damaged ({type(e).__name__}); prepare it again") from None
+            raise damaged(name, type(e).__name__) from None
         if (path / "frames.npy").exists():
             try:
                 raw = np.load(path / "frames.npy", mmap_mode="r")
@@ -146,6 +146,11 @@ class Avatar:
         return FrameReader(self, start, ahead).iterate(count)
 
 
+def damaged(name: str, why: str) -> UserError:
+    """The one line for an avatar whose files cannot be read (`prepare` of the same source rebuilds it)."""
+    return UserError(f"avatar {name!r} is damaged ({why}); prepare it again")
+
+
 def _check_video(path: Path, name: str) -> None:
     """A UserError unless `path`'s first frame decodes: a damaged avatar is told at load, not by every
     session that would show it."""
@@ -156,7 +161,7 @@ def _check_video(path: Path, name: str) -> None:
             next(container.decode(container.streams.video[0]))
     except (av.FFmpegError, OSError, IndexError, StopIteration) as e:
         why = "no frame decodes" if isinstance(e, StopIteration) else getattr(e, "strerror", None) or type(e).__name__
-        raise UserError(f"avatar {name!r} is damaged (frames.mkv: {why}); prepare it again") from None
+        raise damaged(name, f"frames.mkv: {why}") from None
 
 
 def _read_ahead(path: Path) -> None:
@@ -239,17 +244,14 @@ class FrameReader:
                         if frame is None:  # a damaged file: repeat the last good frame rather than stall
                             frame = frames[min(frames, key=lambda j: abs(j - src))] if frames else None
                         if frame is None:
-                            raise self._damaged(f"frame {src} cannot be decoded")
+                            raise damaged(self.avatar.name, f"frame {src} cannot be decoded")
                         if not self._put((step + i, src, frame)):
                             return
                         produced += 1
         except (av.FFmpegError, OSError) as e:  # a damaged or unreadable frames.mkv
-            self._put(self._damaged(f"frames.mkv: {e.strerror or type(e).__name__}"))
+            self._put(damaged(self.avatar.name, f"frames.mkv: {e.strerror or type(e).__name__}"))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(e)
-
-    def _damaged(self, why: str) -> UserError:
-        return UserError(f"avatar {self.avatar.name!r} is damaged ({why}); prepare it again")
 
     def _run_raw(self, count: int | None) -> None:
         """frames.npy: nothing to decode. Each frame is copied here, on the reader's thread, so a page
@@ -265,7 +267,7 @@ class FrameReader:
                 step += 1
             self._put(None)
         except OSError as e:  # an I/O error reading it: handed to the consumer, which raises it
-            self._put(self._damaged(f"frames.npy: {e.strerror or type(e).__name__}"))
+            self._put(damaged(self.avatar.name, f"frames.npy: {e.strerror or type(e).__name__}"))
         except Exception as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(e)
 
