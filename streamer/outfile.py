@@ -42,16 +42,24 @@ def cannot_write(out: Path, e: OSError) -> UserError:
 
 
 @contextlib.contextmanager
+def writes(out: Path) -> Iterator[None]:
+    """Around what writes `out` (and only that: an OSError reading an input is not the output's): an
+    OSError becomes `cannot_write`'s one line."""
+    try:
+        yield
+    except OSError as e:
+        raise cannot_write(out, e) from None
+
+
+@contextlib.contextmanager
 def writing(out: Path) -> Iterator[Path]:
     """A temporary path beside `out` to write; renamed to `out` when the block ends without error,
     removed otherwise. Check `out` first (`check`)."""
     tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
     try:
         yield tmp
-        try:
+        with writes(out):
             os.replace(tmp, out)
-        except OSError as e:
-            raise cannot_write(out, e) from None
     finally:
         with contextlib.suppress(OSError):  # (a read-only folder refuses even to unlink what is not there)
             tmp.unlink(missing_ok=True)

@@ -114,17 +114,13 @@ def render(avatar: Avatar, audio_path: str | Path | tuple[np.ndarray, int], out:
     rate_out = rate if rate in AAC_RATES else 48000
     width, height = avatar.size
     with outfile.writing(out) as tmp:
-        try:
+        with outfile.writes(out):
             container = av.open(str(tmp), "w", format="mp4")
-        except OSError as e:
-            raise outfile.cannot_write(out, e) from None
 
         def mux(packets) -> None:  # only the writes: an error reading frames or inferring is not the output's
-            try:
+            with outfile.writes(out):  # the disk filled, or the folder went away
                 for packet in packets:
                     container.mux(packet)
-            except OSError as e:  # the disk filled, or the folder went away
-                raise outfile.cannot_write(out, e) from None
 
         written = False
         try:

@@ -73,21 +73,17 @@ def export_onnx(checkpoint: str | Path, out: str | Path, dtype: str = "fp16", op
     with outfile.writing(out) as tmp:
         tdtype = torch.float16 if dtype == "fp16" else torch.float32
         m = model.to(tdtype)
-        try:
+        with outfile.writes(out):
             _quiet_export(m, (torch.from_numpy(mel[:2]).to(tdtype), torch.from_numpy(faces[:2]).to(tdtype)), tmp,
                           opset)
             proto = onnx.load(str(tmp))
-        except OSError as e:
-            raise outfile.cannot_write(out, e) from None
         proto = _at_opset(proto, opset)
         for key, value in (("streamer.model", "wav2lip"), ("streamer.dtype", dtype),
                            ("streamer.source", Path(checkpoint).name)):
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
-        try:
+        with outfile.writes(out):  # a second model-sized write: the disk may fill here
             onnx.save(proto, str(tmp))
-        except OSError as e:  # a second model-sized write: the disk may fill here
-            raise outfile.cannot_write(out, e) from None
 
         try:
             sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
