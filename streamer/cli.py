@@ -214,7 +214,7 @@ def _serve(args) -> int:
     from aiohttp import web
 
     from streamer.lipsync.engine import load_engine
-    from streamer.server.app import Server, shown_host, warn_if_open
+    from streamer.server.app import Server, open_line, warn_if_open
     from streamer.server.guard import ConnectionGuard
 
     cfg = _config(args, **{"avatar.dir": args.avatars, "avatar.name": args.avatar, "model.path": args.model,
@@ -292,9 +292,7 @@ def _serve(args) -> int:
             _tell_front(bound)
         else:
             warn_if_open(host, cfg.server.token)
-            shown = shown_host(host)
-            page = "?token=<server.token>" if cfg.server.token else ""  # (the value is not printed: logs keep it)
-            print(f"streamer: open http://{shown}:{bound}/{page} and press Start (Ctrl-C stops)", flush=True)
+            print(open_line(host, bound, cfg.server.token), flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -138,6 +138,13 @@ def shown_host(host: str) -> str:
     return "localhost" if host in ("127.0.0.1", "::1", "0.0.0.0", "::", "") else host
 
 
+def open_line(host: str, port: int, token: str | None) -> str:
+    """What `streamer serve` prints once it listens: the page to open (the token's place, not its value:
+    logs keep what is printed)."""
+    page = "?token=<server.token>" if token else ""
+    return f"streamer: open http://{shown_host(host)}:{port}/{page} and press Start (Ctrl-C stops)"
+
+
 def warn_if_open(host: str, token: str | None) -> None:
     if host not in ("127.0.0.1", "::1", "localhost") and not token:
         log.warning("listening on %s without a token: anyone who can reach this machine can talk, watch and "

@@ -44,12 +44,12 @@ from streamer.server.app import (
     WEB_DIR,
     error,
     guarded,
+    open_line,
     openapi,
     page,
     preflight,
     refuse,
     refused,
-    shown_host,
     warn_if_open,
 )
 from streamer.server.guard import ConnectionGuard
@@ -594,10 +594,7 @@ async def serve_front(cfg: Config, count: int) -> None:
         raise UserError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
     port = site._server.sockets[0].getsockname()[1]
     warn_if_open(host, cfg.server.token)
-    shown = shown_host(host)
-    page = "?token=<server.token>" if cfg.server.token else ""  # (the value is not printed: logs keep it)
-    print(f"streamer: open http://{shown}:{port}/{page} and press Start (Ctrl-C stops); {count} media workers",
-          flush=True)
+    print(f"{open_line(host, port, cfg.server.token)}; {count} media workers", flush=True)
     await stop.wait()
     log.info("stopping: closing every worker")
     await runner.cleanup()
