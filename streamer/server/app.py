@@ -420,9 +420,9 @@ class Server:
             for t in pc.getTransceivers():
                 if t.kind == "audio":
                     t.setCodecPreferences(opus)
-            if session.views and not any(t.kind == "video" for t in pc.getTransceivers()):
-                raise OfferError("the offer does not receive video")  # (else aiortc fails in addTrack, in its words)
             if session.views:
+                if not any(t.kind == "video" for t in pc.getTransceivers()):  # (else aiortc fails in addTrack)
+                    raise OfferError("the offer does not receive video")
                 pc.addTrack(VoiceTrack(ch))
                 video = AvatarVideoTrack(ch)
                 pc.addTrack(video)
